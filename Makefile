@@ -1,0 +1,29 @@
+# qvlsearch developer tasks. `make install && make test` is all a fresh clone needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install test lint format checkpoints clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check qvlsearch tests
+
+format:
+	$(BIN)/ruff format qvlsearch tests
+	$(BIN)/ruff check --fix qvlsearch tests
+
+# Random-weight test checkpoints in ./checkpoints (tiny by default: make checkpoints PRESET=small)
+PRESET ?= tiny
+checkpoints:
+	$(BIN)/python -m qvlsearch.tiny checkpoints/$(PRESET) --preset $(PRESET)
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache *.egg-info

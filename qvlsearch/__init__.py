@@ -1,0 +1,30 @@
+"""qvlsearch: search your own photos, videos and documents by meaning.
+
+`Embedder` and `Reranker` are imported lazily, so that `qvlsearch --help` and
+`import qvlsearch` stay fast (torch is loaded only when a model is used).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
+
+__version__ = "0.1.0"
+__all__ = ["Embedder", "Reranker", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
+
+if TYPE_CHECKING:
+    from .embedder import Embedder
+    from .reranker import Reranker
+
+
+def __getattr__(name: str):
+    if name == "Embedder":
+        from .embedder import Embedder
+
+        return Embedder
+    if name == "Reranker":
+        from .reranker import Reranker
+
+        return Reranker
+    raise AttributeError(f"module 'qvlsearch' has no attribute {name!r}")

@@ -1,0 +1,172 @@
+"""Embedder: text, images, videos and mixtures of them to vectors with Qwen3-VL-Embedding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .errors import InputError, MediaError, QvlsearchError
+from .media import VisionOptions, check_item, content_parts, load_media
+from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, prefetch, run_processor
+
+log = logging.getLogger("qvlsearch")
+
+DEFAULT_EMBEDDER = "Qwen/Qwen3-VL-Embedding-2B"
+MIN_DIM = 32
+
+
+@dataclass
+class Embedding:
+    """The outcome for one input item: its vector, or the error that stopped it."""
+
+    index: int
+    vector: np.ndarray | None
+    error: QvlsearchError | None = None
+
+
+def with_final_punctuation(instruction: str) -> str:
+    """The official models' rule: an instruction ends with a punctuation mark."""
+    instruction = instruction.strip()
+    if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+        instruction += "."
+    return instruction
+
+
+class Embedder(QwenModel):
+    """Qwen3-VL-Embedding: multimodal objects in, L2-normalized float32 vectors out.
+
+    Items are dicts with any of `text`, `image`, `video`, `instruction`, `fps`,
+    `max_frames` (see README). Media are decoded in worker threads while the model runs,
+    and items are batched by token count; a vector never depends on its batch
+    neighbours.
+    """
+
+    padding_side = "right"
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_EMBEDDER,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        max_length: int = 8192,
+        min_pixels: int = 4096,
+        max_pixels: int = 1843200,
+        total_pixels: int = 7864320,
+        fps: float = 1.0,
+        max_frames: int = 64,
+        default_instruction: str = "Represent the user's input.",
+        max_batch_tokens: int | None = None,
+        workers: int | None = None,
+    ):
+        from transformers import Qwen3VLModel
+
+        super().__init__(
+            Qwen3VLModel,
+            model_name_or_path,
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            max_length=max_length,
+            default_instruction=default_instruction,
+            max_batch_tokens=max_batch_tokens,
+            workers=workers,
+            options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
+        )
+        self.dim = self.model.config.text_config.hidden_size
+
+    def conversation(self, item: Mapping, parts: list[dict]) -> list[dict]:
+        instruction = with_final_punctuation(item.get("instruction") or "") or self.default_instruction
+        return [
+            {"role": "system", "content": [{"type": "text", "text": instruction}]},
+            {"role": "user", "content": parts},
+        ]
+
+    def encode(self, index: int, item: Any) -> Encoded | Failed:
+        """One item to model inputs (runs in a worker thread); errors become `Failed`."""
+
+        def build() -> Encoded:
+            parts = content_parts(check_item(item, index), self.options)
+            inputs = run_processor(self.processor, self.conversation(item, parts), load_media(parts))
+            ids = inputs["input_ids"][0].tolist()
+            if len(ids) > self.max_length:
+                ids = self.truncate(ids)
+            return encoded_from(index, inputs, ids, self.vision_token_types(ids))
+
+        return encode_or_fail(index, build)
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        """Keep the first max_length tokens (as the official tokenizer call does), never half an image."""
+        if any(t in (self.image_token_id, self.video_token_id) for t in ids[self.max_length :]):
+            raise MediaError(
+                f"input is {len(ids)} tokens, over max_length={self.max_length}, and truncating would cut "
+                "an image or video; lower max_pixels/total_pixels/max_frames or raise max_length"
+            )
+        return ids[: self.max_length]
+
+    def check_dim(self, dim: int | None) -> None:
+        if dim is not None and not (MIN_DIM <= dim <= self.dim):
+            raise InputError(f"dim must be between {MIN_DIM} and the model's hidden size {self.dim}, got {dim}")
+
+    def embed_iter(
+        self, items: Iterable[Any], *, dim: int | None = None, normalize: bool = True, batch_size: int | None = None
+    ) -> Iterator[Embedding]:
+        """Stream `Embedding`s as batches finish (not in input order); memory stays bounded."""
+        self.check_dim(dim)
+        failures: list[Failed] = []
+        encoded = prefetch(self.encode, items, workers=self.workers, ahead=4 * max(self.workers, 1) + 64)
+        for batch in self.batches(encoded, batch_size, failures):
+            yield from (Embedding(f.index, None, f.error) for f in failures)
+            failures.clear()
+            vectors = self.vectors(batch, dim=dim, normalize=normalize)
+            yield from (Embedding(e.index, v) for e, v in zip(batch, vectors, strict=True))
+        yield from (Embedding(f.index, None, f.error) for f in failures)
+
+    def vectors(self, batch: list[Encoded], *, dim: int | None, normalize: bool) -> np.ndarray:
+        pooled = self.forward_last_hidden(batch).float()
+        if dim is not None:
+            pooled = pooled[:, :dim]
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled.cpu().numpy()
+
+    def embed(
+        self,
+        items: Iterable[Any],
+        *,
+        dim: int | None = None,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+    ) -> np.ndarray:
+        """Vectors for `items`, one row each, in input order.
+
+        `dim` keeps the first `dim` values (Matryoshka) and renormalizes. With
+        `on_error="skip"`, a broken item's row is NaN and its error is logged as a
+        warning; with "raise" (the default) the first broken item raises its error.
+        """
+        if on_error not in ("raise", "skip"):
+            raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        items = list(items)
+        out = np.full((len(items), dim or self.dim), np.nan, dtype=np.float32)
+        with contextlib.closing(self.embed_iter(items, dim=dim, normalize=normalize, batch_size=batch_size)) as it:
+            for result in it:
+                if result.error is None:
+                    out[result.index] = result.vector
+                elif on_error == "raise":
+                    raise result.error
+                else:
+                    log.warning("skipped %s", result.error)
+        return out
+
+    def process(self, inputs: list[dict[str, Any]], normalize: bool = True) -> np.ndarray:
+        """Drop-in for the official `Qwen3VLEmbedder.process`: (N, hidden) float32 vectors."""
+        return self.embed(inputs, normalize=normalize)

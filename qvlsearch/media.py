@@ -1,0 +1,284 @@
+"""Input items: check their shape, lay them out as Qwen3-VL chat content, and load their media.
+
+An item is the model card's multimodal object: a dict with any of `text`, `image`,
+`video`, `instruction`, `fps`, `max_frames`. Images and videos are resized exactly as
+the official models expect (qwen-vl-utils' rules); every failure is a `MediaError`
+that names the file or URL and says why.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError, MediaError
+
+# qwen-vl-utils chooses its video reader once, at import; its torchvision reader is broken
+# with torchvision 0.29, so pin decord before the import.
+os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+from qwen_vl_utils import vision_process  # noqa: E402
+
+ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
+IMAGE_PATCH_SIZE = 16
+URL_TIMEOUT_S = 30.0
+URL_MAX_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VisionOptions:
+    """Resizing and sampling limits, as in the official constructors."""
+
+    min_pixels: int = 4096
+    max_pixels: int = 1843200
+    total_pixels: int = 7864320
+    fps: float = 1.0
+    max_frames: int = 64
+
+
+@dataclass
+class LoadedMedia:
+    """An item's chat content with its media decoded and resized, ready for the processor."""
+
+    content: list[dict]
+    images: list[Image.Image]
+    videos: list[tuple[Any, dict]]  # (frames tensor T×C×H×W, metadata) per video
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _looks_like_image(source: Any) -> bool:
+    if isinstance(source, Image.Image):
+        return True
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source).split("?")[0] if _is_url(str(source)) else str(source)
+        return Path(name).suffix.lower() in IMAGE_SUFFIXES
+    return False
+
+
+def _videos_of(video: Any) -> list:
+    """One video (a path, a URL or a frame list) or a list of videos, as a list of videos."""
+    if isinstance(video, (str, os.PathLike)):
+        return [video]
+    if isinstance(video, (list, tuple)) and video and _looks_like_image(video[0]):
+        return [list(video)]
+    return _as_list(video)
+
+
+def _sample_frame_list(frames: list, max_frames: int | None) -> list:
+    """Evenly pick at most `max_frames` frames, first and last kept (the official rule)."""
+    if max_frames is None or len(frames) <= max_frames:
+        return frames
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames, dtype=int).tolist()]
+
+
+def check_item(item: Any, index: int | None = None) -> Mapping:
+    """Raise InputError unless `item` is a multimodal object."""
+    where = f"item {index}" if index is not None else "item"
+    if not isinstance(item, Mapping):
+        raise InputError(f"{where} must be a dict with text/image/video keys, got {type(item).__name__}")
+    unknown = set(item) - ITEM_KEYS
+    if unknown:
+        raise InputError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+    for text in _as_list(item.get("text")) if item.get("text") is not None else []:
+        if not isinstance(text, str):
+            raise InputError(f"{where}: text must be a string or a list of strings, got {type(text).__name__}")
+    for image in _as_list(item.get("image")) if item.get("image") is not None else []:
+        if not isinstance(image, (str, os.PathLike, Image.Image)):
+            raise InputError(f"{where}: image must be a path, URL or PIL image, got {type(image).__name__}")
+    for video in _videos_of(item["video"]) if item.get("video") is not None else []:
+        frames = video if isinstance(video, list) else [video]
+        if not frames or not all(isinstance(f, (str, os.PathLike, Image.Image)) for f in frames):
+            raise InputError(f"{where}: video must be a path, URL, or a non-empty list of frame paths/PIL images")
+    return item
+
+
+def content_parts(
+    item: Mapping, options: VisionOptions, fps: float | None = None, max_frames: int | None = None
+) -> list[dict]:
+    """The user-turn content the official models build: videos, then images, then texts.
+
+    An item with nothing in it becomes the text "NULL", as in the official code.
+    `fps`/`max_frames` default to the item's own keys, then to `options`.
+    """
+    fps = item.get("fps") or fps or options.fps
+    max_frames = item.get("max_frames") or max_frames or options.max_frames
+    texts = _as_list(item["text"]) if item.get("text") is not None else []
+    images = _as_list(item["image"]) if item.get("image") is not None else []
+    videos = _videos_of(item["video"]) if item.get("video") is not None else []
+    if not texts and not images and not videos:
+        return [{"type": "text", "text": "NULL"}]
+    parts: list[dict] = []
+    for video in videos:
+        if isinstance(video, list):
+            parts.append(
+                {
+                    "type": "video",
+                    "video": _sample_frame_list(video, options.max_frames),
+                    "total_pixels": options.total_pixels,
+                }
+            )
+        else:
+            parts.append(
+                {
+                    "type": "video",
+                    "video": os.fspath(video),
+                    "fps": fps,
+                    "max_frames": max_frames,
+                    "total_pixels": options.total_pixels,
+                }
+            )
+    for image in images:
+        source = image if isinstance(image, Image.Image) else os.fspath(image)
+        parts.append(
+            {"type": "image", "image": source, "min_pixels": options.min_pixels, "max_pixels": options.max_pixels}
+        )
+    parts.extend({"type": "text", "text": text} for text in texts)
+    return parts
+
+
+def describe(source: Any) -> str:
+    """A short name for a media source, for error messages."""
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size[0]}x{source.size[1]}"
+    if isinstance(source, list):
+        return f"frame list of {len(source)}"
+    return repr(os.fspath(source))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not a readable image (corrupt or unsupported format)"
+    if isinstance(exc, (OSError, SyntaxError)) and not isinstance(exc, urllib.error.URLError):
+        return f"not a readable image (corrupt or truncated: {exc})"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image has too many pixels (decompression bomb limit)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _local_path(source: str) -> str:
+    return source[7:] if source.startswith("file://") else source
+
+
+def fetch_url(url: str) -> bytes:
+    """Download a URL with a timeout and a size cap."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            data = response.read(URL_MAX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise MediaError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise MediaError(f"cannot fetch {url}: {reason}") from None
+    if len(data) > URL_MAX_BYTES:
+        raise MediaError(f"cannot fetch {url}: larger than {URL_MAX_BYTES // 2**20} MiB")
+    return data
+
+
+def open_image(source: str | Image.Image) -> Image.Image:
+    """Decode an image from a path, a URL or a PIL image (fully loaded, file closed)."""
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        with Image.open(io.BytesIO(fetch_url(source)) if _is_url(source) else _local_path(source)) as image:
+            image.load()
+            return image
+    except MediaError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad files
+        raise MediaError(f"image {describe(source)}: {_reason(exc)}") from None
+
+
+def _load_image(part: dict) -> Image.Image:
+    image = open_image(part["image"])
+    try:
+        return vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
+    except Exception as exc:
+        raise MediaError(f"image {describe(part['image'])}: {_reason(exc)}") from None
+
+
+def _load_video_file(part: dict) -> tuple[Any, dict]:
+    import decord
+
+    source = part["video"]
+    temp = None
+    try:
+        if _is_url(source):
+            fd, temp = tempfile.mkstemp(suffix=Path(source.split("?")[0]).suffix or ".mp4")
+            with os.fdopen(fd, "wb") as out:
+                out.write(fetch_url(source))
+            path = temp
+        else:
+            path = _local_path(source)
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(path)
+            with open(path, "rb"):
+                pass
+            frames = len(decord.VideoReader(path))
+        except Exception as exc:
+            raise MediaError(f"video {describe(source)}: {_reason(exc)}") from None
+        if frames < 2:
+            raise MediaError(f"video {describe(source)}: has {frames} frame(s); at least 2 are needed")
+        try:
+            (video, metadata), _ = vision_process.fetch_video(
+                {**part, "video": path},
+                image_patch_size=IMAGE_PATCH_SIZE,
+                return_video_sample_fps=True,
+                return_video_metadata=True,
+            )
+        except Exception as exc:
+            raise MediaError(f"video {describe(source)}: cannot decode frames ({_reason(exc)})") from None
+        return video, metadata
+    finally:
+        if temp is not None:
+            os.unlink(temp)
+
+
+def _load_frame_list(part: dict) -> tuple[Any, dict]:
+    frames = [open_image(f if isinstance(f, Image.Image) else os.fspath(f)) for f in part["video"]]
+    try:
+        (video, metadata), _ = vision_process.fetch_video(
+            {**part, "video": frames},
+            image_patch_size=IMAGE_PATCH_SIZE,
+            return_video_sample_fps=True,
+            return_video_metadata=True,
+        )
+    except Exception as exc:
+        raise MediaError(f"video {describe(part['video'])}: {_reason(exc)}") from None
+    return video, metadata
+
+
+def load_media(parts: list[dict]) -> LoadedMedia:
+    """Decode and resize every image and video in `parts`; raises MediaError for the first bad one."""
+    images, videos = [], []
+    for part in parts:
+        if part["type"] == "image":
+            images.append(_load_image(part))
+        elif part["type"] == "video":
+            load = _load_frame_list if isinstance(part["video"], list) else _load_video_file
+            videos.append(load(part))
+    return LoadedMedia(content=parts, images=images, videos=videos)

@@ -1,0 +1,292 @@
+"""What the Embedder and the Reranker share: loading a Qwen3-VL checkpoint, turning one
+item into model inputs, batching items by token count, and feeding the model from
+worker threads so that media decoding overlaps the forward pass."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
+from .media import LoadedMedia, VisionOptions
+
+log = logging.getLogger("qvlsearch")
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" means the first GPU when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
+    """bfloat16 on GPUs, float32 on CPUs, unless asked otherwise."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def pick_attention(device: torch.device, attn_implementation: str | None) -> str:
+    """flash-attention 2 on GPUs where it is installed, else SDPA."""
+    if attn_implementation:
+        return attn_implementation
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_checkpoint(
+    model_class: type, name_or_path: str, *, dtype: torch.dtype, attn: str, device: torch.device, padding_side: str
+) -> tuple[Any, Any]:
+    """Load (model, processor) from a Hub id (through the HF cache) or a local folder."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, padding_side=padding_side)
+        model, info = model_class.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn, output_loading_info=True
+        )
+    except (OSError, ValueError) as exc:
+        hint = (
+            "it is not a folder here, and not in the Hugging Face cache; download it with "
+            f"`hf download {name_or_path}` or pass a local checkpoint folder"
+        )
+        if os.path.isdir(name_or_path):
+            hint = "the folder is not a complete Qwen3-VL checkpoint"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {hint} ({first_line})") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("lm_head.weight")]
+    if missing:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: the checkpoint lacks {len(missing)} weights "
+            f"(e.g. {sorted(missing)[0]}); is it a Qwen3-VL checkpoint?"
+        )
+    processor.tokenizer.padding_side = padding_side
+    return model.to(device).eval(), processor
+
+
+@dataclass
+class Encoded:
+    """One item (or reranker pair) as model inputs, before batching."""
+
+    index: int
+    input_ids: list[int]
+    mm_token_type_ids: list[int]
+    vision: dict[str, torch.Tensor]  # pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Failed:
+    """An item that could not be turned into model inputs."""
+
+    index: int
+    error: QvlsearchError
+
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def encode_or_fail(index: int, build: Callable[[], Encoded]) -> Encoded | Failed:
+    """Run `build`; any error becomes this item's `Failed`, never the whole run's."""
+    try:
+        return build()
+    except InputError as exc:
+        return Failed(index, exc)
+    except MediaError as exc:
+        exc.index = index
+        return Failed(index, exc)
+    except Exception as exc:  # the processor rejects some inputs with assorted errors
+        return Failed(index, MediaError(f"cannot prepare input: {type(exc).__name__}: {exc}", index=index))
+
+
+def run_processor(processor: Any, conversation: list[dict], media: LoadedMedia) -> dict[str, Any]:
+    """Chat template + image/video processors for one conversation; no padding, no truncation."""
+    text = processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
+    video_options = {}
+    if media.videos:
+        # Frames are already sampled and resized by qwen-vl-utils' rules (do_resize=False).
+        video_options = dict(
+            videos=[frames for frames, _ in media.videos],
+            video_metadata=[meta for _, meta in media.videos],
+            cap_pixels_per_frame=True,
+        )
+    return processor(
+        text=text,
+        images=media.images or None,
+        do_resize=False,
+        do_sample_frames=False,
+        padding=False,
+        truncation=False,
+        return_tensors="pt",
+        **video_options,
+    )
+
+
+def encoded_from(index: int, inputs: dict[str, Any], input_ids: list[int], vision_token_types: list[int]) -> Encoded:
+    """Pack processor output (with possibly truncated ids) into an Encoded item."""
+    return Encoded(
+        index=index,
+        input_ids=input_ids,
+        mm_token_type_ids=vision_token_types,
+        vision={k: inputs[k] for k in VISION_KEYS if inputs.get(k) is not None},
+    )
+
+
+def collate(batch: list[Encoded], pad_id: int, padding_side: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad a batch (left or right) and concatenate its pixels in item order."""
+    width = max(len(e) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    mm_token_type_ids = torch.zeros((len(batch), width), dtype=torch.int)
+    for row, e in enumerate(batch):
+        span = slice(width - len(e), width) if padding_side == "left" else slice(0, len(e))
+        input_ids[row, span] = torch.tensor(e.input_ids)
+        mm_token_type_ids[row, span] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
+        attention_mask[row, span] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+    for key in VISION_KEYS:
+        parts = [e.vision[key] for e in batch if key in e.vision]
+        if parts:
+            inputs[key] = torch.cat(parts)
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in inputs.items()}
+
+
+def token_batches(
+    encoded: Iterable[Encoded], max_tokens: int, max_items: int, window: int = 256
+) -> Iterator[list[Encoded]]:
+    """Group items into batches whose padded size stays within `max_tokens`.
+
+    Items are sorted by length inside a window of `window` items, so neighbours in a
+    batch have similar lengths and little padding is computed; memory stays bounded.
+    """
+
+    def flush(pending: list[Encoded]) -> Iterator[list[Encoded]]:
+        batch: list[Encoded] = []
+        for e in sorted(pending, key=len):
+            if batch and (len(batch) >= max_items or len(e) * (len(batch) + 1) > max_tokens):
+                yield batch
+                batch = []
+            batch.append(e)
+        if batch:
+            yield batch
+
+    pending: list[Encoded] = []
+    for e in encoded:
+        pending.append(e)
+        if len(pending) >= window:
+            yield from flush(pending)
+            pending = []
+    yield from flush(pending)
+
+
+def prefetch(fn: Callable[[int, Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
+    """`fn(i, item)` for each item in worker threads, results in input order, at most `ahead` in flight."""
+    if workers <= 0:
+        yield from (fn(i, item) for i, item in enumerate(items))
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qvlsearch-load") as pool:
+        pending: deque = deque()
+        try:
+            for i, item in enumerate(items):
+                pending.append(pool.submit(fn, i, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class QwenModel:
+    """Common set-up of the Embedder and the Reranker: device, dtype, checkpoint, options."""
+
+    padding_side = "right"
+
+    def __init__(
+        self,
+        model_class: type,
+        model_name_or_path: str,
+        *,
+        device: str | None,
+        dtype: Any,
+        attn_implementation: str | None,
+        max_length: int,
+        options: VisionOptions,
+        default_instruction: str,
+        max_batch_tokens: int | None,
+        workers: int | None,
+    ):
+        self.model_name_or_path = str(model_name_or_path)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.attn_implementation = pick_attention(self.device, attn_implementation)
+        self.max_length = max_length
+        self.options = options
+        self.default_instruction = default_instruction
+        self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 4096)
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self.model, self.processor = load_checkpoint(
+            model_class,
+            self.model_name_or_path,
+            dtype=self.dtype,
+            attn=self.attn_implementation,
+            device=self.device,
+            padding_side=self.padding_side,
+        )
+        tokenizer = self.processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.image_token_id = self.processor.image_token_id
+        self.video_token_id = self.processor.video_token_id
+
+    def vision_token_types(self, input_ids: list[int]) -> list[int]:
+        """0 for text, 1 for image and 2 for video placeholder tokens (what M-RoPE needs)."""
+        return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in input_ids]
+
+    def batches(
+        self, encoded: Iterable[Encoded | Failed], batch_size: int | None, failures: list[Failed]
+    ) -> Iterator[list[Encoded]]:
+        """Token-budget batches of the encoded items; failed ones are set aside in `failures`."""
+
+        def only_encoded() -> Iterator[Encoded]:
+            for e in encoded:
+                if isinstance(e, Failed):
+                    failures.append(e)
+                else:
+                    yield e
+
+        return token_batches(only_encoded(), self.max_batch_tokens, batch_size or 64)
+
+    @torch.inference_mode()
+    def forward_last_hidden(self, batch: list[Encoded]) -> torch.Tensor:
+        """Final hidden state of the last real token of each item (the pooled token)."""
+        inputs = collate(batch, self.pad_id, self.padding_side, self.device)
+        hidden = self.model(**inputs).last_hidden_state
+        if self.padding_side == "left":
+            return hidden[:, -1]
+        last = inputs["attention_mask"].sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -1,0 +1,51 @@
+"""Small media files written on the fly by tests (a helper module, not a test module)."""
+
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_video(
+    path: str | PathLike[str],
+    frames: int = 12,
+    fps: int = 6,
+    size: tuple[int, int] = (128, 96),
+    codec: str = "libx264",
+) -> Path:
+    """Write a clip of a white square sliding over a scrolling gradient, in yuv420p; `size` must be even."""
+    import av  # a dev-only dependency: imported here so that make_image works without it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    side = height // 3
+    ramp = np.linspace(0, 255, width, dtype=np.float32)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            shift = np.roll(ramp, i * width // frames).astype(np.uint8)
+            rgb = np.zeros((height, width, 3), dtype=np.uint8)
+            rgb[..., 0] = shift
+            rgb[..., 2] = 255 - shift
+            left = (width - side) * i // max(frames - 1, 1)
+            top = (height - side) // 2
+            rgb[top : top + side, left : left + side] = 255
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def make_image(
+    path: str | PathLike[str],
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, int, int] = (200, 30, 30),
+) -> Path:
+    """Write a solid-colour RGB image; Pillow picks the format from the suffix (.png, .jpg, .webp, .gif, …)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path

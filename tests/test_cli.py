@@ -1,0 +1,58 @@
+"""The command line as a user and a script see it: real processes, real tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import PHOTOS
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qvlsearch", *args], input=stdin, capture_output=True, text=True, env=ENV, timeout=300
+    )
+
+
+def test_help_lists_commands_and_does_not_import_torch():
+    result = run("--help")
+    assert result.returncode == 0 and "embed" in result.stdout
+    probe = "import sys, qvlsearch.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_version():
+    assert run("--version").stdout.startswith("qvlsearch ")
+
+
+def test_embed_prints_json_lines(checkpoints):
+    result = run(
+        "embed", "a cat", "--image", str(PHOTOS / "cat.jpg"), "--dim", "32", "--model", str(checkpoints["embedder"])
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["index"] == 0 and len(record["vector"]) == 32
+    assert abs(sum(x * x for x in record["vector"]) - 1) < 1e-4
+    assert "Loading weights" not in result.stderr
+
+
+def test_embed_stdin_reports_bad_items_and_exits_1(checkpoints):
+    lines = '{"text": "a"}\n{"image": "missing.jpg"}\n{"video": 3}\n'
+    result = run("embed", "-", "--model", str(checkpoints["embedder"]), stdin=lines)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert "vector" in records[0] and "no such file" in records[1]["error"] and "video must be" in records[2]["error"]
+    assert result.stderr.count("qvlsearch: item") == 2
+
+
+def test_missing_model_and_bad_options_exit_2_with_one_line(tmp_path):
+    result = run("embed", "x", "--model", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("qvlsearch: cannot load model") and "Traceback" not in result.stderr
+    assert run("embed", "--no-such-option").returncode == 2
