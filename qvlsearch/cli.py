@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -101,6 +103,156 @@ def embed(
         raise typer.Exit(EXIT_FAILED)
 
 
+def default_index_dir() -> Path:
+    """$QVLSEARCH_INDEX, else the user's data folder, so that search finds it from anywhere."""
+    import platformdirs
+
+    return Path(os.environ.get("QVLSEARCH_INDEX") or platformdirs.user_data_path("qvlsearch") / "index")
+
+
+IndexOption = Annotated[
+    Path | None, typer.Option("--index", help="Index folder [env QVLSEARCH_INDEX; default: user data folder].")
+]
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
+    index_dir: IndexOption = None,
+    model: ModelOption = "Qwen/Qwen3-VL-Embedding-2B",
+    dim: Annotated[int | None, typer.Option(help="Matryoshka dimension of the search index.")] = None,
+    quantize: Annotated[str, typer.Option(help="none, int8 or binary.")] = "none",
+    index_type: Annotated[str, typer.Option(help="flat, hnsw, ivf or a FAISS factory string.")] = "flat",
+    instruction: Annotated[str, typer.Option(help="Instruction for embedding the files.")] = (
+        "Represent the user's input."),
+    batch_size: Annotated[int | None, typer.Option(help="Most items per forward pass.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Threads decoding media (default: CPU count, max 8).")] = None,
+    device: DeviceOption = "auto",
+    min_pixels: Annotated[int, typer.Option(help="Smallest image size in pixels.")] = 4096,
+    max_pixels: Annotated[int, typer.Option(help="Largest image size in pixels.")] = 1843200,
+    total_pixels: Annotated[int, typer.Option(help="Pixel budget across a video's frames.")] = 7864320,
+    fps: Annotated[float, typer.Option(help="Video frames sampled per second.")] = 1.0,
+    max_frames: Annotated[int, typer.Option(help="Most frames per video.")] = 64,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob of files or folders to skip (repeatable).")] = None,
+    include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option(help="Enter symlinked folders.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would change.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any file failed.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for another writer instead of exiting.")] = False,
+    commit_every: Annotated[int, typer.Option(help="Commit at least every N files.")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Index photos, videos and text files into a FAISS + Parquet index; later runs redo only what changed."""
+    from .indexer import Indexer, IndexOptions
+
+    options = IndexOptions(
+        model=model, dim=dim, quantize=quantize, index_type=index_type, instruction=instruction,
+        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
+        device=None if device == "auto" else device, batch_size=batch_size, workers=workers,
+        exclude=tuple(exclude or ()), include_hidden=include_hidden, follow_symlinks=follow_symlinks,
+        commit_every=commit_every,
+    )
+    target = index_dir or default_index_dir()
+    show_bar = sys.stderr.isatty() and not (quiet or as_json)
+    with progress_bar(show_bar) as progress:
+        summary = Indexer(target, options, wait=wait, dry_run=dry_run, progress=progress).run(paths)
+    if as_json:
+        sys.stdout.write(json.dumps(summary.to_json()) + "\n")
+    for path, error in summary.failures:
+        typer.echo(f"qvlsearch: {path}: {error}", err=True)
+    if not (quiet or as_json):
+        typer.echo(
+            f"{'would index' if dry_run else 'indexed'} {summary.total} files in {summary.seconds:.1f}s: "
+            f"{summary.added} added, {summary.updated} updated, {summary.moved} moved, {summary.removed} removed, "
+            f"{summary.unchanged} unchanged, {summary.failed} failed ({target})", err=True)
+    if strict and summary.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+class progress_bar:
+    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.task = enabled, None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} files/s, {task.fields[failed]} failed"),
+                            TimeRemainingColumn(), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("index", total=None, rate="-", failed=0)
+        self.started = time.monotonic()
+        return self.update
+
+    def update(self, done: int, total: int, failed: int) -> None:
+        rate = f"{done / max(time.monotonic() - self.started, 1e-6):.1f}"
+        self.bar.update(self.task, completed=done, total=total, rate=rate, failed=failed)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def info(
+    index_dir: IndexOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Show an index: its settings, counts by kind and status, size on disk, and the files that failed."""
+    from .store import Store
+
+    target = index_dir or default_index_dir()
+    store = Store.open(target, with_vectors=False)
+    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file() and p.name != "items.parquet")
+    failed = [{"path": r["path"], "error": r["error"]} for r in store.rows.values() if r["status"] == "error"]
+    report = {"index": str(target), "manifest": store.manifest, "size_bytes": size, "failed": failed}
+    if as_json:
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        return
+    m, counts = store.manifest, store.manifest.get("counts", {})
+    lines = [f"index:     {target}", f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
+             f"vectors:   dim {m['dim']} of {m['full_dim']}, quantize {m['quantize']}, index {m['index_type']}",
+             f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed); "
+             + ", ".join(f"{k} {v}" for k, v in sorted(counts.get("by_kind", {}).items())),
+             f"on disk:   {size / 2**20:.1f} MiB", f"updated:   {m['updated']}"]
+    lines += [f"failed:    {f['path']}: {f['error']}" for f in failed]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def reindex(
+    index_dir: IndexOption = None,
+    dim: Annotated[int | None, typer.Option(help="New Matryoshka dimension.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="none, int8 or binary.")] = None,
+    index_type: Annotated[str | None, typer.Option(help="flat, hnsw, ivf or a FAISS factory string.")] = None,
+) -> None:
+    """Rebuild the search structure from the stored full vectors, without the model."""
+    from .indexer import lock_index
+    from .store import QUANTIZATIONS, Store, StoreError
+
+    target = index_dir or default_index_dir()
+    lock = lock_index(target, wait=False)
+    try:
+        store = Store.open(target)
+        if dim is not None and not 32 <= dim <= store.manifest["full_dim"]:
+            raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+        for key, value in (("dim", dim), ("quantize", quantize), ("index_type", index_type)):
+            if value is not None:
+                store.manifest[key] = value
+        store.commit()
+    finally:
+        lock.release()
+    m = store.manifest
+    typer.echo(f"rebuilt {target}: dim {m['dim']}, quantize {m['quantize']}, index {m['index_type']}", err=True)
+
+
 def parse_item_line(number: int, line: str) -> dict:
     try:
         item = json.loads(line)
@@ -115,13 +267,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         code = app(standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into exit code 130
+            typer.echo("qvlsearch: interrupted", err=True)
     except QvlsearchError as exc:
         typer.echo(f"qvlsearch: {exc}", err=True)
         code = EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # Abort is Click's form of Ctrl-C
         typer.echo("qvlsearch: interrupted", err=True)
-        code = EXIT_INTERRUPTED
-    except typer.Abort:  # Click's form of Ctrl-C
         code = EXIT_INTERRUPTED
     except typer.TyperException as exc:  # usage errors: Click prints them itself
         exc.show()

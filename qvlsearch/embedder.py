@@ -6,7 +6,7 @@ import contextlib
 import logging
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -14,7 +14,8 @@ import torch
 
 from .errors import InputError, MediaError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, load_media
-from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, prefetch, run_processor
+from .parallel import prefetch
+from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 
@@ -29,6 +30,7 @@ class Embedding:
     index: int
     vector: np.ndarray | None
     error: QvlsearchError | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # tokens, width, height, frames, duration_s
 
 
 def with_final_punctuation(instruction: str) -> str:
@@ -95,11 +97,12 @@ class Embedder(QwenModel):
 
         def build() -> Encoded:
             parts = content_parts(check_item(item, index), self.options)
-            inputs = run_processor(self.processor, self.conversation(item, parts), load_media(parts))
+            media = load_media(parts)
+            inputs = run_processor(self.processor, self.conversation(item, parts), media)
             ids = inputs["input_ids"][0].tolist()
             if len(ids) > self.max_length:
                 ids = self.truncate(ids)
-            return encoded_from(index, inputs, ids, self.vision_token_types(ids))
+            return encoded_from(index, inputs, ids, self.vision_token_types(ids), media)
 
         return encode_or_fail(index, build)
 
@@ -127,7 +130,7 @@ class Embedder(QwenModel):
             yield from (Embedding(f.index, None, f.error) for f in failures)
             failures.clear()
             vectors = self.vectors(batch, dim=dim, normalize=normalize)
-            yield from (Embedding(e.index, v) for e, v in zip(batch, vectors, strict=True))
+            yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch, vectors, strict=True))
         yield from (Embedding(f.index, None, f.error) for f in failures)
 
     def vectors(self, batch: list[Encoded], *, dim: int | None, normalize: bool) -> np.ndarray:

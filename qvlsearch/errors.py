@@ -12,9 +12,10 @@ class InputError(QvlsearchError, ValueError):
 class MediaError(QvlsearchError):
     """One input item could not be read or decoded: a missing file, a corrupt image, a dead URL."""
 
-    def __init__(self, message: str, *, index: int | None = None):
+    def __init__(self, message: str, *, index: int | None = None, reason: str | None = None):
         super().__init__(message)
         self.index = index
+        self.reason = reason or message  # the message without the name of the file, for tables
 
     def __str__(self) -> str:
         text = super().__str__()

@@ -8,13 +8,14 @@ that names the file or URL and says why.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ from .errors import InputError, MediaError
 # with torchvision 0.29, so pin decord before the import.
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 from qwen_vl_utils import vision_process  # noqa: E402
+
+with contextlib.redirect_stderr(io.StringIO()):  # it announces its choice on stderr at first use
+    vision_process.get_video_reader_backend()
 
 ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
@@ -53,6 +57,19 @@ class LoadedMedia:
     content: list[dict]
     images: list[Image.Image]
     videos: list[tuple[Any, dict]]  # (frames tensor T×C×H×W, metadata) per video
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) before resizing
+
+    def facts(self) -> dict[str, Any]:
+        """Size of the first image, or frames/duration/frame size of the first video, for the index."""
+        if self.videos:
+            frames, meta = self.videos[0]
+            fps, total = meta.get("fps") or 0, meta.get("total_num_frames") or 0
+            return {"width": int(frames.shape[-1]), "height": int(frames.shape[-2]), "frames": int(frames.shape[0]),
+                    "duration_s": float(total / fps) if fps else None}
+        if self.image_sizes:
+            width, height = self.image_sizes[0]
+            return {"width": width, "height": height}
+        return {}
 
 
 def _as_list(value: Any) -> list:
@@ -162,6 +179,11 @@ def describe(source: Any) -> str:
     return repr(os.fspath(source))
 
 
+def failure(kind: str, source: Any, reason: str) -> MediaError:
+    """The error for a media source that cannot be used: names it and says why."""
+    return MediaError(f"{kind} {describe(source)}: {reason}", reason=reason)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file"
@@ -209,15 +231,16 @@ def open_image(source: str | Image.Image) -> Image.Image:
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many types for bad files
-        raise MediaError(f"image {describe(source)}: {_reason(exc)}") from None
+        raise failure("image", source, _reason(exc)) from None
 
 
-def _load_image(part: dict) -> Image.Image:
+def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
     image = open_image(part["image"])
     try:
-        return vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
+        resized = vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
+        return resized, image.size
     except Exception as exc:
-        raise MediaError(f"image {describe(part['image'])}: {_reason(exc)}") from None
+        raise failure("image", part["image"], _reason(exc)) from None
 
 
 def _load_video_file(part: dict) -> tuple[Any, dict]:
@@ -240,9 +263,9 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
                 pass
             frames = len(decord.VideoReader(path))
         except Exception as exc:
-            raise MediaError(f"video {describe(source)}: {_reason(exc)}") from None
+            raise failure("video", source, _reason(exc)) from None
         if frames < 2:
-            raise MediaError(f"video {describe(source)}: has {frames} frame(s); at least 2 are needed")
+            raise failure("video", source, f"has {frames} frame(s); at least 2 are needed")
         try:
             (video, metadata), _ = vision_process.fetch_video(
                 {**part, "video": path},
@@ -251,7 +274,7 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
                 return_video_metadata=True,
             )
         except Exception as exc:
-            raise MediaError(f"video {describe(source)}: cannot decode frames ({_reason(exc)})") from None
+            raise failure("video", source, f"cannot decode frames ({_reason(exc)})") from None
         return video, metadata
     finally:
         if temp is not None:
@@ -268,17 +291,19 @@ def _load_frame_list(part: dict) -> tuple[Any, dict]:
             return_video_metadata=True,
         )
     except Exception as exc:
-        raise MediaError(f"video {describe(part['video'])}: {_reason(exc)}") from None
+        raise failure("video", part["video"], _reason(exc)) from None
     return video, metadata
 
 
 def load_media(parts: list[dict]) -> LoadedMedia:
     """Decode and resize every image and video in `parts`; raises MediaError for the first bad one."""
-    images, videos = [], []
+    media = LoadedMedia(content=parts, images=[], videos=[])
     for part in parts:
         if part["type"] == "image":
-            images.append(_load_image(part))
+            image, size = _load_image(part)
+            media.images.append(image)
+            media.image_sizes.append(size)
         elif part["type"] == "video":
             load = _load_frame_list if isinstance(part["video"], list) else _load_video_file
-            videos.append(load(part))
-    return LoadedMedia(content=parts, images=images, videos=videos)
+            media.videos.append(load(part))
+    return media

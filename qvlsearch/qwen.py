@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +91,7 @@ class Encoded:
     input_ids: list[int]
     mm_token_type_ids: list[int]
     vision: dict[str, torch.Tensor]  # pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw
+    facts: dict[str, Any] = field(default_factory=dict)  # tokens, width, height, frames, duration_s
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -145,13 +144,16 @@ def run_processor(processor: Any, conversation: list[dict], media: LoadedMedia) 
     )
 
 
-def encoded_from(index: int, inputs: dict[str, Any], input_ids: list[int], vision_token_types: list[int]) -> Encoded:
+def encoded_from(
+    index: int, inputs: dict[str, Any], input_ids: list[int], vision_token_types: list[int], media: LoadedMedia
+) -> Encoded:
     """Pack processor output (with possibly truncated ids) into an Encoded item."""
     return Encoded(
         index=index,
         input_ids=input_ids,
         mm_token_type_ids=vision_token_types,
         vision={k: inputs[k] for k in VISION_KEYS if inputs.get(k) is not None},
+        facts={"tokens": len(input_ids), **media.facts()},
     )
 
 
@@ -201,25 +203,6 @@ def token_batches(
             yield from flush(pending)
             pending = []
     yield from flush(pending)
-
-
-def prefetch(fn: Callable[[int, Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
-    """`fn(i, item)` for each item in worker threads, results in input order, at most `ahead` in flight."""
-    if workers <= 0:
-        yield from (fn(i, item) for i, item in enumerate(items))
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qvlsearch-load") as pool:
-        pending: deque = deque()
-        try:
-            for i, item in enumerate(items):
-                pending.append(pool.submit(fn, i, item))
-                if len(pending) >= ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 class QwenModel:

@@ -11,7 +11,8 @@ import torch
 
 from .errors import InputError, MediaError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
-from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, prefetch, run_processor
+from .parallel import prefetch
+from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 
@@ -133,7 +134,7 @@ class Reranker(QwenModel):
                 )
                 inputs = run_processor(self.processor, self.conversation(instruction, query_parts, doc_parts), media)
                 ids = self.truncate(inputs["input_ids"][0].tolist())
-                return encoded_from(index, inputs, ids, self.vision_token_types(ids))
+                return encoded_from(index, inputs, ids, self.vision_token_types(ids), media)
 
             return encode_or_fail(index, build)
 

@@ -1,0 +1,256 @@
+"""The index directory: manifest, item table (Parquet), vectors (float16) and the FAISS index.
+
+Layout of an index directory:
+
+    manifest.json            settings, counts and the files of the current generation (written last)
+    items.parquet            one row per file (a hard link to the current generation's table)
+    items-<gen>.parquet      the item table of generation <gen>
+    index-<gen>.faiss        FAISS index over the `ok` items (ids = item ids)
+    vectors-<gen>.npz        full-dimension float16 vectors added in generation <gen>
+    lock                     held by the one writer
+
+Every commit writes new files, then replaces manifest.json by rename: a reader (or a run
+killed at any moment) sees either the old generation or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import QvlsearchError
+
+SCHEMA_VERSION = 1
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+QUANTIZATIONS = ("none", "int8", "binary")
+
+ITEM_SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("path", pa.string()),
+    ("path_bytes", pa.binary()),
+    ("root", pa.string()),
+    ("kind", pa.string()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("content_hash", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("duration_s", pa.float64()),
+    ("frames", pa.int32()),
+    ("tokens", pa.int32()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("indexed_at", pa.timestamp("us", tz="UTC")),
+])
+SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
+                 "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames")
+
+
+class StoreError(QvlsearchError):
+    """The index directory is missing, damaged, locked or built with other settings."""
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def faiss_factory(index_type: str, quantize: str, count: int) -> str:
+    """The FAISS index-factory string for an index type and a quantization."""
+    if index_type not in INDEX_TYPES:
+        return index_type  # a FAISS factory string given as is
+    codec = "SQ8" if quantize == "int8" else "Flat"
+    if index_type == "hnsw":
+        return "HNSW32" if codec == "Flat" else "HNSW32,SQ8"
+    if index_type == "ivf":
+        return f"IVF{max(1, min(65536, int(count ** 0.5)))},{codec}"
+    return codec
+
+
+def build_faiss(vectors: np.ndarray, ids: np.ndarray, dim: int, quantize: str, index_type: str) -> Any:
+    """A FAISS index over `vectors` cut to `dim` (Matryoshka) and renormalized; inner product."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if quantize == "binary":
+        from .quantize import binary_encode
+
+        index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(dim))
+        if len(x):
+            index.add_with_ids(binary_encode(x), ids)
+        return index
+    index = faiss.IndexIDMap2(faiss.index_factory(dim, faiss_factory(index_type, quantize, len(x)),
+                                                  faiss.METRIC_INNER_PRODUCT))
+    if len(x):
+        if not index.is_trained:
+            index.train(x)
+        index.add_with_ids(x, ids)
+    return index
+
+
+def read_faiss(path: Path, quantize: str) -> Any:
+    import faiss
+
+    return faiss.read_index_binary(str(path)) if quantize == "binary" else faiss.read_index(str(path))
+
+
+@dataclass
+class Store:
+    """An index directory held in memory by its one writer (or read by a searcher)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # float16, full dimension, ok rows only
+    new_vectors: dict[int, np.ndarray] = field(default_factory=dict)  # added since the last commit
+
+    @classmethod
+    def create(cls, path: Path, settings: dict[str, Any], full_dim: int) -> Store:
+        created = now().isoformat()
+        manifest = {"schema_version": SCHEMA_VERSION, **settings, "full_dim": full_dim, "generation": 0,
+                    "next_id": 1, "files": {}, "counts": {}, "created": created, "updated": created}
+        return cls(Path(path), manifest)
+
+    @classmethod
+    def open(cls, path: Path, *, with_vectors: bool = True) -> Store:
+        """Load the committed generation; raises StoreError when there is none or it is damaged."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"cannot read {path / 'manifest.json'}: {exc}") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"index {path} has schema version {manifest.get('schema_version')}, this qvlsearch "
+                             f"reads {SCHEMA_VERSION}; rebuild it with `qvlsearch index --rebuild`")
+        store = cls(path, manifest)
+        files = manifest.get("files", {})
+        if files.get("items"):
+            table = pq.read_table(path / files["items"])
+            store.rows = {row["id"]: row for row in table.to_pylist()}
+        if with_vectors:
+            for name in files.get("vectors", []):
+                with np.load(path / name) as segment:
+                    for item_id, vector in zip(segment["ids"].tolist(), segment["vectors"], strict=True):
+                        if store.rows.get(item_id, {}).get("status") == "ok":
+                            store.vectors[item_id] = vector
+        return store
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {k: self.manifest.get(k) for k in SETTINGS_KEYS}
+
+    def new_id(self) -> int:
+        item_id = self.manifest["next_id"]
+        self.manifest["next_id"] += 1
+        return item_id
+
+    def put(self, row: dict[str, Any], vector: np.ndarray | None = None) -> None:
+        """Add or replace a row; an `ok` row comes with its full-dimension vector."""
+        self.rows[row["id"]] = row
+        if vector is not None:
+            self.vectors[row["id"]] = self.new_vectors[row["id"]] = np.asarray(vector, dtype=np.float16)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        for item_id in ids:
+            self.rows.pop(item_id, None)
+            self.vectors.pop(item_id, None)
+            self.new_vectors.pop(item_id, None)
+
+    def counts(self) -> dict[str, Any]:
+        by_kind: dict[str, int] = {}
+        by_status: dict[str, int] = {"ok": 0, "error": 0}
+        for row in self.rows.values():
+            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + 1
+            by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+        return {"items": len(self.rows), **by_status, "by_kind": by_kind}
+
+    def commit(self) -> None:
+        """Write a new generation and switch the manifest to it (the one atomic step)."""
+        gen = self.manifest["generation"] + 1
+        files = {"items": f"items-{gen:06d}.parquet", "faiss": f"index-{gen:06d}.faiss",
+                 "vectors": list(self.manifest.get("files", {}).get("vectors", []))}
+        self.path.mkdir(parents=True, exist_ok=True)
+        stored = self.manifest.get("stored_vectors", 0) + len(self.new_vectors)
+        if stored > 2 * len(self.vectors) + 1024:  # mostly vectors of deleted files: compact into one segment
+            self.new_vectors = dict(self.vectors)
+            files["vectors"], stored = [], len(self.vectors)
+        if self.new_vectors:
+            name = f"vectors-{gen:06d}.npz"
+            ids = np.fromiter(self.new_vectors, dtype=np.int64, count=len(self.new_vectors))
+            stacked = np.stack(list(self.new_vectors.values()))
+            write_atomically(self.path / name, lambda tmp: save_npz(tmp, ids=ids, vectors=stacked))
+            files["vectors"].append(name)
+        rows = sorted(self.rows.values(), key=lambda r: r["id"])
+        table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+        write_atomically(self.path / files["items"], lambda tmp: pq.write_table(table, tmp))
+        ok_ids = np.array([r["id"] for r in rows if r["status"] == "ok"], dtype=np.int64)
+        matrix = (np.stack([self.vectors[i] for i in ok_ids.tolist()]) if len(ok_ids)
+                  else np.zeros((0, self.manifest["full_dim"]), dtype=np.float16))
+        index = build_faiss(matrix, ok_ids, self.manifest["dim"], self.manifest["quantize"],
+                            self.manifest["index_type"])
+        write_atomically(self.path / files["faiss"], lambda tmp: write_faiss(index, tmp, self.manifest["quantize"]))
+        old_files = self.manifest.get("files", {})
+        factory = ("BinaryFlat" if self.manifest["quantize"] == "binary"
+                   else faiss_factory(self.manifest["index_type"], self.manifest["quantize"], len(ok_ids)))
+        self.manifest.update(generation=gen, files=files, counts=self.counts(), faiss_factory=factory,
+                             stored_vectors=stored, updated=now().isoformat())
+        write_atomically(self.path / "manifest.json",
+                         lambda tmp: tmp.write_text(json.dumps(self.manifest, indent=2, default=str) + "\n"))
+        self.new_vectors.clear()
+        self.link_items_table()
+        for name in {old_files.get("items"), old_files.get("faiss"), *old_files.get("vectors", [])} - {
+                files["items"], files["faiss"], *files["vectors"], None}:
+            (self.path / name).unlink(missing_ok=True)
+
+    def link_items_table(self) -> None:
+        """Point items.parquet at the current table (for pandas, DuckDB, Polars users)."""
+        tmp = self.path / ".items.parquet.link"
+        tmp.unlink(missing_ok=True)
+        os.link(self.path / self.manifest["files"]["items"], tmp)
+        os.replace(tmp, self.path / "items.parquet")
+
+    def remove_uncommitted_files(self) -> None:
+        """Delete what a killed writer left behind: files no generation refers to."""
+        files = self.manifest.get("files", {})
+        keep = {"manifest.json", "items.parquet", "lock", "lock.pid", files.get("items"), files.get("faiss"),
+                *files.get("vectors", [])}
+        for entry in self.path.iterdir():
+            if entry.name not in keep and (entry.name.startswith((".", "items-", "index-", "vectors-"))):
+                entry.unlink(missing_ok=True)
+        if files.get("items"):
+            self.link_items_table()
+
+    def faiss_index(self) -> Any:
+        return read_faiss(self.path / self.manifest["files"]["faiss"], self.manifest["quantize"])
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def write_faiss(index: Any, path: Path, quantize: str) -> None:
+    import faiss
+
+    (faiss.write_index_binary if quantize == "binary" else faiss.write_index)(index, str(path))

@@ -1,0 +1,341 @@
+"""`qvlsearch index`: real folders, real FAISS and Parquet, the tiny model, and real processes killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE_DATA
+from make_media import make_image, make_video
+from PIL import Image
+
+from qvlsearch.indexer import Indexer, IndexOptions, lock_index
+from qvlsearch.store import Store, StoreError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def options(checkpoints) -> IndexOptions:
+    return IndexOptions(model=str(checkpoints["embedder"]), commit_every=5)
+
+
+def run_index(index_dir: Path, roots: list[Path], options: IndexOptions, embedder=None, **kwargs) -> Indexer:
+    indexer = Indexer(index_dir, options, embedder=embedder, **kwargs)
+    indexer.run(roots)
+    return indexer
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvlsearch", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300, **kwargs)
+
+
+def assert_consistent(index_dir: Path) -> Store:
+    """The committed generation is readable and agrees with itself."""
+    store = Store.open(index_dir)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    ok = {r["id"] for r in store.rows.values() if r["status"] == "ok"}
+    index = store.faiss_index()
+    assert index.ntotal == len(ok) == manifest["counts"]["ok"]
+    assert set(store.vectors) == ok
+    assert set(faiss.vector_to_array(index.id_map).tolist()) == ok
+    assert pq.read_table(index_dir / manifest["files"]["items"]).num_rows == len(store.rows)
+    # items.parquet, the link for outside tools, is readable; after a kill it may be one commit behind
+    assert pq.read_table(index_dir / "items.parquet").schema == pq.read_schema(index_dir / manifest["files"]["items"])
+    return store
+
+
+def vectors_by_path(store: Store) -> dict[str, np.ndarray]:
+    return {r["path"]: store.vectors[r["id"]] for r in store.rows.values() if r["status"] == "ok"}
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_DATA / "photos", root / "photos")
+    shutil.copytree(SAMPLE_DATA / "notes", root / "notes")
+    shutil.copy(SAMPLE_DATA / "videos" / "bouncing red ball.mp4", root / "ball.mp4")
+    return root
+
+
+def test_first_run_writes_a_complete_index(tmp_path, corpus, options, embedder):
+    index_dir = tmp_path / "index"
+    summary = run_index(index_dir, [corpus], options, embedder).summary
+    files = [p for p in corpus.rglob("*") if p.is_file()]
+    assert summary.added == summary.total == len(files) and summary.failed == 0
+    store = assert_consistent(index_dir)
+    manifest = store.manifest
+    assert manifest["model"] == options.model and manifest["dim"] == manifest["full_dim"] == 64
+    assert manifest["model_revision"].startswith("config-sha256:")
+    assert manifest["counts"]["by_kind"] == {"image": 15, "text": 6, "video": 1}
+    table = pq.read_table(index_dir / "items.parquet").to_pylist()
+    video = next(r for r in table if r["kind"] == "video")
+    assert video["frames"] >= 2 and video["duration_s"] == pytest.approx(5.0) and video["tokens"] > 0
+    cat = next(r for r in table if r["path"].endswith("/cat.jpg"))
+    assert (cat["width"], cat["height"]) == Image.open(corpus / "photos" / "cat.jpg").size
+    assert cat["root"] == str(corpus) and len(cat["content_hash"]) == 32 and cat["status"] == "ok"
+
+
+def test_stored_vectors_are_the_embedders(tmp_path, corpus, options, embedder):
+    store = Store.open(run_index(tmp_path / "i", [corpus], options, embedder).index_dir)
+    by_path = vectors_by_path(store)
+    note = corpus / "notes" / "cats.txt"
+    expected = embedder.embed([
+        {"image": str(corpus / "photos" / "bee.jpg"), "instruction": options.instruction},
+        {"text": note.read_text(), "instruction": options.instruction},
+        {"video": str(corpus / "ball.mp4"), "instruction": options.instruction},
+    ])
+    got = [by_path[str(corpus / "photos" / "bee.jpg")], by_path[str(note)], by_path[str(corpus / "ball.mp4")]]
+    np.testing.assert_allclose(np.stack(got).astype(np.float32), expected, atol=2e-3)  # stored as float16
+
+
+def test_unchanged_tree_embeds_nothing_and_never_loads_the_model(tmp_path, corpus, options, embedder):
+    run_index(tmp_path / "i", [corpus], options, embedder)
+    again = run_index(tmp_path / "i", [corpus], options)  # no embedder given: it would load one if needed
+    assert again.embedder is None and again.model_runs == 0
+    assert again.summary.unchanged == again.summary.total and again.summary.added == 0
+
+
+def test_modify_delete_move_copy(tmp_path, corpus, options, embedder):
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus], options, embedder)
+    before = Store.open(index_dir)
+    old_cat = next(r for r in before.rows.values() if r["path"].endswith("/cat.jpg"))
+    (corpus / "photos" / "cat.jpg").rename(corpus / "renamed cat.jpg")  # move
+    shutil.copy(corpus / "photos" / "bee.jpg", corpus / "notes" / "bee copy.jpg")  # copy
+    (corpus / "photos" / "cake.jpg").unlink()  # delete
+    make_image(corpus / "photos" / "tree.webp", size=(80, 60), color=(10, 200, 10))  # modify
+    indexer = run_index(index_dir, [corpus], options, embedder)
+    s = indexer.summary
+    assert (s.moved, s.added, s.removed, s.updated, s.failed) == (1, 1, 1, 1, 0)
+    assert indexer.model_runs == 1  # only the modified file went through the model
+    after = assert_consistent(index_dir)
+    moved = next(r for r in after.rows.values() if r["path"].endswith("/renamed cat.jpg"))
+    assert moved["id"] == old_cat["id"]
+    np.testing.assert_array_equal(after.vectors[moved["id"]], before.vectors[old_cat["id"]])
+    paths = {r["path"] for r in after.rows.values()}
+    assert str(corpus / "photos" / "cake.jpg") not in paths and str(corpus / "photos" / "cat.jpg") not in paths
+    by_path = vectors_by_path(after)
+    np.testing.assert_array_equal(by_path[str(corpus / "notes" / "bee copy.jpg")],
+                                  by_path[str(corpus / "photos" / "bee.jpg")])
+    tree = by_path[str(corpus / "photos" / "tree.webp")].astype(np.float32)
+    assert not np.allclose(tree, vectors_by_path(before)[str(corpus / "photos" / "tree.webp")].astype(np.float32))
+
+
+def test_several_roots_share_one_index(tmp_path, corpus, options, embedder):
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus / "photos"], options, embedder)
+    run_index(index_dir, [corpus / "notes"], options, embedder)
+    store = assert_consistent(index_dir)
+    assert {r["root"] for r in store.rows.values()} == {str(corpus / "photos"), str(corpus / "notes")}
+    assert store.manifest["counts"]["items"] == 21
+
+
+def test_bad_inputs_become_error_rows_and_the_run_completes(tmp_path, options, embedder):
+    root = tmp_path / "bad"
+    make_image(root / "good.png")
+    make_image(root / "really a png.jpg", size=(40, 40))  # wrong extension, same kind: fine
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))
+    data = (SAMPLE_DATA / "photos" / "cat.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.jpg").write_text("I am text\n")
+    (root / "binary.txt").write_bytes(os.urandom(500).replace(b"\x00", b"") + b"\x00")
+    Image.new("1", (20000, 20000)).save(root / "bomb.png")
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    make_video(root / "one frame.mp4", frames=1)
+    (root / os.fsdecode(b"caf\xe9 latin1.png")).write_bytes((root / "good.png").read_bytes())
+    (root / "loop").mkdir()
+    (root / "loop" / "back").symlink_to(root)
+    summary = run_index(tmp_path / "i", [root], IndexOptions(**{**options.__dict__, "follow_symlinks": True}),
+                        embedder).summary
+    store = assert_consistent(tmp_path / "i")
+    rows = {Path(r["path"]).name: r for r in store.rows.values()}
+    errors = {name: r["error"] for name, r in rows.items() if r["status"] == "error"}
+    assert rows["good.png"]["status"] == rows["really a png.jpg"]["status"] == "ok"
+    assert rows["caf\\xe9 latin1.png"]["status"] == "ok"
+    assert rows["caf\\xe9 latin1.png"]["path_bytes"].endswith(b"caf\xe9 latin1.png")
+    assert "not a readable image" in errors["corrupt.jpg"]
+    assert "truncated" in errors["truncated.jpg"] or "not a readable image" in errors["truncated.jpg"]
+    assert errors["zero.png"] == "empty file"
+    assert "content is text" in errors["text.jpg"]
+    assert "unknown content" in errors["binary.txt"]
+    assert "decompression bomb" in errors["bomb.png"]
+    assert errors["dangling.jpg"] == "broken symbolic link"
+    assert "at least 2" in errors["one frame.mp4"]
+    assert errors["back"] == "symbolic link loop"
+    assert summary.failed == len(errors) == 9
+    assert all("\n" not in e for e in errors.values())
+
+
+def test_unreadable_file_as_an_unprivileged_process(tmp_path, checkpoints):
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop root's read-everything capability")
+    root = tmp_path / "perm"
+    make_image(root / "ok.png")
+    make_image(root / "secret.png").chmod(0)
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    result = subprocess.run([*drop, sys.executable, "-m", "qvlsearch", "index", str(root), "--index",
+                             str(tmp_path / "i"), "--model", str(checkpoints["embedder"]), "--json"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["failed"] == 1
+    store = assert_consistent(tmp_path / "i")
+    secret = next(r for r in store.rows.values() if r["path"].endswith("secret.png"))
+    assert secret["status"] == "error" and "permission denied" in secret["error"]
+
+
+def test_other_settings_are_refused_with_a_way_out(tmp_path, corpus, options, embedder):
+    run_index(tmp_path / "i", [corpus / "notes"], IndexOptions(**{**options.__dict__, "dim": 32}), embedder)
+    with pytest.raises(StoreError, match=r"dim: index has 32, asked 48.*qvlsearch reindex"):
+        run_index(tmp_path / "i", [corpus / "notes"], IndexOptions(**{**options.__dict__, "dim": 48}), embedder)
+    with pytest.raises(StoreError, match="quantize"):
+        run_index(tmp_path / "i", [corpus / "notes"],
+                  IndexOptions(**{**options.__dict__, "dim": 32, "quantize": "int8"}), embedder)
+
+
+def test_reindex_changes_dim_quantization_and_type_without_the_model(tmp_path, corpus, options, embedder):
+    run_index(tmp_path / "i", [corpus], options, embedder)
+    for args, factory in ((["--dim", "32", "--quantize", "int8", "--index-type", "hnsw"], "HNSW32,SQ8"),
+                          (["--quantize", "binary"], "BinaryFlat"),
+                          (["--quantize", "none", "--index-type", "ivf"], "IVF4,Flat")):
+        result = cli("reindex", "--index", str(tmp_path / "i"), *args)
+        assert result.returncode == 0, result.stderr
+        store = assert_consistent(tmp_path / "i")
+        assert store.manifest["faiss_factory"] == factory
+        assert store.faiss_index().ntotal == 22
+    assert store.manifest["dim"] == 32
+
+
+def test_second_writer_is_refused_and_wait_waits(tmp_path, corpus, checkpoints):
+    index_dir = tmp_path / "i"
+    lock = lock_index(index_dir, wait=False)
+    try:
+        result = cli("index", str(corpus / "notes"), "--index", str(index_dir), "--model", str(checkpoints["embedder"]))
+        assert result.returncode == 2
+        assert f"(pid {os.getpid()}) is writing to {index_dir}" in result.stderr and "--wait" in result.stderr
+        waiter = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(corpus / "notes"), "--index",
+                                   str(index_dir), "--model", str(checkpoints["embedder"]), "--wait", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(2)
+        assert waiter.poll() is None
+    finally:
+        lock.release()
+    out, _ = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0 and json.loads(out)["added"] == 6
+
+
+def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"from qvlsearch.indexer import lock_index; import time; "
+                               f"held = lock_index(__import__('pathlib').Path({str(tmp_path)!r}), False); "
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(StoreError, match="is writing"):
+        lock_index(tmp_path, wait=False)
+    holder.kill()
+    holder.wait()
+    lock_index(tmp_path, wait=False).release()
+
+
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
+    args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1"]
+    assert cli(*args, "--index", str(tmp_path / "clean")).returncode == 0
+    clean = vectors_by_path(Store.open(tmp_path / "clean"))
+    killed = tmp_path / "killed"
+    rng = random.Random(7)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args, "--index", str(killed)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.monotonic() + 60
+        while not (killed / "manifest.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert_consistent(killed)
+    result = cli(*args, "--index", str(killed), "--json")
+    assert result.returncode == 0, result.stderr
+    resumed = assert_consistent(killed)
+    assert json.loads(result.stdout)["added"] < len(clean)  # committed work was not redone
+    got = vectors_by_path(resumed)
+    assert got.keys() == clean.keys()
+    for path, vector in clean.items():
+        np.testing.assert_allclose(got[path].astype(np.float32), vector.astype(np.float32), atol=2e-3)
+
+
+def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints):
+    rng = np.random.default_rng(0)
+    for i in range(200):  # distinct noise photos: enough model work to be interrupted in the middle
+        Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(tmp_path / f"noise{i:03d}.jpg")
+    proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(tmp_path), "--index", str(tmp_path / "i"),
+                             "--model", str(checkpoints["embedder"]), "--commit-every", "10", "--workers", "1",
+                             "--batch-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "i" / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail("the run finished before it could be interrupted; make the corpus larger")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert_consistent(tmp_path / "i")
+
+
+def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    (root / "b.jpg").write_text("not an image")
+    base = ["index", str(root), "--index", str(tmp_path / "i"), "--model", str(checkpoints["embedder"])]
+    result = cli(*base, "--json")
+    assert result.returncode == 0
+    summary = json.loads(result.stdout)
+    assert {k: summary[k] for k in ("added", "updated", "moved", "removed", "unchanged", "failed", "total")} == {
+        "added": 1, "updated": 0, "moved": 0, "removed": 0, "unchanged": 0, "failed": 1, "total": 2}
+    assert summary["failures"][0]["path"].endswith("b.jpg")
+    assert cli(*base, "--strict", "--quiet").returncode == 1
+    quiet = cli(*base, "--quiet")
+    assert quiet.stdout == "" and "indexed" not in quiet.stderr
+    info = json.loads(cli("info", "--index", str(tmp_path / "i"), "--json").stdout)
+    assert info["manifest"]["counts"]["items"] == 2 and info["failed"][0]["path"].endswith("b.jpg")
+    assert "failed:" in cli("info", "--index", str(tmp_path / "i")).stdout
+    assert cli("index", str(tmp_path / "nope"), "--index", str(tmp_path / "i")).returncode == 2
+    missing = cli("info", "--index", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "no index at" in missing.stderr
+
+
+def test_dry_run_changes_nothing(tmp_path, corpus, options, embedder):
+    indexer = run_index(tmp_path / "i", [corpus], options, embedder, dry_run=True)
+    assert indexer.summary.added == indexer.summary.total and indexer.model_runs == 0
+    assert not (tmp_path / "i" / "manifest.json").exists()
+
+
+def test_vectors_of_deleted_files_are_compacted_away(tmp_path):
+    store = Store.create(tmp_path / "s", {"model": "m", "dim": 32, "quantize": "none", "index_type": "flat"}, 32)
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        item_id = store.new_id()
+        store.put({"id": item_id, "path": f"/f{item_id}", "path_bytes": b"/f%d" % item_id, "root": "/", "kind": "text",
+                   "size": 1, "mtime_ns": 1, "content_hash": f"{item_id:032x}", "status": "ok"},
+                  rng.standard_normal(32))
+    store.commit()
+    store.remove(range(1, 2901))
+    store.commit()
+    reopened = Store.open(tmp_path / "s")
+    assert reopened.manifest["files"]["vectors"] == ["vectors-000002.npz"]
+    assert reopened.manifest["stored_vectors"] == 100 and len(reopened.vectors) == 100
+    assert sorted((tmp_path / "s").glob("vectors-*")) == [tmp_path / "s" / "vectors-000002.npz"]
+    assert reopened.faiss_index().ntotal == 100
