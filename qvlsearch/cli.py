@@ -179,11 +179,12 @@ class progress_bar:
     def __enter__(self):
         if not self.enabled:
             return None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]} files/s, {task.fields[failed]} failed"),
-                            TimeRemainingColumn(), transient=True)
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
         self.bar.start()
         self.task = self.bar.add_task("index", total=None, rate="-", failed=0)
         self.started = time.monotonic()

@@ -32,6 +32,13 @@ from qwen_vl_utils import vision_process  # noqa: E402
 with contextlib.redirect_stderr(io.StringIO()):  # it announces its choice on stderr at first use
     vision_process.get_video_reader_backend()
 
+try:  # HEIC/HEIF photos, where the optional pillow-heif plugin is installed
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:
+    pass
+
 ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
 IMAGE_PATCH_SIZE = 16
@@ -198,6 +205,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, Image.DecompressionBombError):
         return "image has too many pixels (decompression bomb limit)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if type(exc).__name__ == "DECORDError":  # "[time] file.cc:151: Check failed: ... ERROR what went wrong"
+        if "cannot find video stream" in text:
+            return "has no video stream"
+        return "cannot read video: " + text.rsplit("ERROR ", 1)[-1].rsplit(": ", 1)[-1]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -143,6 +143,21 @@ def test_several_roots_share_one_index(tmp_path, corpus, options, embedder):
     assert store.manifest["counts"]["items"] == 21
 
 
+def make_audio_only(path: Path) -> None:
+    """An .mp4 with sound and no video frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for _ in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def test_bad_inputs_become_error_rows_and_the_run_completes(tmp_path, options, embedder):
     root = tmp_path / "bad"
     make_image(root / "good.png")
@@ -156,6 +171,7 @@ def test_bad_inputs_become_error_rows_and_the_run_completes(tmp_path, options, e
     Image.new("1", (20000, 20000)).save(root / "bomb.png")
     (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
     make_video(root / "one frame.mp4", frames=1)
+    make_audio_only(root / "no frames.mp4")
     (root / os.fsdecode(b"caf\xe9 latin1.png")).write_bytes((root / "good.png").read_bytes())
     (root / "loop").mkdir()
     (root / "loop" / "back").symlink_to(root)
@@ -175,8 +191,9 @@ def test_bad_inputs_become_error_rows_and_the_run_completes(tmp_path, options, e
     assert "decompression bomb" in errors["bomb.png"]
     assert errors["dangling.jpg"] == "broken symbolic link"
     assert "at least 2" in errors["one frame.mp4"]
+    assert errors["no frames.mp4"] == "has no video stream"
     assert errors["back"] == "symbolic link loop"
-    assert summary.failed == len(errors) == 9
+    assert summary.failed == len(errors) == 10
     assert all("\n" not in e for e in errors.values())
 
 
@@ -339,3 +356,44 @@ def test_vectors_of_deleted_files_are_compacted_away(tmp_path):
     assert reopened.manifest["stored_vectors"] == 100 and len(reopened.vectors) == 100
     assert sorted((tmp_path / "s").glob("vectors-*")) == [tmp_path / "s" / "vectors-000002.npz"]
     assert reopened.faiss_index().ntotal == 100
+
+
+def test_default_index_folder_comes_from_the_environment(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    env = {**ENV, "XDG_DATA_HOME": str(tmp_path / "data"), "QVLSEARCH_MODEL": str(checkpoints["embedder"])}
+    env.pop("QVLSEARCH_INDEX", None)
+    args = [sys.executable, "-m", "qvlsearch", "index", str(root), "--quiet"]
+    assert subprocess.run(args, env=env, timeout=300).returncode == 0
+    assert_consistent(tmp_path / "data" / "qvlsearch" / "index")
+    env["QVLSEARCH_INDEX"] = str(tmp_path / "elsewhere")
+    assert subprocess.run(args, env=env, timeout=300).returncode == 0
+    assert_consistent(tmp_path / "elsewhere")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, checkpoints):
+    import pty
+
+    root = tmp_path / "r"
+    for i in range(3):
+        make_image(root / f"{i}.png", color=(i * 60, 0, 0))
+    args = [sys.executable, "-m", "qvlsearch", "index", str(root), "--index", str(tmp_path / "i"), "--model",
+            str(checkpoints["embedder"])]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=secondary, env={**ENV, "COLUMNS": "100"})
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=300)
+    os.close(primary)
+    on_terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0 and "indexing" in on_terminal and "files/s" in on_terminal
+    piped = cli("index", str(root), "--index", str(tmp_path / "j"), "--model", str(checkpoints["embedder"]))
+    assert "files/s" not in piped.stderr and piped.stderr.strip().startswith("indexed 3 files")
