@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 
 __version__ = "0.1.0"
-__all__ = ["Embedder", "Reranker", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
+__all__ = ["Embedder", "Reranker", "open_index", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
 
 if TYPE_CHECKING:
     from .embedder import Embedder
     from .reranker import Reranker
+    from .search import open_index
 
 
 def __getattr__(name: str):
@@ -27,4 +28,8 @@ def __getattr__(name: str):
         from .reranker import Reranker
 
         return Reranker
+    if name == "open_index":
+        from .search import open_index
+
+        return open_index
     raise AttributeError(f"module 'qvlsearch' has no attribute {name!r}")

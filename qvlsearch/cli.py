@@ -254,6 +254,187 @@ def reindex(
     typer.echo(f"rebuilt {target}: dim {m['dim']}, quantize {m['quantize']}, index {m['index_type']}", err=True)
 
 
+RerankerOption = Annotated[
+    str | None,
+    typer.Option("--reranker", envvar="QVLSEARCH_RERANKER",
+                 help="Reranker model: Hugging Face id or local folder [default: Qwen/Qwen3-VL-Reranker-2B]."),
+]
+TopK = Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many results.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")]
+JsonlFlag = Annotated[bool, typer.Option("--jsonl", help="One JSON object per line on stdout.")]
+PathsFlag = Annotated[bool, typer.Option("--paths", help="Only paths, one per line.")]
+NullFlag = Annotated[bool, typer.Option("-0", "--null", help="With --paths: separate paths by NUL (for xargs -0).")]
+
+
+def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str:
+    if sum((as_json, as_jsonl, paths)) > 1:
+        raise typer.BadParameter("choose one of --json, --jsonl and --paths")
+    if null and not paths:
+        raise typer.BadParameter("-0/--null goes with --paths")
+    if as_json or as_jsonl or paths:
+        return "json" if as_json else "jsonl" if as_jsonl else "paths"
+    return "table" if sys.stdout.isatty() else "tsv"
+
+
+def emit(records: list[dict], fmt: str, null: bool = False) -> None:
+    """Write result records to stdout in the chosen format."""
+    out = sys.stdout
+    if fmt == "json":
+        out.write(json.dumps(records) + "\n")
+    elif fmt == "jsonl":
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    elif fmt == "paths":
+        out.writelines(r["path"] + ("\0" if null else "\n") for r in records)
+    elif fmt == "tsv":
+        for r in records:
+            fields = [r["rank"], fmt_score(r.get("score"))] + (
+                [fmt_score(r.get("rerank_score"))] if "rerank_score" in r else []) + [r.get("kind", ""), r["path"]]
+            out.write("\t".join(str(f) for f in fields) + "\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        reranked = any("rerank_score" in r for r in records)
+        for title in ["#", "score"] + (["rerank"] if reranked else []) + ["kind", "path", "length"]:
+            table.add_column(title, justify="right" if title in ("#", "score", "rerank", "length") else "left")
+        for r in records:
+            length = f"{r['duration_s']:.1f}s" if r.get("duration_s") else ""
+            table.add_row(str(r["rank"]), fmt_score(r.get("score")),
+                          *([fmt_score(r.get("rerank_score"))] if reranked else []), r.get("kind", ""), r["path"],
+                          length)
+        Console().print(table)
+
+
+def fmt_score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@app.command()
+def search(
+    query: Annotated[str | None, typer.Argument(help="Query text; '-' reads it from stdin.")] = None,
+    image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
+    video: Annotated[str | None, typer.Option("--video", help="Query video path or URL.")] = None,
+    instruction: Annotated[str | None, typer.Option(
+        help="Query instruction [default: Retrieve images or text relevant to the user's query.].")] = None,
+    index_dir: IndexOption = None,
+    top_k: TopK = 10,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
+    under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Only results with at least this score.")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank", help="Re-score the best candidates with the reranker.")] = False,
+    rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
+    reranker: RerankerOption = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", envvar="QVLSEARCH_MODEL", help="Expected embedding model (must match the index's).")] = None,
+    queries: Annotated[Path | None, typer.Option(
+        help="File of queries, one per line (text or a JSON item); prints JSON lines tagged with the query.")] = None,
+    as_json: JsonFlag = False,
+    as_jsonl: JsonlFlag = False,
+    paths: PathsFlag = False,
+    null: NullFlag = False,
+    contact_sheet: Annotated[Path | None, typer.Option(help="Also write a JPEG of result thumbnails here.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
+    from .search import open_index, query_item
+    from .store import StoreError
+
+    fmt = output_format(as_json, as_jsonl, paths, null)
+    if query == "-":
+        query = sys.stdin.read().strip()
+    if queries is None and not (query or image or video):
+        raise typer.BadParameter("give a query: TEXT, '-', --image, --video or --queries FILE")
+    target = index_dir or default_index_dir()
+    index = open_index(target, device=None if device == "auto" else device)
+    if len(index) == 0:
+        typer.echo(f"qvlsearch: index {target} is empty; add files with `qvlsearch index PATH`", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    if model and model != index.manifest["model"]:
+        raise StoreError(f"index {target} was built with model {index.manifest['model']!r}, not {model!r}; "
+                         "search it with that model, or index again with --model")
+    options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
+                   reranker=reranker, instruction=instruction)
+    if queries is not None:
+        found = 0
+        for number, line in enumerate(queries.read_text().splitlines(), 1):
+            if line.strip():
+                item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
+                results = index.search(item, **options)
+                found += len(results)
+                emit([{"query": item.get("text", item), **r.to_json()} for r in results], "jsonl")
+        raise typer.Exit(EXIT_OK if found else EXIT_FAILED)
+    results = index.search(query_item(query, image or (), video), **options)
+    emit([r.to_json() for r in results], fmt, null)
+    if contact_sheet is not None:
+        from .contact_sheet import write_contact_sheet
+
+        write_contact_sheet(results, contact_sheet)
+    raise typer.Exit(EXIT_OK if results else EXIT_FAILED)
+
+
+@app.command()
+def rerank(
+    query: Annotated[str, typer.Argument(help="Query text ('' with --image for an image-only query).")],
+    candidates: Annotated[list[str] | None, typer.Argument(
+        help="Files to rank; without them, read paths or `search --jsonl` lines from stdin.")] = None,
+    image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
+    instruction: Annotated[str | None, typer.Option(help="Reranker instruction.")] = None,
+    reranker: RerankerOption = None,
+    top_k: Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Keep only the best N.")] = None,
+    as_json: JsonFlag = False,
+    as_jsonl: JsonlFlag = False,
+    paths: PathsFlag = False,
+    null: NullFlag = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Score candidate files against a query with the reranker, best first (unreadable ones last, unscored)."""
+    from .reranker import DEFAULT_RERANKER, Reranker
+    from .search import SearchResult, document_item, query_item, ranked_by_rerank
+
+    fmt = output_format(as_json, as_jsonl, paths, null)
+    rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
+    if not rows:
+        raise typer.BadParameter("no candidates: give files as arguments or on stdin")
+    results = [SearchResult(rank=i, id=row.get("id"), path=row["path"], kind=row.get("kind") or candidate_kind(
+        row["path"]), score=row.get("score")) for i, row in enumerate(rows, 1)]
+    model = Reranker(reranker or DEFAULT_RERANKER, device=None if device == "auto" else device)
+    scores = model.rerank(query_item(query, image or ()), [document_item(r) for r in results],
+                          instruction=instruction, on_error="skip")
+    row_of = {id(r): row for r, row in zip(results, rows, strict=True)}
+    ordered = ranked_by_rerank(results, scores)[:top_k]
+    # rows keep the fields they came with, and gain (or renew) rank, kind and rerank_score
+    emit([{**row_of[id(r)], "rank": r.rank, "kind": r.kind, "rerank_score": r.to_json()["rerank_score"]}
+          for r in ordered], fmt, null)
+    raise typer.Exit(EXIT_OK if any(s is not None for s in scores) else EXIT_FAILED)
+
+
+def candidate_kind(path: str) -> str:
+    from .fs import KindError, sniff_kind, suffix_kind
+
+    try:
+        return sniff_kind(path)
+    except KindError:
+        return suffix_kind(path) or "text"
+
+
+def read_candidates(stream) -> list[dict]:
+    """Candidates from stdin: one path per line, or the JSON lines of `qvlsearch search --jsonl`."""
+    rows = []
+    for number, line in enumerate(stream, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            row = parse_item_line(number, line)
+            if "path" not in row:
+                raise typer.BadParameter(f"stdin line {number} has no \"path\"")
+            rows.append(row)
+        else:
+            rows.append({"path": line})
+    return rows
+
+
 def parse_item_line(number: int, line: str) -> dict:
     try:
         item = json.loads(line)

@@ -1,0 +1,212 @@
+"""Two-stage retrieval over an index: the embedder finds candidates with FAISS, the
+reranker (optional) re-scores the best of them.
+
+    index = qvlsearch.open_index("~/.local/share/qvlsearch/index")
+    for hit in index.search("dog on a beach", k=10, kind="image", rerank=True):
+        print(hit.rank, hit.rerank_score, hit.path)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .fs import KindError, sniff_kind
+from .store import Store, StoreError
+
+QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
+TEXT_READ_BYTES = 256 * 1024  # more than max_length tokens of any text
+KINDS = ("image", "video", "text")
+
+
+@dataclass
+class SearchResult:
+    """One hit: `score` is the embedding similarity, `rerank_score` the reranker's P(yes) when reranked."""
+
+    rank: int
+    id: int | None
+    path: str
+    kind: str
+    score: float | None
+    rerank_score: float | None = None
+    duration_s: float | None = None
+    reranked: bool = False
+    fs_path: str | None = None  # the path as the OS needs it (`path` is for display); not in JSON
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id."""
+        record = {"rank": self.rank, "path": self.path, "kind": self.kind, "score": rounded(self.score)}
+        if self.reranked:
+            record["rerank_score"] = rounded(self.rerank_score)
+        record["id"] = self.id
+        if self.duration_s is not None:
+            record["duration_s"] = round(self.duration_s, 3)
+        return record
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def file_item(path: str, kind: str | None = None) -> dict[str, Any]:
+    """The model input for a file on disk: {"image": path}, {"video": path} or {"text": its content}."""
+    kind = kind or sniff_kind(path)
+    if kind == "text":
+        with open(path, "rb") as f:
+            return {"text": f.read(TEXT_READ_BYTES).decode("utf-8", errors="replace")}
+    return {kind: path}
+
+
+def query_item(query: str | Mapping | None, images: Iterable[str] = (), video: str | None = None) -> dict[str, Any]:
+    """A query as an Embedder/Reranker item: text, images, a video, or a mix."""
+    item: dict[str, Any] = dict(query) if isinstance(query, Mapping) else ({"text": query} if query else {})
+    if images:
+        item["image"] = list(images)
+    if video:
+        item["video"] = video
+    if not item:
+        raise InputError("a query needs text, an image or a video")
+    return item
+
+
+class SearchIndex:
+    """A read-only view of an index directory, with the models loaded on first use."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str | None = None, embedder: Any = None,
+                 reranker: Any = None):
+        self.path = Path(path).expanduser()
+        store = Store.open(self.path, with_vectors=False)
+        self.manifest = store.manifest
+        self.rows = store.rows
+        self.index = store.faiss_index() if self.manifest.get("files", {}).get("faiss") else None
+        self.device = device
+        self._embedder = embedder
+        self._reranker = reranker
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embedder import Embedder
+
+            m = self.manifest
+            self._embedder = Embedder(m["model"], device=self.device, min_pixels=m["min_pixels"],
+                                      max_pixels=m["max_pixels"], total_pixels=m["total_pixels"], fps=m["fps"],
+                                      max_frames=m["max_frames"])
+        return self._embedder
+
+    def reranker(self, model: str | None):
+        if self._reranker is None:
+            from .reranker import DEFAULT_RERANKER, Reranker
+
+            self._reranker = Reranker(model or DEFAULT_RERANKER, device=self.device)
+        return self._reranker
+
+    def query_vector(self, query: Mapping, instruction: str | None) -> np.ndarray:
+        item = {**query, "instruction": instruction or QUERY_INSTRUCTION}
+        return self.embedder.embed([item], dim=self.manifest["dim"])
+
+    def search(self, query: str | Mapping, k: int = 10, *, kind: str | Iterable[str] | None = None,
+               under: str | os.PathLike | None = None, min_score: float | None = None, rerank: bool = False,
+               rerank_top: int = 50, reranker: str | None = None, instruction: str | None = None
+               ) -> list[SearchResult]:
+        """The `k` best files for `query`; filters apply before the cut, so `k` hits come back when there are `k`."""
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        query = query_item(query)
+        keep = self.filter(kind, under)
+        if len(self) == 0:
+            return []
+        hits = self.nearest(self.query_vector(query, instruction), max(k, rerank_top if rerank else k), keep,
+                            min_score)
+        results = [self.result(rank, item_id, score) for rank, (item_id, score) in enumerate(hits, 1)]
+        if rerank and results:
+            results = self.rerank_results(query, results, reranker)
+        return results[:k]
+
+    def filter(self, kind: str | Iterable[str] | None, under: str | os.PathLike | None) -> Callable[[int], bool]:
+        kinds = {kind} if isinstance(kind, str) else set(kind or ())
+        if kinds - set(KINDS):
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
+        prefix = None if under is None else os.path.abspath(os.fspath(under)).rstrip(os.sep) + os.sep
+
+        def keep(item_id: int) -> bool:
+            row = self.rows.get(item_id)
+            return (row is not None and (not kinds or row["kind"] in kinds)
+                    and (prefix is None or os.fsdecode(row["path_bytes"]).startswith(prefix)))
+
+        return keep
+
+    def nearest(self, vector: np.ndarray, k: int, keep: Callable[[int], bool],
+                min_score: float | None) -> list[tuple[int, float]]:
+        """FAISS search, widened until `k` hits pass the filter (or the index is exhausted)."""
+        total, fetch = len(self), min(len(self), max(4 * k, 64))
+        while True:
+            scores, ids = self.raw_search(vector, fetch)
+            hits = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0 and keep(int(i))]
+            if min_score is not None:
+                hits = [(i, s) for i, s in hits if s >= min_score]
+            exhausted = fetch >= total or (min_score is not None and len(scores) and scores[-1] < min_score)
+            if len(hits) >= k or exhausted:
+                return hits[:k]
+            fetch = min(total, fetch * 4)
+
+    def raw_search(self, vector: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self.manifest["quantize"] == "binary":
+            from .quantize import binary_encode
+
+            distances, ids = self.index.search(binary_encode(vector), fetch)
+            return 1.0 - 2.0 * distances[0] / self.manifest["dim"], ids[0]  # fraction of agreeing signs, as ±1
+        inner = faiss.downcast_index(self.index.index)
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = max(64, fetch)
+        if hasattr(inner, "nprobe"):
+            inner.nprobe = min(inner.nlist, max(16, inner.nlist // 4))
+        scores, ids = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), fetch)
+        return scores[0], ids[0]
+
+    def result(self, rank: int, item_id: int, score: float) -> SearchResult:
+        row = self.rows[item_id]
+        return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
+                            duration_s=row.get("duration_s"), fs_path=os.fsdecode(row["path_bytes"]))
+
+    def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
+        """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""
+        scores = self.reranker(model).rerank(query, [document_item(r) for r in results], on_error="skip")
+        return ranked_by_rerank(results, scores)
+
+
+def document_item(result: SearchResult) -> dict[str, Any]:
+    """A result's file as reranker input; an unreadable one yields an item that fails, reported per item."""
+    path = result.fs_path or result.path
+    try:
+        return file_item(path, result.kind if result.kind in KINDS else None)
+    except (OSError, KindError):
+        return {"image": path} if result.kind != "video" else {"video": path}
+
+
+def ranked_by_rerank(results: list[SearchResult], scores: list[float | None]) -> list[SearchResult]:
+    """Sort by reranker score (unscored last, stable), then number the ranks again."""
+    for r, s in zip(results, scores, strict=True):
+        r.rerank_score, r.reranked = s, True
+    ordered = sorted(results, key=lambda r: (r.rerank_score is None, -(r.rerank_score or 0.0)))
+    for rank, r in enumerate(ordered, 1):
+        r.rank = rank
+    return ordered
+
+
+def open_index(path: str | os.PathLike, *, device: str | None = None) -> SearchIndex:
+    """Open an index directory for searching (raises StoreError when there is none)."""
+    if not Path(path).expanduser().is_dir():
+        raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`")
+    return SearchIndex(path, device=device)

@@ -1,0 +1,218 @@
+"""`qvlsearch search` and `qvlsearch rerank`, and `open_index`, over an index of sample_data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PHOTOS, SAMPLE_DATA
+from PIL import Image
+
+from qvlsearch import InputError, MediaError, open_index
+from qvlsearch.indexer import Indexer, IndexOptions
+from qvlsearch.search import SearchResult
+from qvlsearch.store import StoreError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+INDEX_INSTRUCTION = "Represent the user's input."
+VIDEOS = sorted(str(p) for p in (SAMPLE_DATA / "videos").iterdir())
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, checkpoints, embedder) -> Path:
+    path = tmp_path_factory.mktemp("search") / "index"
+    Indexer(path, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([SAMPLE_DATA])
+    return path
+
+
+@pytest.fixture(scope="module")
+def index(index_dir, embedder, reranker):
+    from qvlsearch.search import SearchIndex
+
+    return SearchIndex(index_dir, embedder=embedder, reranker=reranker)
+
+
+def cli(*args: str, stdin: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvlsearch", *args], input=stdin, capture_output=True, text=True,
+                          env=ENV, timeout=300, **kwargs)
+
+
+def test_text_query_returns_k_results_best_first(index):
+    results = index.search("a black cat", k=7)
+    assert [r.rank for r in results] == list(range(1, 8))
+    assert all(isinstance(r, SearchResult) for r in results)
+    scores = [r.score for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert index._reranker is not None or True  # the shared fixture may hold one; see the next test
+
+
+def test_search_loads_no_reranker_unless_asked(index_dir, embedder):
+    from qvlsearch.search import SearchIndex
+
+    fresh = SearchIndex(index_dir, embedder=embedder)
+    fresh.search("cat", k=3)
+    assert fresh._reranker is None
+
+
+def test_image_query_finds_that_image_first(index):
+    results = index.search({"image": str(PHOTOS / "cake.jpg")}, k=3, instruction=INDEX_INSTRUCTION)
+    assert results[0].path == str(PHOTOS / "cake.jpg")
+    assert results[0].score == pytest.approx(1.0, abs=2e-3)
+
+
+def test_url_video_and_mixed_queries(index, http_base):
+    by_url = index.search({"image": http_base + "/photos/cake.jpg"}, k=5)
+    by_path = index.search({"image": str(PHOTOS / "cake.jpg")}, k=5)
+    assert [r.path for r in by_url] == [r.path for r in by_path]
+    video = index.search({"video": VIDEOS[0]}, k=3, instruction=INDEX_INSTRUCTION)
+    assert video[0].path == VIDEOS[0]
+    mixed = index.search({"text": "this photo, but at night", "image": str(PHOTOS / "cat.jpg")}, k=5)
+    assert len(mixed) == 5 and [r.path for r in mixed] != [r.path for r in index.search("x", k=5)]
+
+
+def test_filters_apply_before_the_cut(index):
+    videos = index.search("anything", k=10, kind="video")
+    assert sorted(r.path for r in videos) == VIDEOS
+    images = index.search("anything", k=10, kind="image")
+    assert len(images) == 10 and {r.kind for r in images} == {"image"}
+    notes = index.search("anything", k=50, under=SAMPLE_DATA / "notes")
+    assert len(notes) == 6 and all(r.path.startswith(str(SAMPLE_DATA / "notes") + "/") for r in notes)
+    best = index.search("anything", k=50)
+    cut = best[5].score
+    assert [r.path for r in index.search("anything", k=50, min_score=cut)] == [r.path for r in best[:6]]
+    assert index.search("anything", k=5, kind=["text", "video"], under=SAMPLE_DATA / "videos") == [] or all(
+        r.kind == "video" for r in index.search("anything", k=5, kind=["text", "video"], under=SAMPLE_DATA / "videos"))
+    with pytest.raises(InputError, match="kind must be one of"):
+        index.search("x", kind="audio")
+
+
+def test_rerank_orders_by_reranker_scores_and_keeps_both(index, reranker):
+    results = index.search("a cat", k=5, rerank=True, rerank_top=12)
+    candidates = index.search("a cat", k=12)
+    from qvlsearch.search import document_item
+
+    expected = reranker.rerank({"text": "a cat"}, [document_item(c) for c in candidates])
+    best = sorted(zip(expected, (c.path for c in candidates), strict=True), key=lambda t: -t[0])[:5]
+    assert [r.path for r in results] == [path for _, path in best]
+    assert [r.rerank_score for r in results] == pytest.approx([score for score, _ in best], abs=1e-6)
+    assert all(r.score is not None and r.to_json()["rerank_score"] is not None for r in results)
+
+
+def in_process(*args: str, stdin: str | None = None):
+    """The CLI in this process (no fresh torch import per call); stdout is not a terminal here."""
+    from typer.testing import CliRunner
+
+    from qvlsearch.cli import app
+
+    result = CliRunner().invoke(app, list(args), input=stdin)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def test_cli_formats_and_exit_codes(index_dir, checkpoints):
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "4"]
+    cli = in_process
+    tsv = cli(*base)
+    assert tsv.returncode == 0 and len(tsv.stdout.splitlines()) == 4
+    assert tsv.stdout.splitlines()[0].split("\t")[0] == "1"
+    array = json.loads(cli(*base, "--json").stdout)
+    assert [r["rank"] for r in array] == [1, 2, 3, 4]
+    assert list(array[0]) == ["rank", "path", "kind", "score", "id"] or set(array[0]) >= {"rank", "path", "kind",
+                                                                                           "score", "id"}
+    lines = [json.loads(line) for line in cli(*base, "--jsonl").stdout.splitlines()]
+    assert lines == array
+    assert cli(*base, "--paths").stdout.splitlines() == [r["path"] for r in array]
+    assert cli(*base, "--paths", "-0").stdout.split("\0")[:-1] == [r["path"] for r in array]
+    assert cli(*base, "--json", "--paths").returncode == 2
+    nothing = cli(*base, "--min-score", "2")
+    assert nothing.returncode == 1 and nothing.stdout == ""
+    stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", stdin="a cat\n")
+    assert [json.loads(x)["path"] for x in stdin.stdout.splitlines()] == [r["path"] for r in array[:2]]
+
+
+def test_cli_image_query_and_queries_file(index_dir, tmp_path):
+    cli = in_process
+    image = cli("search", "--image", str(PHOTOS / "cake.jpg"), "--instruction", INDEX_INSTRUCTION, "--index",
+                str(index_dir), "-k", "1", "--paths")
+    assert image.stdout.strip() == str(PHOTOS / "cake.jpg")
+    queries = tmp_path / "queries.txt"
+    queries.write_text('a cat\n{"image": "%s"}\n\n' % (PHOTOS / "bee.jpg"))
+    result = cli("search", "--queries", str(queries), "--index", str(index_dir), "-k", "2")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and len(records) == 4
+    assert records[0]["query"] == "a cat" and records[2]["query"] == {"image": str(PHOTOS / "bee.jpg")}
+
+
+def test_cli_error_paths(index_dir, tmp_path, checkpoints):
+    missing = cli("search", "x", "--index", str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.startswith("qvlsearch: no index at")
+    empty_root = tmp_path / "empty"
+    empty_root.mkdir()
+    assert cli("index", str(empty_root), "--index", str(tmp_path / "e"), "--model",
+               str(checkpoints["embedder"]), "--quiet").returncode == 0
+    empty = cli("search", "x", "--index", str(tmp_path / "e"))
+    assert empty.returncode == 1 and "is empty" in empty.stderr
+    mismatch = cli("search", "x", "--index", str(index_dir), "--model", "Qwen/Qwen3-VL-Embedding-8B")
+    assert mismatch.returncode == 2 and "was built with model" in mismatch.stderr
+    bad_image = cli("search", "--image", str(tmp_path / "nope.jpg"), "--index", str(index_dir))
+    assert bad_image.returncode == 2 and "no such file" in bad_image.stderr and "Traceback" not in bad_image.stderr
+    assert len(bad_image.stderr.strip().splitlines()) == 1
+    assert cli("search", "--index", str(index_dir)).returncode == 2
+    with pytest.raises(StoreError, match="no index at"):
+        open_index(tmp_path / "none")
+    with pytest.raises(MediaError):
+        open_index(index_dir).search({"image": str(tmp_path / "nope.jpg")})
+
+
+def test_search_piped_into_rerank(index_dir, checkpoints):
+    searched = cli("search", "a cat", "--index", str(index_dir), "-k", "6", "--jsonl")
+    reranked = cli("rerank", "a cat", "-k", "3", "--jsonl", "--reranker", str(checkpoints["reranker"]),
+                   stdin=searched.stdout)
+    assert reranked.returncode == 0, reranked.stderr
+    before = {json.loads(line)["path"]: json.loads(line) for line in searched.stdout.splitlines()}
+    after = [json.loads(line) for line in reranked.stdout.splitlines()]
+    assert [r["rank"] for r in after] == [1, 2, 3]
+    for row in after:
+        assert row["score"] == before[row["path"]]["score"] and row["id"] == before[row["path"]]["id"]
+    scores = [r["rerank_score"] for r in after]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_rerank_files_with_an_unreadable_one(tmp_path, checkpoints, reranker):
+    files = [str(PHOTOS / "cat.jpg"), str(SAMPLE_DATA / "notes" / "cats.txt"), str(tmp_path / "gone.jpg"),
+             VIDEOS[0]]
+    result = cli("rerank", "a cat", *files, "--json", "--reranker", str(checkpoints["reranker"]))
+    assert result.returncode == 0
+    rows = json.loads(result.stdout)
+    assert rows[-1]["path"] == files[2] and rows[-1]["rerank_score"] is None
+    assert "gone.jpg" in result.stderr and "no such file" in result.stderr
+    expected = reranker.rerank("a cat", [{"image": files[0]}, {"text": Path(files[1]).read_text()},
+                                         {"video": files[3]}])
+    order = [p for _, p in sorted(zip(expected, [files[0], files[1], files[3]], strict=True), key=lambda t: -t[0])]
+    assert [r["path"] for r in rows[:3]] == order
+    paths = cli("rerank", "a cat", "--paths", "--reranker", str(checkpoints["reranker"]),
+                stdin="\n".join(files[:2]) + "\n")
+    assert sorted(paths.stdout.splitlines()) == sorted(files[:2])
+    assert cli("rerank", "a cat", "--reranker", str(checkpoints["reranker"]), stdin="").returncode == 2
+
+
+def test_contact_sheet(index_dir, tmp_path):
+    sheet = tmp_path / "sheet.jpg"
+    result = cli("search", "a cat", "--index", str(index_dir), "-k", "7", "--contact-sheet", str(sheet), "--paths")
+    assert result.returncode == 0
+    with Image.open(sheet) as image:
+        assert image.format == "JPEG" and image.size == (5 * 256, 2 * (256 + 40))
+        assert len(image.convert("L").getcolors(maxcolors=256) or []) > 50  # real thumbnails, not a blank page
+
+
+def test_contact_sheet_shows_every_kind(index, tmp_path):
+    from qvlsearch.contact_sheet import write_contact_sheet
+
+    results = index.search("x", k=1, kind="video") + index.search("x", k=1, kind="text") + index.search(
+        "x", k=1, kind="image")
+    path = write_contact_sheet(results, tmp_path / "kinds.png")
+    with Image.open(path) as image:
+        assert image.size == (3 * 256, 256 + 40)
