@@ -47,7 +47,6 @@ def test_text_query_returns_k_results_best_first(index):
     assert all(isinstance(r, SearchResult) for r in results)
     scores = [r.score for r in results]
     assert scores == sorted(scores, reverse=True)
-    assert index._reranker is not None or True  # the shared fixture may hold one; see the next test
 
 
 def test_search_loads_no_reranker_unless_asked(index_dir, embedder):
@@ -84,8 +83,8 @@ def test_filters_apply_before_the_cut(index):
     best = index.search("anything", k=50)
     cut = best[5].score
     assert [r.path for r in index.search("anything", k=50, min_score=cut)] == [r.path for r in best[:6]]
-    assert index.search("anything", k=5, kind=["text", "video"], under=SAMPLE_DATA / "videos") == [] or all(
-        r.kind == "video" for r in index.search("anything", k=5, kind=["text", "video"], under=SAMPLE_DATA / "videos"))
+    both = index.search("anything", k=5, kind=["text", "video"], under=SAMPLE_DATA / "videos")
+    assert sorted(r.path for r in both) == VIDEOS
     with pytest.raises(InputError, match="kind must be one of"):
         index.search("x", kind="audio")
 
@@ -120,8 +119,8 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     assert tsv.stdout.splitlines()[0].split("\t")[0] == "1"
     array = json.loads(cli(*base, "--json").stdout)
     assert [r["rank"] for r in array] == [1, 2, 3, 4]
-    assert list(array[0]) == ["rank", "path", "kind", "score", "id"] or set(array[0]) >= {"rank", "path", "kind",
-                                                                                           "score", "id"}
+    for record in array:
+        assert [key for key in record if key != "duration_s"] == ["rank", "path", "kind", "score", "id"]
     lines = [json.loads(line) for line in cli(*base, "--jsonl").stdout.splitlines()]
     assert lines == array
     assert cli(*base, "--paths").stdout.splitlines() == [r["path"] for r in array]
