@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test lint format checkpoints clean
+.PHONY: install test lint format checkpoints bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,15 @@ test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check qvlsearch tests
+	$(BIN)/ruff check qvlsearch tests benchmarks
 
 format:
-	$(BIN)/ruff format qvlsearch tests
-	$(BIN)/ruff check --fix qvlsearch tests
+	$(BIN)/ruff format qvlsearch tests benchmarks
+	$(BIN)/ruff check --fix qvlsearch tests benchmarks
+
+# The CPU benchmark suite (not part of `make test`): figures beside goals, results in benchmarks/results/
+bench:
+	$(BIN)/python benchmarks/run.py
 
 # Random-weight test checkpoints in ./checkpoints (tiny by default: make checkpoints PRESET=small)
 PRESET ?= tiny

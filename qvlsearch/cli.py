@@ -247,6 +247,7 @@ def reindex(
         for key, value in (("dim", dim), ("quantize", quantize), ("index_type", index_type)):
             if value is not None:
                 store.manifest[key] = value
+        store.dirty = True
         store.commit()
     finally:
         lock.release()

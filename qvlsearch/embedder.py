@@ -125,7 +125,7 @@ class Embedder(QwenModel):
         """Stream `Embedding`s as batches finish (not in input order); memory stays bounded."""
         self.check_dim(dim)
         failures: list[Failed] = []
-        encoded = prefetch(self.encode, items, workers=self.workers, ahead=4 * max(self.workers, 1) + 64)
+        encoded = prefetch(self.encode, items, workers=self.workers, ahead=2 * self.workers + 2)
         for batch in self.batches(encoded, batch_size, failures):
             yield from (Embedding(f.index, None, f.error) for f in failures)
             failures.clear()

@@ -196,7 +196,7 @@ class Indexer:
                 raise StoreError(f"no such file or folder: {root}")
         lock = lock_index(self.index_dir, self.wait)
         try:
-            store = self.open_store()
+            store = self.store = self.open_store()
             self.last_commit, self.since_commit = time.monotonic(), 0
             try:
                 self.update(store, roots)
@@ -271,7 +271,6 @@ class Indexer:
                     pending[self.model_runs] = (s, row)
                     self.model_runs += 1
                     yield s.item
-                self.maybe_commit(store)
 
         if todo:
             for result in self.get_embedder().embed_iter(needs_model(), batch_size=self.options.batch_size):
@@ -280,7 +279,6 @@ class Indexer:
                     self.record_error(store, s.found, row, s.kind, getattr(result.error, "reason", str(result.error)))
                 else:
                     self.record_ok(store, s, row, result.vector, result.facts)
-                self.maybe_commit(store)
         for item_id in gone_ids:
             if item_id in store.rows:
                 store.remove([item_id])
@@ -344,12 +342,11 @@ class Indexer:
         self.advance()
 
     def advance(self) -> None:
+        """One more file dealt with: progress, and a commit when enough work is pending."""
         self.done += 1
-        self.progress(self.done, self.summary.total, self.summary.failed)
-
-    def maybe_commit(self, store: Store) -> None:
         self.since_commit += 1
-        if (self.since_commit >= self.options.commit_every
-                or time.monotonic() - self.last_commit >= self.options.commit_seconds):
-            store.commit()
+        if not self.dry_run and self.store.dirty and (self.since_commit >= self.options.commit_every
+                                 or time.monotonic() - self.last_commit >= self.options.commit_seconds):
+            self.store.commit()
             self.last_commit, self.since_commit = time.monotonic(), 0
+        self.progress(self.done, self.summary.total, self.summary.failed)

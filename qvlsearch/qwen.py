@@ -178,12 +178,13 @@ def collate(batch: list[Encoded], pad_id: int, padding_side: str, device: torch.
 
 
 def token_batches(
-    encoded: Iterable[Encoded], max_tokens: int, max_items: int, window: int = 256
+    encoded: Iterable[Encoded], max_tokens: int, max_items: int, window_items: int = 256
 ) -> Iterator[list[Encoded]]:
     """Group items into batches whose padded size stays within `max_tokens`.
 
-    Items are sorted by length inside a window of `window` items, so neighbours in a
-    batch have similar lengths and little padding is computed; memory stays bounded.
+    Items are sorted by length inside a window (at most `window_items` items or 4 batches'
+    worth of tokens), so neighbours in a batch have similar lengths and little padding is
+    computed, while memory stays bounded and the model starts early.
     """
 
     def flush(pending: list[Encoded]) -> Iterator[list[Encoded]]:
@@ -197,11 +198,13 @@ def token_batches(
             yield batch
 
     pending: list[Encoded] = []
+    tokens = 0
     for e in encoded:
         pending.append(e)
-        if len(pending) >= window:
+        tokens += len(e)
+        if len(pending) >= window_items or tokens >= 4 * max_tokens:
             yield from flush(pending)
-            pending = []
+            pending, tokens = [], 0
     yield from flush(pending)
 
 

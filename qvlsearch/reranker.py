@@ -140,7 +140,7 @@ class Reranker(QwenModel):
 
         scores: list[float | None] = [None] * len(documents)
         failures: list[Failed] = []
-        encoded = prefetch(encode, documents, workers=self.workers, ahead=4 * max(self.workers, 1) + 64)
+        encoded = prefetch(encode, documents, workers=self.workers, ahead=2 * self.workers + 2)
         with contextlib.closing(self.batches(encoded, batch_size, failures)) as batches:
             for batch in batches:
                 self.raise_or_log(failures, on_error)

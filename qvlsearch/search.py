@@ -136,7 +136,9 @@ class SearchIndex:
         kinds = {kind} if isinstance(kind, str) else set(kind or ())
         if kinds - set(KINDS):
             raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
-        prefix = None if under is None else os.path.abspath(os.fspath(under)).rstrip(os.sep) + os.sep
+        prefix = None
+        if under is not None:
+            prefix = os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep
 
         def keep(item_id: int) -> bool:
             row = self.rows.get(item_id)

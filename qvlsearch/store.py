@@ -122,6 +122,7 @@ class Store:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     vectors: dict[int, np.ndarray] = field(default_factory=dict)  # float16, full dimension, ok rows only
     new_vectors: dict[int, np.ndarray] = field(default_factory=dict)  # added since the last commit
+    dirty: bool = False  # changed since the last commit
 
     @classmethod
     def create(cls, path: Path, settings: dict[str, Any], full_dim: int) -> Store:
@@ -168,11 +169,13 @@ class Store:
     def put(self, row: dict[str, Any], vector: np.ndarray | None = None) -> None:
         """Add or replace a row; an `ok` row comes with its full-dimension vector."""
         self.rows[row["id"]] = row
+        self.dirty = True
         if vector is not None:
             self.vectors[row["id"]] = self.new_vectors[row["id"]] = np.asarray(vector, dtype=np.float16)
 
     def remove(self, ids: Iterable[int]) -> None:
         for item_id in ids:
+            self.dirty = True
             self.rows.pop(item_id, None)
             self.vectors.pop(item_id, None)
             self.new_vectors.pop(item_id, None)
@@ -186,7 +189,9 @@ class Store:
         return {"items": len(self.rows), **by_status, "by_kind": by_kind}
 
     def commit(self) -> None:
-        """Write a new generation and switch the manifest to it (the one atomic step)."""
+        """Write a new generation and switch the manifest to it (the one atomic step); no-op when nothing changed."""
+        if not self.dirty and self.manifest["generation"] > 0:
+            return
         gen = self.manifest["generation"] + 1
         files = {"items": f"items-{gen:06d}.parquet", "faiss": f"index-{gen:06d}.faiss",
                  "vectors": list(self.manifest.get("files", {}).get("vectors", []))}
@@ -218,6 +223,7 @@ class Store:
         write_atomically(self.path / "manifest.json",
                          lambda tmp: tmp.write_text(json.dumps(self.manifest, indent=2, default=str) + "\n"))
         self.new_vectors.clear()
+        self.dirty = False
         self.link_items_table()
         for name in {old_files.get("items"), old_files.get("faiss"), *old_files.get("vectors", [])} - {
                 files["items"], files["faiss"], *files["vectors"], None}:

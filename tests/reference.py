@@ -85,8 +85,9 @@ def _vision(conversations: list) -> tuple:
 
 
 class ReferenceEmbedder:
-    def __init__(self, path: str, max_length: int = 8192):
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).model.eval()
+    def __init__(self, path: str, max_length: int = 8192, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        lm = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        self.model = lm.model.to(device).eval()
         self.processor = AutoProcessor.from_pretrained(path, padding_side="right")
         self.max_length = max_length
 
@@ -120,16 +121,17 @@ class ReferenceEmbedder:
             return_tensors="pt",
             **kwargs,
         )
+        inputs = inputs.to(self.model.device)
         hidden = self.model(**inputs).last_hidden_state
         mask = inputs["attention_mask"]
         last = mask.shape[1] - mask.flip(dims=[1]).argmax(dim=1) - 1
-        pooled = hidden[torch.arange(hidden.shape[0]), last]
-        return torch.nn.functional.normalize(pooled, p=2, dim=-1).numpy()
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1).cpu().numpy()
 
 
 class ReferenceReranker:
-    def __init__(self, path: str, max_length: int = 10240):
-        lm = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    def __init__(self, path: str, max_length: int = 10240, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        lm = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model = lm.model
         self.processor = AutoProcessor.from_pretrained(path, padding_side="left")
         vocab = self.processor.tokenizer.get_vocab()
@@ -184,9 +186,10 @@ class ReferenceReranker:
             types = torch.zeros_like(ids, dtype=torch.int)
             types[ids == self.processor.image_token_id] = 1
             types[ids == self.processor.video_token_id] = 2
-            model_inputs = {
-                k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
-            }
+            device = self.model.device
+            skip = ("input_ids", "attention_mask", "mm_token_type_ids")
+            model_inputs = {k: v.to(device) for k, v in enc.items() if k not in skip}
+            ids, types = ids.to(device), types.to(device)
             hidden = self.model(
                 input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types, **model_inputs
             ).last_hidden_state[:, -1]

@@ -103,9 +103,11 @@ def test_stored_vectors_are_the_embedders(tmp_path, corpus, options, embedder):
 
 def test_unchanged_tree_embeds_nothing_and_never_loads_the_model(tmp_path, corpus, options, embedder):
     run_index(tmp_path / "i", [corpus], options, embedder)
+    generation = Store.open(tmp_path / "i").manifest["generation"]
     again = run_index(tmp_path / "i", [corpus], options)  # no embedder given: it would load one if needed
     assert again.embedder is None and again.model_runs == 0
     assert again.summary.unchanged == again.summary.total and again.summary.added == 0
+    assert Store.open(tmp_path / "i").manifest["generation"] == generation  # nothing rewritten
 
 
 def test_modify_delete_move_copy(tmp_path, corpus, options, embedder):

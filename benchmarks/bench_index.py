@@ -1,0 +1,57 @@
+"""Benchmark 1: `qvlsearch index` against the decode floor.
+
+The floor is the time to only read, decode and resize the same files (as the model needs
+them) with the same number of worker threads. Index time includes sniffing, hashing, the
+processor, the tiny model, FAISS and Parquet; goal: index ≤ 1.25 × floor.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import Figure, best_of
+from corpus import make_corpus
+
+from qvlsearch.fs import walk
+from qvlsearch.media import VisionOptions, content_parts, load_media
+from qvlsearch.search import file_item
+
+
+def decode_floor(files: list[str], workers: int) -> None:
+    """Read every file and decode/resize its media exactly as the Embedder does, nothing more."""
+    options = VisionOptions()
+
+    def load(path: str) -> None:
+        item = file_item(path)
+        if "text" not in item:
+            load_media(content_parts(item, options))
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(load, files))
+
+
+def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
+    from qvlsearch import Embedder
+    from qvlsearch.indexer import Indexer, IndexOptions
+
+    root = make_corpus(workdir / "corpus-index")
+    files = [f.path for f in walk([root])]
+    embedder = Embedder(str(checkpoints["embedder"]))
+    workers = embedder.workers
+
+    def index() -> None:
+        target = workdir / "index-bench"
+        shutil.rmtree(target, ignore_errors=True)
+        Indexer(target, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
+
+    index()  # warm-up: first-use costs (thread pools, allocator, file cache)
+    floor = best_of(lambda: decode_floor(files, workers), 2)
+    indexed = best_of(index, 2)
+    detail = {"files": len(files), "workers": workers, "floor_s": round(floor, 3), "index_s": round(indexed, 3)}
+    return [
+        Figure("index", "decode floor", floor, "s", detail=detail),
+        Figure("index", "qvlsearch index (tiny model)", indexed, "s", detail=detail),
+        Figure("index", "index time / decode floor", indexed / floor, "x", goal="<= 1.25", detail=detail),
+    ]

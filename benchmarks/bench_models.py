@@ -1,0 +1,99 @@
+"""Benchmarks 2 and 3: embedding and reranking throughput against the official strategies.
+
+The baselines re-implement how people drive the official code (tests/reference.py):
+the embedder on one padded batch of 8 items per call with media decoded serially in the
+forward thread, or one item per call; the reranker on one (query, document) pair per
+forward pass. Goals on CPU: embedding ≥ 1.5× the faster baseline, reranking ≥ 2×.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from common import Figure
+from corpus import WORDS, photo
+
+EMBED_IMAGE_SIZES = [(320, 240), (640, 480), (800, 600), (1024, 768), (512, 512), (1280, 960)]
+
+
+def texts(count: int, lo: int, hi: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(count)]
+
+
+def images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"img{seed}-{i}.jpg"
+        photo(size, rng).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def embedding(workdir: Path, path: str, device: str | None = None, goal: str = ">= 1.5") -> list[Figure]:
+    """Mixed items (texts of 10–300 tokens, photos of mixed sizes, two videos) through three strategies."""
+    from make_media import make_video
+    from reference import ReferenceEmbedder
+
+    from qvlsearch import Embedder
+
+    videos = [str(make_video(workdir / f"embed-clip{i}.mp4", frames=16, fps=8, size=(320, 240))) for i in range(2)]
+    items = ([{"text": t} for t in texts(24, 8, 220, 1)]
+             + [{"image": p} for p in images(workdir / "embed-images", EMBED_IMAGE_SIZES * 2, 2)]
+             + [{"video": v} for v in videos])
+    random.Random(3).shuffle(items)
+    ours = Embedder(path, device=device)
+    reference = ReferenceEmbedder(path, device=str(ours.device), dtype=ours.dtype)
+    ours.embed(items[:4])  # warm-up
+    reference.process(items[:2])
+    t_batch8 = timed(lambda: [reference.process(items[i:i + 8]) for i in range(0, len(items), 8)])
+    t_single = timed(lambda: [reference.process([item]) for item in items])
+    t_ours = timed(lambda: ours.embed(items))
+    baseline = min(t_batch8, t_single)
+    detail = {"items": len(items), "batch8_s": round(t_batch8, 3), "single_s": round(t_single, 3),
+              "ours_s": round(t_ours, 3), "device": str(ours.device), "dtype": str(ours.dtype)}
+    return [
+        Figure("embed", "official-style, padded batches of 8", len(items) / t_batch8, "items/s", detail=detail),
+        Figure("embed", "official-style, one item per call", len(items) / t_single, "items/s", detail=detail),
+        Figure("embed", "qvlsearch Embedder.embed", len(items) / t_ours, "items/s", detail=detail),
+        Figure("embed", "speed-up over the faster baseline", baseline / t_ours, "x", goal=goal, detail=detail),
+    ]
+
+
+def reranking(workdir: Path, path: str, device: str | None = None, goal: str = ">= 2") -> list[Figure]:
+    """One query against 100 text documents and 20 image documents."""
+    from reference import ReferenceReranker
+
+    from qvlsearch import Reranker
+
+    docs = ([{"text": t} for t in texts(100, 10, 200, 4)]
+            + [{"image": p} for p in images(workdir / "rerank-images", [(320, 240), (640, 480)] * 10, 5)])
+    inputs = {"query": {"text": "a cat sleeping on a chair near the window"}, "documents": docs}
+    ours = Reranker(path, device=device)
+    reference = ReferenceReranker(path, device=str(ours.device), dtype=ours.dtype)
+    ours.process({**inputs, "documents": docs[:4]})  # warm-up
+    reference.process({**inputs, "documents": docs[:2]})
+    t_reference = timed(lambda: reference.process(inputs))
+    t_ours = timed(lambda: ours.process(inputs))
+    detail = {"documents": len(docs), "one_pair_per_forward_s": round(t_reference, 3), "ours_s": round(t_ours, 3),
+              "device": str(ours.device), "dtype": str(ours.dtype)}
+    return [
+        Figure("rerank", "official-style, one pair per forward", len(docs) / t_reference, "docs/s", detail=detail),
+        Figure("rerank", "qvlsearch Reranker.rerank", len(docs) / t_ours, "docs/s", detail=detail),
+        Figure("rerank", "speed-up over one pair per forward", t_reference / t_ours, "x", goal=goal, detail=detail),
+    ]
+
+
+def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
+    return embedding(workdir, str(checkpoints["embedder"])) + reranking(workdir, str(checkpoints["reranker"]))

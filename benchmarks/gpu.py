@@ -1,0 +1,117 @@
+"""The GPU benchmarks, in one command of under 8 minutes (model init included):
+
+    python benchmarks/gpu.py [--preset 2b] [--device cuda] [--out DIR]
+
+It builds the `2b` checkpoints (Qwen3-VL-2B shapes, random weights, bfloat16) on the GPU,
+then measures, each against its baseline in the same run:
+  - embedding throughput against the official strategies (goal >= 4x the faster one);
+  - reranking throughput against one pair per forward pass (goal >= 8x);
+  - GPU efficiency: images/s and achieved TFLOP/s for 512x512 and 1024x768 photos and
+    128-token texts, with FLOPs from the model shapes (about 5.45 GFLOP per visual token
+    and 2.82 GFLOP per text token for Qwen3-VL-2B, attention not counted), and the model
+    FLOP utilization against the card's dense bf16 peak (goal >= 50% for 1024x768).
+Figures go to stdout and benchmarks/results/<card>-<date>-gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from common import Figure, report, save  # noqa: E402
+
+GFLOP_PER_VISUAL_TOKEN = 5.45
+GFLOP_PER_TEXT_TOKEN = 2.82
+DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def peak_tflops(card: str) -> float | None:
+    return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
+
+
+def efficiency(workdir: Path, path: str, device: str, count: int) -> list[Figure]:
+    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization."""
+    import numpy as np
+    import torch
+    from bench_models import texts
+    from corpus import photo
+
+    from qvlsearch import Embedder
+
+    embedder = Embedder(path, device=device)
+    card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
+    peak = peak_tflops(card)
+    rng = np.random.default_rng(0)
+    cases = {}
+    for w, h in ((512, 512), (1024, 768)):
+        folder = workdir / f"eff-{w}x{h}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(min(count, 32)):  # decode work is real; reuse files to save writing time
+            paths.append(str(folder / f"{i}.jpg"))
+            photo((w, h), rng).save(paths[-1], quality=90)
+        cases[f"{w}x{h} photos"] = [{"image": paths[i % len(paths)]} for i in range(count)]
+    cases["128-token texts"] = [{"text": t} for t in texts(count, 100, 100, 9)]
+    figures = []
+    for name, items in cases.items():
+        embedder.embed(items[:16])  # warm-up
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens = {"visual": 0, "text": 0}
+        started = time.perf_counter()
+        for result in embedder.embed_iter(items):
+            visual = (result.facts.get("width", 0) // 32) * (result.facts.get("height", 0) // 32)
+            tokens["visual"] += visual
+            tokens["text"] += result.facts["tokens"] - visual
+        if embedder.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        tflops = (tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN) / 1e3 / seconds
+        detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "card": card, "peak_tflops": peak}
+        figures.append(Figure("gpu", f"{name}: throughput", len(items) / seconds, "items/s", detail=detail))
+        figures.append(Figure("gpu", f"{name}: achieved", tflops, "TFLOP/s", detail=detail))
+        if peak:
+            goal = ">= 0.5" if name.startswith("1024x768") else ""
+            figures.append(Figure("gpu", f"{name}: model FLOP utilization", tflops / peak, "", goal, detail))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="2b", help="checkpoint shapes (default: 2b)")
+    parser.add_argument("--device", default="cuda", help="device (default: cuda)")
+    parser.add_argument("--count", type=int, default=256, help="items per efficiency case (default: 256)")
+    parser.add_argument("--out", type=Path, default=None, help="also copy the results JSON into this folder")
+    args = parser.parse_args(argv)
+    import bench_models
+
+    from qvlsearch.tiny import build_checkpoints
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qvlsearch-gpu-") as tmp:
+        work = Path(tmp)
+        checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
+        print(f"[checkpoints built in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
+        figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4")
+        print(f"[embedding done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
+        figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8")
+        print(f"[reranking done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
+        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count)
+    print(report(figures))
+    path = save(figures, "gpu")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / path.name).write_text(path.read_text())
+    print(f"\nresults: {path} ({time.monotonic() - started:.0f}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
