@@ -49,8 +49,8 @@ def embedding(workdir: Path, path: str, device: str | None = None, goal: str = "
     from qvlsearch import Embedder
 
     videos = [str(make_video(workdir / f"embed-clip{i}.mp4", frames=16, fps=8, size=(320, 240))) for i in range(2)]
-    items = ([{"text": t} for t in texts(24, 8, 220, 1)]
-             + [{"image": p} for p in images(workdir / "embed-images", EMBED_IMAGE_SIZES * 2, 2)]
+    items = ([{"text": t} for t in texts(16, 8, 220, 1)]
+             + [{"image": p} for p in images(workdir / "embed-images", EMBED_IMAGE_SIZES + EMBED_IMAGE_SIZES[:2], 2)]
              + [{"video": v} for v in videos])
     random.Random(3).shuffle(items)
     ours = Embedder(path, device=device)

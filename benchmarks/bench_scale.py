@@ -1,0 +1,185 @@
+"""Benchmark: `qvlsearch index` at scale, with the tiny model.
+
+(a) Peak memory while indexing 20,000 small files (14k PNG/JPEG images, 6k text files): the
+    RSS of the `qvlsearch index` process, sampled every 0.2 s, should stay under 2 GB and not
+    grow with the number of files done (RSS at 25% of the files against RSS at the end).
+(b) A re-run over 100,000 unchanged files (whose index rows are written directly, as the indexer
+    would have written them) should finish within 10 s: walk, stat, compare, one commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from common import Figure, best_of, report, save
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+IMAGES, TEXTS, PER_FOLDER = 14_000, 6_000, 500
+UNCHANGED_FOLDERS, UNCHANGED_PER_FOLDER = 1000, 100
+WORDS = ("cat", "dog", "boat", "lake", "tree", "cake", "camera", "lens", "chess", "board", "bee", "flower", "sunset",
+         "beach", "city", "night", "snow", "mountain", "river", "bridge", "garden", "kitchen", "window", "street")
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).with_name("qvlsearch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "qvlsearch"]
+
+
+def write_file(root: Path, i: int) -> None:
+    """File number `i`: an image of 48–96 px with random colours and noise, or a short text; all distinct."""
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    folder = root / f"f{i // PER_FOLDER:03d}"
+    if i < IMAGES:
+        w, h = rng.integers(48, 97, 2)
+        pixels = rng.integers(0, 256, 3) + rng.normal(0, 30, (h, w, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        image.save(folder / f"img{i:05d}.{'png' if i % 2 else 'jpg'}")
+    else:
+        words = " ".join(rng.choice(WORDS, 12))
+        (folder / f"note{i:05d}.txt").write_text(f"note {i}: {words}\n")
+
+
+def make_corpus(root: Path) -> int:
+    files = IMAGES + TEXTS
+    for k in range(0, files, PER_FOLDER):
+        (root / f"f{k // PER_FOLDER:03d}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: write_file(root, i), range(files)))
+    return files
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB; (0, 0) once it is gone."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return tuple(int(fields.get(k, "0 kB").split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def committed(index: Path) -> int:
+    try:
+        return json.loads((index / "manifest.json").read_text())["counts"].get("items", 0)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
+    root, index = workdir / "corpus-20k", workdir / "index-20k"
+    started = time.perf_counter()
+    files = make_corpus(root)
+    made_s = time.perf_counter() - started
+    args = [*cli(), "index", str(root), "--index", str(index), "--model", str(embedder), "--quiet", "--json"]
+    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MB, files committed)
+    peak = 0.0
+    started = time.perf_counter()
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True) as proc:
+        while proc.poll() is None:
+            rss, hwm = rss_mb(proc.pid)
+            peak = max(peak, rss, hwm)
+            if rss:
+                samples.append((time.perf_counter() - started, rss, committed(index)))
+            time.sleep(0.2)
+        out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise RuntimeError(f"qvlsearch index failed ({proc.returncode}): {err[-2000:]}")
+    summary = json.loads(out)
+    at = {pct: next((rss for _, rss, done in samples if done >= files * pct / 100), 0.0) for pct in range(10, 101, 10)}
+    quarter, final = next(rss for _, rss, done in samples if done >= files / 4), samples[-1][1]
+    detail = {"files": files, "corpus_write_s": round(made_s, 1), "wall_s": round(wall, 1),
+              "index_s": summary["seconds"], "added": summary["added"], "failed": summary["failed"],
+              "samples": len(samples), "rss_25pct_mb": round(quarter), "rss_end_mb": round(final),
+              "rss_mb_at_pct_committed": {pct: round(rss) for pct, rss in at.items()},
+              "note": "RSS at 25% is the first sample after a commit counts >= 25% of the files; the end is the "
+                      "last sample before the process exits"}
+    name = f"index {files // 1000}k files:"
+    return [
+        Figure("scale", f"{name} peak RSS", peak, "MB", goal="<= 2048", detail=detail),
+        Figure("scale", f"{name} RSS at 25% of files", quarter, "MB", detail=detail),
+        Figure("scale", f"{name} RSS at 100% of files", final, "MB", detail=detail),
+        Figure("scale", f"{name} RSS growth 25% -> 100%", final / quarter, "x", detail=detail),
+        Figure("scale", f"{name} RSS growth per 1k files", (final - quarter) / (0.75 * files / 1000), "MB",
+               detail=detail),
+        Figure("scale", f"{name} throughput", files / summary["seconds"], "files/s", detail=detail),
+    ]
+
+
+def make_unchanged(root: Path, index: Path, embedder: Path) -> int:
+    """100k tiny text files and an index directory holding exactly the rows the indexer would write for them."""
+    from qvlsearch.fs import display_path
+    from qvlsearch.indexer import IndexOptions, model_revision, settings_of
+    from qvlsearch.store import Store, now
+
+    def write_folder(k: int) -> None:
+        folder = root / f"d{k:04d}"
+        folder.mkdir(parents=True)
+        for j in range(UNCHANGED_PER_FOLDER):
+            (folder / f"t{j:03d}.txt").write_text(f"{k} {j}\n")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write_folder, range(UNCHANGED_FOLDERS)))
+    dim = 64  # the tiny embedder's hidden size
+    settings = {**settings_of(IndexOptions(model=str(embedder)), dim), "model_revision": model_revision(str(embedder))}
+    store = Store.create(index, settings, dim)
+    top = os.path.abspath(root)
+    stamp = now()
+    vectors = np.random.default_rng(0).standard_normal((UNCHANGED_FOLDERS * UNCHANGED_PER_FOLDER, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    for i, entry in enumerate(e for k in range(UNCHANGED_FOLDERS) for e in os.scandir(os.path.join(top, f"d{k:04d}"))):
+        st = entry.stat()
+        row = {"id": store.new_id(), "path": display_path(entry.path), "path_bytes": os.fsencode(entry.path),
+               "root": display_path(top), "kind": "text", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+               "content_hash": f"bench-{i:08d}", "width": None, "height": None, "duration_s": None, "frames": None,
+               "tokens": None, "status": "ok", "error": None, "indexed_at": stamp}
+        store.put(row, vectors[i])
+    store.commit()
+    return len(store.rows)
+
+
+def rerun_figures(workdir: Path, embedder: Path) -> list[Figure]:
+    root, index = workdir / "corpus-100k", workdir / "index-100k"
+    started = time.perf_counter()
+    files = make_unchanged(root, index, embedder)
+    made_s = time.perf_counter() - started
+    args = [*cli(), "index", str(root), "--index", str(index), "--model", str(embedder), "--json"]
+    summaries = []
+
+    def rerun() -> None:
+        done = subprocess.run(args, check=True, capture_output=True, text=True, env=ENV)
+        summaries.append(json.loads(done.stdout))
+
+    seconds = best_of(rerun, 3)
+    for s in summaries:  # rows that do not match what the indexer expects would show up here
+        changed = {k: s[k] for k in ("added", "updated", "moved", "removed", "failed") if s[k]}
+        if s["unchanged"] != files or changed:
+            raise RuntimeError(f"re-run was not a no-change run: unchanged {s['unchanged']} of {files}, {changed}")
+    detail = {"files": files, "setup_s": round(made_s, 1), "runs": len(summaries),
+              "indexer_seconds": [s["seconds"] for s in summaries], "unchanged": summaries[0]["unchanged"]}
+    return [Figure("scale", f"no-change re-run over {files // 1000}k files", seconds, "s", goal="<= 10", detail=detail)]
+
+
+def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
+    return memory_figures(workdir, checkpoints["embedder"]) + rerun_figures(workdir, checkpoints["embedder"])
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "qvlsearch.tiny", f"{tmp}/ck"], check=True, capture_output=True,
+                       env=ENV)
+        figures = run(Path(tmp), {"embedder": Path(tmp) / "ck/embedder", "reranker": Path(tmp) / "ck/reranker"})
+    elapsed = time.perf_counter() - started
+    figures.append(Figure("scale", "benchmark run time", elapsed, "s", goal="<= 360"))
+    print(report(figures))
+    print(f"results: {save(figures, suite='scale')}  ({elapsed:.0f} s)")
