@@ -215,3 +215,15 @@ def test_contact_sheet_shows_every_kind(index, tmp_path):
     path = write_contact_sheet(results, tmp_path / "kinds.png")
     with Image.open(path) as image:
         assert image.size == (3 * 256, 256 + 40)
+
+
+def test_table_format_for_terminals(capsys):
+    from qvlsearch.cli import emit
+
+    emit([{"rank": 1, "path": "/p/clip.mp4", "kind": "video", "score": 0.5, "rerank_score": 0.9, "id": 3,
+           "duration_s": 4.0}, {"rank": 2, "path": "/p/a.jpg", "kind": "image", "score": 0.4, "rerank_score": None,
+                                "id": 4}], "table")
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["#", "score", "rerank", "kind", "path", "length"]
+    assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
