@@ -59,7 +59,7 @@ def make_corpus(root: Path) -> int:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MB; (0, 0) once it is gone."""
+    """(VmRSS, VmHWM) of a process in MiB; (0, 0) once it is gone."""
     try:
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     except (OSError, ValueError):
@@ -75,7 +75,7 @@ def committed(index: Path) -> int:
 
 
 def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
-    root, index = workdir / "corpus-20k", workdir / "index-20k"
+    root, index = workdir / "scale-corpus-20k", workdir / "scale-index-20k"
     started = time.perf_counter()
     files = make_corpus(root)
     made_s = time.perf_counter() - started
@@ -105,11 +105,11 @@ def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
                       "last sample before the process exits"}
     name = f"index {files // 1000}k files:"
     return [
-        Figure("scale", f"{name} peak RSS", peak, "MB", goal="<= 2048", detail=detail),
-        Figure("scale", f"{name} RSS at 25% of files", quarter, "MB", detail=detail),
-        Figure("scale", f"{name} RSS at 100% of files", final, "MB", detail=detail),
+        Figure("scale", f"{name} peak RSS", peak, "MiB", goal="<= 2048", detail=detail),
+        Figure("scale", f"{name} RSS at 25% of files", quarter, "MiB", detail=detail),
+        Figure("scale", f"{name} RSS at 100% of files", final, "MiB", detail=detail),
         Figure("scale", f"{name} RSS growth 25% -> 100%", final / quarter, "x", detail=detail),
-        Figure("scale", f"{name} RSS growth per 1k files", (final - quarter) / (0.75 * files / 1000), "MB",
+        Figure("scale", f"{name} RSS growth per 1k files", (final - quarter) / (0.75 * files / 1000), "MiB",
                detail=detail),
         Figure("scale", f"{name} throughput", files / summary["seconds"], "files/s", detail=detail),
     ]
@@ -118,7 +118,7 @@ def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
 def make_unchanged(root: Path, index: Path, embedder: Path) -> int:
     """100k tiny text files and an index directory holding exactly the rows the indexer would write for them."""
     from qvlsearch.fs import display_path
-    from qvlsearch.indexer import IndexOptions, model_revision, settings_of
+    from qvlsearch.indexer import IndexOptions, model_hidden_size, model_revision, settings_of
     from qvlsearch.store import Store, now
 
     def write_folder(k: int) -> None:
@@ -129,7 +129,7 @@ def make_unchanged(root: Path, index: Path, embedder: Path) -> int:
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(write_folder, range(UNCHANGED_FOLDERS)))
-    dim = 64  # the tiny embedder's hidden size
+    dim = model_hidden_size(str(embedder))  # as `qvlsearch index` does for a new index (64 for tiny)
     settings = {**settings_of(IndexOptions(model=str(embedder)), dim), "model_revision": model_revision(str(embedder))}
     store = Store.create(index, settings, dim)
     top = os.path.abspath(root)
@@ -148,7 +148,7 @@ def make_unchanged(root: Path, index: Path, embedder: Path) -> int:
 
 
 def rerun_figures(workdir: Path, embedder: Path) -> list[Figure]:
-    root, index = workdir / "corpus-100k", workdir / "index-100k"
+    root, index = workdir / "scale-corpus-100k", workdir / "scale-index-100k"
     started = time.perf_counter()
     files = make_unchanged(root, index, embedder)
     made_s = time.perf_counter() - started
@@ -175,10 +175,11 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
 
 if __name__ == "__main__":
     started = time.perf_counter()
+    os.environ["HF_HUB_OFFLINE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "qvlsearch.tiny", f"{tmp}/ck"], check=True, capture_output=True,
-                       env=ENV)
-        figures = run(Path(tmp), {"embedder": Path(tmp) / "ck/embedder", "reranker": Path(tmp) / "ck/reranker"})
+        from qvlsearch.tiny import build_checkpoints
+
+        figures = run(Path(tmp), build_checkpoints(Path(tmp) / "tiny"))
     elapsed = time.perf_counter() - started
     figures.append(Figure("scale", "benchmark run time", elapsed, "s", goal="<= 360"))
     print(report(figures))

@@ -166,10 +166,10 @@ def sample_files() -> list[tuple[str, str, str]]:
 def make_index(target: Path, embedder: Path, items: int) -> None:
     """An index directory of `items` rows cycling over the sample files, with random vectors (no model run)."""
     from qvlsearch.fs import display_path
-    from qvlsearch.indexer import IndexOptions, model_revision, settings_of
+    from qvlsearch.indexer import IndexOptions, model_hidden_size, model_revision, settings_of
     from qvlsearch.store import Store, now
 
-    dim = 64  # the tiny embedder's hidden size
+    dim = model_hidden_size(str(embedder))  # as `qvlsearch index` does for a new index (64 for tiny)
     settings = {**settings_of(IndexOptions(model=str(embedder)), dim), "model_revision": model_revision(str(embedder))}
     store = Store.create(target, settings, dim)
     files = sample_files()
@@ -202,16 +202,18 @@ def cli_figures(workdir: Path, checkpoints: dict[str, Path], items: int = 100_00
     from qvlsearch.search import SearchIndex
 
     embedder, reranker = str(checkpoints["embedder"]), str(checkpoints["reranker"])
-    target = workdir / "index-100k"
+    target = workdir / "search-index-100k"
     started = time.perf_counter()
     make_index(target, Path(embedder), items)
     build_s = time.perf_counter() - started
     open_s = best_of(lambda: SearchIndex(target))  # the store's share of the overhead (here faiss is imported)
-    top50 = [r.fs_path for r in SearchIndex(target).search("a cat", k=50)]  # the reranker's 50 candidates
+    index = SearchIndex(target)
+    top50 = [r.fs_path for r in index.search("a cat", k=50)]  # the reranker's 50 candidates
+    dim = index.manifest["dim"]
     cli = [str(Path(sys.executable).with_name("qvlsearch"))]
     cli = cli if Path(cli[0]).exists() else [sys.executable, "-m", "qvlsearch"]
     search = [*cli, "search", "a cat", "--index", str(target), "-k", "10"]
-    embed = f"import qvlsearch.embedder as e; m = e.Embedder({embedder!r}); m.embed([{{'text': 'a cat'}}], dim=64)"
+    embed = f"import qvlsearch.embedder as e; m = e.Embedder({embedder!r}); m.embed([{{'text': 'a cat'}}], dim={dim})"
     rerank = (f"{embed}; import qvlsearch.reranker as r; from qvlsearch.search import file_item; "
               f"r.Reranker({reranker!r}).rerank({{'text': 'a cat'}}, [file_item(p) for p in {top50!r}], "
               "on_error='skip')")
@@ -240,10 +242,11 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
 
 if __name__ == "__main__":
     started = time.perf_counter()
+    os.environ["HF_HUB_OFFLINE"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "qvlsearch.tiny", f"{tmp}/ck"], check=True, capture_output=True,
-                       env=ENV)
-        figures = run(Path(tmp), {"embedder": Path(tmp) / "ck/embedder", "reranker": Path(tmp) / "ck/reranker"})
+        from qvlsearch.tiny import build_checkpoints
+
+        figures = run(Path(tmp), build_checkpoints(Path(tmp) / "tiny"))
     elapsed = time.perf_counter() - started
     figures.append(Figure("search", "benchmark run time", elapsed, "s", goal="<= 300"))
     print(report(figures))

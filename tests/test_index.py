@@ -301,7 +301,8 @@ def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints):
     proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(tmp_path), "--index", str(tmp_path / "i"),
                              "--model", str(checkpoints["embedder"]), "--commit-every", "10", "--workers", "1",
                              "--batch-size", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if run in a `&` job
     deadline = time.monotonic() + 120
     while not (tmp_path / "i" / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
