@@ -14,9 +14,8 @@ from pathlib import Path
 from common import Figure, best_of
 from corpus import make_corpus
 
-from qvlsearch.fs import walk
+from qvlsearch.fs import file_item, walk
 from qvlsearch.media import VisionOptions, content_parts, load_media
-from qvlsearch.search import file_item
 
 
 def decode_floor(files: list[str], workers: int) -> None:

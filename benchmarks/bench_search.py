@@ -214,7 +214,7 @@ def cli_figures(workdir: Path, checkpoints: dict[str, Path], items: int = 100_00
     cli = cli if Path(cli[0]).exists() else [sys.executable, "-m", "qvlsearch"]
     search = [*cli, "search", "a cat", "--index", str(target), "-k", "10"]
     embed = f"import qvlsearch.embedder as e; m = e.Embedder({embedder!r}); m.embed([{{'text': 'a cat'}}], dim={dim})"
-    rerank = (f"{embed}; import qvlsearch.reranker as r; from qvlsearch.search import file_item; "
+    rerank = (f"{embed}; import qvlsearch.reranker as r; from qvlsearch.fs import file_item; "
               f"r.Reranker({reranker!r}).rerank({{'text': 'a cat'}}, [file_item(p) for p in {top50!r}], "
               "on_error='skip')")
     runs = timed({"search": search, "model_only": [sys.executable, "-c", embed],

@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
@@ -226,3 +227,15 @@ def _is_utf8(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+TEXT_READ_BYTES = 256 * 1024  # more than max_length tokens of any text
+
+
+def file_item(path: str, kind: str | None = None) -> dict[str, Any]:
+    """The model input for a file on disk: {"image": path}, {"video": path} or {"text": its content}."""
+    kind = kind or sniff_kind(path)
+    if kind == "text":
+        with open(path, "rb") as f:
+            return {"text": f.read(TEXT_READ_BYTES).decode("utf-8", errors="replace")}
+    return {kind: path}

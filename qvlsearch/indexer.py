@@ -17,11 +17,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .fs import Found, KindError, display_path, sniff_kind, suffix_kind, walk
+from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .parallel import prefetch
 from .store import INDEX_TYPES, QUANTIZATIONS, Store, StoreError, now
-
-TEXT_READ_BYTES = 256 * 1024  # more than max_length tokens of any text
 
 
 @dataclass
@@ -94,12 +92,7 @@ def sniff(found: Found, instruction: str) -> Sniffed:
     try:
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
-        if kind == "text":
-            with open(found.path, "rb") as f:
-                item = {"text": f.read(TEXT_READ_BYTES).decode("utf-8", errors="replace")}
-        else:
-            item = {kind: found.path}
-        return Sniffed(found, kind, digest, {**item, "instruction": instruction}, None)
+        return Sniffed(found, kind, digest, {**file_item(found.path, kind), "instruction": instruction}, None)
     except KindError as exc:
         return Sniffed(found, None, None, None, str(exc))
     except OSError as exc:

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .fs import KindError, sniff_kind
+from .fs import KindError, file_item
 from .store import Store, StoreError
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
-TEXT_READ_BYTES = 256 * 1024  # more than max_length tokens of any text
 KINDS = ("image", "video", "text")
 
 
@@ -52,15 +51,6 @@ class SearchResult:
 
 def rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
-
-
-def file_item(path: str, kind: str | None = None) -> dict[str, Any]:
-    """The model input for a file on disk: {"image": path}, {"video": path} or {"text": its content}."""
-    kind = kind or sniff_kind(path)
-    if kind == "text":
-        with open(path, "rb") as f:
-            return {"text": f.read(TEXT_READ_BYTES).decode("utf-8", errors="replace")}
-    return {kind: path}
 
 
 def query_item(query: str | Mapping | None, images: Iterable[str] = (), video: str | None = None) -> dict[str, Any]:
