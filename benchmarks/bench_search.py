@@ -170,7 +170,8 @@ def make_index(target: Path, embedder: Path, items: int) -> None:
     from qvlsearch.store import Store, now
 
     dim = model_hidden_size(str(embedder))  # as `qvlsearch index` does for a new index (64 for tiny)
-    settings = {**settings_of(IndexOptions(model=str(embedder)), dim), "model_revision": model_revision(str(embedder))}
+    settings = settings_of(IndexOptions(model=str(embedder)), dim, "none", "flat")
+    settings["model_revision"] = model_revision(str(embedder))
     store = Store.create(target, settings, dim)
     files = sample_files()
     vectors = np.random.default_rng(0).standard_normal((items, dim)).astype(np.float32)

@@ -111,7 +111,7 @@ def default_index_dir() -> Path:
 
 
 IndexOption = Annotated[
-    Path | None, typer.Option("--index", help="Index folder [env QVLSEARCH_INDEX; default: user data folder].")
+    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
 ]
 
 
@@ -120,9 +120,12 @@ def index(
     paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
     index_dir: IndexOption = None,
     model: ModelOption = "Qwen/Qwen3-VL-Embedding-2B",
-    dim: Annotated[int | None, typer.Option(help="Matryoshka dimension of the search index.")] = None,
-    quantize: Annotated[str, typer.Option(help="none, int8 or binary.")] = "none",
-    index_type: Annotated[str, typer.Option(help="flat, hnsw, ivf or a FAISS factory string.")] = "flat",
+    dim: Annotated[int | None, typer.Option(
+        help="Matryoshka dimension of the search index (default: the index's, else the model's).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="none, int8 or binary (default: the index's, else none).")] = None,
+    index_type: Annotated[str | None, typer.Option(
+        help="flat, hnsw, ivf or a FAISS factory string (default: the index's, else flat).")] = None,
     instruction: Annotated[str, typer.Option(help="Instruction for embedding the files.")] = (
         "Represent the user's input."),
     batch_size: Annotated[int | None, typer.Option(help="Most items per forward pass.")] = None,
@@ -258,7 +261,7 @@ def reindex(
 RerankerOption = Annotated[
     str | None,
     typer.Option("--reranker", envvar="QVLSEARCH_RERANKER",
-                 help="Reranker model: Hugging Face id or local folder [default: Qwen/Qwen3-VL-Reranker-2B]."),
+                 help="Reranker model: Hugging Face id or local folder (default: Qwen/Qwen3-VL-Reranker-2B)."),
 ]
 TopK = Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many results.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")]
@@ -317,7 +320,7 @@ def search(
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
     video: Annotated[str | None, typer.Option("--video", help="Query video path or URL.")] = None,
     instruction: Annotated[str | None, typer.Option(
-        help="Query instruction [default: Retrieve images or text relevant to the user's query.].")] = None,
+        help="Query instruction (default: Retrieve images or text relevant to the user's query.)")] = None,
     index_dir: IndexOption = None,
     top_k: TopK = 10,
     kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,

@@ -27,9 +27,9 @@ class IndexOptions:
     """Everything `qvlsearch index` can be told; the first block must match an existing index."""
 
     model: str = "Qwen/Qwen3-VL-Embedding-2B"
-    dim: int | None = None
-    quantize: str = "none"
-    index_type: str = "flat"
+    dim: int | None = None  # None: the existing index's, else the model's hidden size
+    quantize: str | None = None  # None: the existing index's, else "none"
+    index_type: str | None = None  # None: the existing index's, else "flat"
     instruction: str = "Represent the user's input."
     min_pixels: int = 4096
     max_pixels: int = 1843200
@@ -99,10 +99,10 @@ def sniff(found: Found, instruction: str) -> Sniffed:
         return Sniffed(found, None, None, None, exc.strerror or str(exc))
 
 
-def settings_of(options: IndexOptions, dim: int) -> dict[str, Any]:
+def settings_of(options: IndexOptions, dim: int, quantize: str, index_type: str) -> dict[str, Any]:
     """What must be the same for vectors to be comparable (the model revision is recorded, not compared)."""
     return {"model": options.model, "dim": dim,
-            "quantize": options.quantize, "index_type": options.index_type, "instruction": options.instruction,
+            "quantize": quantize, "index_type": index_type, "instruction": options.instruction,
             "min_pixels": options.min_pixels, "max_pixels": options.max_pixels,
             "total_pixels": options.total_pixels, "fps": options.fps, "max_frames": options.max_frames}
 
@@ -144,10 +144,11 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
 
 
 def validate(options: IndexOptions) -> None:
-    if options.quantize not in QUANTIZATIONS:
+    if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {options.quantize!r}")
-    if options.index_type not in INDEX_TYPES and "," not in options.index_type and not options.index_type[:1].isupper():
-        raise StoreError(f"--index-type must be flat, hnsw, ivf or a FAISS factory string, got {options.index_type!r}")
+    kind = options.index_type
+    if kind is not None and kind not in INDEX_TYPES and "," not in kind and not kind[:1].isupper():
+        raise StoreError(f"--index-type must be flat, hnsw, ivf or a FAISS factory string, got {kind!r}")
 
 
 def lock_index(index_dir: Path, wait: bool) -> FileLock:
@@ -205,14 +206,16 @@ class Indexer:
         if (self.index_dir / "manifest.json").exists():
             store = Store.open(self.index_dir)
             store.remove_uncommitted_files()
-            dim = self.options.dim or store.manifest["full_dim"]
-            check_compatible(store, settings_of(self.options, dim))
+            m, o = store.manifest, self.options
+            check_compatible(store, settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"],
+                                                o.index_type or m["index_type"]))
             return store
         full_dim = model_hidden_size(self.options.model)
         dim = self.options.dim or full_dim
         if not 32 <= dim <= full_dim:
             raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
-        settings = {**settings_of(self.options, dim), "model_revision": model_revision(self.options.model)}
+        settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
+        settings["model_revision"] = model_revision(self.options.model)
         return Store.create(self.index_dir, settings, full_dim)
 
     def update(self, store: Store, roots: list[str]) -> None:

@@ -223,6 +223,9 @@ def test_other_settings_are_refused_with_a_way_out(tmp_path, corpus, options, em
     with pytest.raises(StoreError, match="quantize"):
         run_index(tmp_path / "i", [corpus / "notes"],
                   IndexOptions(**{**options.__dict__, "dim": 32, "quantize": "int8"}), embedder)
+    # options left out follow the index: a cron job need not repeat them
+    again = run_index(tmp_path / "i", [corpus / "notes"], options, embedder)
+    assert again.summary.unchanged == 6
 
 
 def test_reindex_changes_dim_quantization_and_type_without_the_model(tmp_path, corpus, options, embedder):
