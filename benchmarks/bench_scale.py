@@ -80,7 +80,7 @@ def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
     files = make_corpus(root)
     made_s = time.perf_counter() - started
     args = [*cli(), "index", str(root), "--index", str(index), "--model", str(embedder), "--quiet", "--json"]
-    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MB, files committed)
+    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MiB, files committed)
     peak = 0.0
     started = time.perf_counter()
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True) as proc:
@@ -95,6 +95,7 @@ def memory_figures(workdir: Path, embedder: Path) -> list[Figure]:
     if proc.returncode:
         raise RuntimeError(f"qvlsearch index failed ({proc.returncode}): {err[-2000:]}")
     summary = json.loads(out)
+
     def rss_at(fraction: float) -> float:
         """RSS in the first sample after the manifest counts at least `fraction` of the files."""
         return next((rss for _, rss, done in samples if done >= files * fraction), 0.0)
