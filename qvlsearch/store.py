@@ -88,7 +88,7 @@ def build_faiss(vectors: np.ndarray, ids: np.ndarray, dim: int, quantize: str, i
     """A FAISS index over `vectors` cut to `dim` (Matryoshka) and renormalized; inner product."""
     import faiss
 
-    x = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+    x = np.array(vectors[:, :dim], dtype=np.float32)  # a copy: the caller's array stays as it was
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if quantize == "binary":
