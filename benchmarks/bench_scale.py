@@ -13,13 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import Figure, best_of, report, save
+from common import Figure, best_of, run_standalone
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 IMAGES, TEXTS, PER_FOLDER = 14_000, 6_000, 500
@@ -179,13 +178,4 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    with tempfile.TemporaryDirectory() as tmp:
-        from qvlsearch.tiny import build_checkpoints
-
-        figures = run(Path(tmp), build_checkpoints(Path(tmp) / "tiny"))
-    elapsed = time.perf_counter() - started
-    figures.append(Figure("scale", "benchmark run time", elapsed, "s", goal="<= 360"))
-    print(report(figures))
-    print(f"results: {save(figures, suite='scale')}  ({elapsed:.0f} s)")
+    run_standalone(run, "scale", budget_s=360)

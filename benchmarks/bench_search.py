@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
-from common import Figure, best_of, report, save
+from common import Figure, best_of, run_standalone
 
 from qvlsearch.quantize import binary_encode
 from qvlsearch.store import build_faiss
@@ -242,13 +241,4 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    with tempfile.TemporaryDirectory() as tmp:
-        from qvlsearch.tiny import build_checkpoints
-
-        figures = run(Path(tmp), build_checkpoints(Path(tmp) / "tiny"))
-    elapsed = time.perf_counter() - started
-    figures.append(Figure("search", "benchmark run time", elapsed, "s", goal="<= 300"))
-    print(report(figures))
-    print(f"results: {save(figures, suite='search')}  ({elapsed:.0f} s)")
+    run_standalone(run, "search", budget_s=300)

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -87,3 +88,17 @@ def save(figures: list[Figure], suite: str) -> Path:
               "python": platform.python_version(), "figures": [{**asdict(f), "met": f.met} for f in figures]}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def run_standalone(run: Callable[[Path, dict[str, Path]], list[Figure]], suite: str, budget_s: float) -> None:
+    """Run one benchmark module on its own: fresh tiny checkpoints, a report, a results file."""
+    started = time.perf_counter()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        from qvlsearch.tiny import build_checkpoints
+
+        figures = run(Path(tmp), build_checkpoints(Path(tmp) / "tiny"))
+    elapsed = time.perf_counter() - started
+    figures.append(Figure(suite, "benchmark run time", elapsed, "s", goal=f"<= {budget_s:g}"))
+    print(report(figures))
+    print(f"results: {save(figures, suite=suite)}  ({elapsed:.0f} s)")
