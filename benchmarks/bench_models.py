@@ -35,6 +35,17 @@ def images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> list[str]:
     return paths
 
 
+def clips(workdir: Path) -> list[Path]:
+    """Two 2-second 320x240 H.264 clips; ones already in `workdir` are kept (PyAV writes them)."""
+    paths = [workdir / f"embed-clip{i}.mp4" for i in range(2)]
+    for path in paths:
+        if not path.exists():
+            from make_media import make_video
+
+            make_video(path, frames=16, fps=8, size=(320, 240))
+    return paths
+
+
 def timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -43,12 +54,11 @@ def timed(fn) -> float:
 
 def embedding(workdir: Path, path: str, device: str | None = None, goal: str = ">= 1.5") -> list[Figure]:
     """Mixed items (texts of 10–300 tokens, photos of mixed sizes, two videos) through three strategies."""
-    from make_media import make_video
     from reference import ReferenceEmbedder
 
     from qvlsearch import Embedder
 
-    videos = [str(make_video(workdir / f"embed-clip{i}.mp4", frames=16, fps=8, size=(320, 240))) for i in range(2)]
+    videos = [str(clip) for clip in clips(workdir)]
     items = ([{"text": t} for t in texts(16, 8, 220, 1)]
              + [{"image": p} for p in images(workdir / "embed-images", EMBED_IMAGE_SIZES + EMBED_IMAGE_SIZES[:2], 2)]
              + [{"video": v} for v in videos])

@@ -14,7 +14,6 @@ import torch
 
 from .errors import InputError, MediaError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, load_media
-from .parallel import prefetch
 from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
@@ -49,8 +48,6 @@ class Embedder(QwenModel):
     and items are batched by token count; a vector never depends on its batch
     neighbours.
     """
-
-    padding_side = "right"
 
     def __init__(
         self,
@@ -124,14 +121,13 @@ class Embedder(QwenModel):
     ) -> Iterator[Embedding]:
         """Stream `Embedding`s as batches finish (not in input order); memory stays bounded."""
         self.check_dim(dim)
-        failures: list[Failed] = []
-        encoded = prefetch(self.encode, items, workers=self.workers, ahead=2 * self.workers + 2)
-        for batch in self.batches(encoded, batch_size, failures):
-            yield from (Embedding(f.index, None, f.error) for f in failures)
-            failures.clear()
-            vectors = self.vectors(batch, dim=dim, normalize=normalize)
-            yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch, vectors, strict=True))
-        yield from (Embedding(f.index, None, f.error) for f in failures)
+        with contextlib.closing(self.batches(self.encode, items, batch_size)) as batches:
+            for batch in batches:
+                if isinstance(batch, Failed):
+                    yield Embedding(batch.index, None, batch.error)
+                    continue
+                vectors = self.vectors(batch, dim=dim, normalize=normalize)
+                yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch, vectors, strict=True))
 
     def vectors(self, batch: list[Encoded], *, dim: int | None, normalize: bool) -> np.ndarray:
         pooled = self.forward_last_hidden(batch).float()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,28 +255,37 @@ class Indexer:
             return
 
         pending: dict[int, tuple[Sniffed, dict | None]] = {}
+        # The Embedder pulls `needs_model` in its own thread, so what it finds for the store
+        # waits here, to be done in this thread (the store has one writer).
+        deferred: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
         def needs_model() -> Iterator[dict]:
-            """Sniffed files that no stored vector serves, as Embedder items (side effects for the rest)."""
+            """Sniffed files that no stored vector serves, as Embedder items (the rest go to `deferred`)."""
             sniffed = prefetch(lambda i, job: (sniff(job[0], self.options.instruction), job[1]), todo,
                                workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
             for s, row in sniffed:
                 if s.error:
-                    self.record_error(store, s.found, row, s.kind, s.error)
+                    deferred.put(partial(self.record_error, store, s.found, row, s.kind, s.error))
                 elif (source := gone.pop(s.content_hash, None) or live_by_hash.get(s.content_hash)) is not None:
-                    self.reuse(store, s, row, source, gone_ids)
+                    deferred.put(partial(self.reuse, store, s, row, source, gone_ids))
                 else:
                     pending[self.model_runs] = (s, row)
                     self.model_runs += 1
                     yield s.item
 
+        def run_deferred() -> None:
+            while not deferred.empty():
+                deferred.get()()
+
         if todo:
             for result in self.get_embedder().embed_iter(needs_model(), batch_size=self.options.batch_size):
+                run_deferred()
                 s, row = pending.pop(result.index)
                 if result.error is not None:
                     self.record_error(store, s.found, row, s.kind, getattr(result.error, "reason", str(result.error)))
                 else:
                     self.record_ok(store, s, row, result.vector, result.facts)
+            run_deferred()
         for item_id in gone_ids:
             if item_id in store.rows:
                 store.remove([item_id])

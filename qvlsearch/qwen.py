@@ -1,6 +1,6 @@
 """What the Embedder and the Reranker share: loading a Qwen3-VL checkpoint, turning one
 item into model inputs, batching items by token count, and feeding the model from
-worker threads so that media decoding overlaps the forward pass."""
+other threads so that media decoding overlaps the forward pass."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import LoadedMedia, VisionOptions
+from .parallel import in_background, prefetch
 
 log = logging.getLogger("qvlsearch")
 
@@ -54,13 +55,13 @@ def pick_attention(device: torch.device, attn_implementation: str | None) -> str
 
 
 def load_checkpoint(
-    model_class: type, name_or_path: str, *, dtype: torch.dtype, attn: str, device: torch.device, padding_side: str
+    model_class: type, name_or_path: str, *, dtype: torch.dtype, attn: str, device: torch.device
 ) -> tuple[Any, Any]:
     """Load (model, processor) from a Hub id (through the HF cache) or a local folder."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, padding_side=padding_side)
+        processor = AutoProcessor.from_pretrained(name_or_path)
         model, info = model_class.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation=attn, output_loading_info=True
         )
@@ -79,7 +80,6 @@ def load_checkpoint(
             f"cannot load model {name_or_path!r}: the checkpoint lacks {len(missing)} weights "
             f"(e.g. {sorted(missing)[0]}); is it a Qwen3-VL checkpoint?"
         )
-    processor.tokenizer.padding_side = padding_side
     return model.to(device).eval(), processor
 
 
@@ -157,30 +157,32 @@ def encoded_from(
     )
 
 
-def collate(batch: list[Encoded], pad_id: int, padding_side: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad a batch (left or right) and concatenate its pixels in item order."""
+def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch and concatenate its pixels in item order.
+
+    There is no attention mask: attention is causal and the padding comes after every real
+    token, so no real token sees it, and attention can take the fast unmasked kernels.
+    """
     width = max(len(e) for e in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     mm_token_type_ids = torch.zeros((len(batch), width), dtype=torch.int)
     for row, e in enumerate(batch):
-        span = slice(width - len(e), width) if padding_side == "left" else slice(0, len(e))
-        input_ids[row, span] = torch.tensor(e.input_ids)
-        mm_token_type_ids[row, span] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
-        attention_mask[row, span] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+        input_ids[row, : len(e)] = torch.tensor(e.input_ids)
+        mm_token_type_ids[row, : len(e)] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
+    inputs = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids}
     for key in VISION_KEYS:
         parts = [e.vision[key] for e in batch if key in e.vision]
         if parts:
             inputs[key] = torch.cat(parts)
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in inputs.items()}
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs
 
 
 def token_batches(
-    encoded: Iterable[Encoded], max_tokens: int, max_items: int, window_items: int = 256
-) -> Iterator[list[Encoded]]:
-    """Group items into batches whose padded size stays within `max_tokens`.
+    encoded: Iterable[Encoded | Failed], max_tokens: int, max_items: int, window_items: int = 256
+) -> Iterator[list[Encoded] | Failed]:
+    """Group items into batches whose padded size stays within `max_tokens`; pass failures on at once.
 
     Items are sorted by length inside a window (at most `window_items` items or 4 batches'
     worth of tokens), so neighbours in a batch have similar lengths and little padding is
@@ -200,6 +202,9 @@ def token_batches(
     pending: list[Encoded] = []
     tokens = 0
     for e in encoded:
+        if isinstance(e, Failed):
+            yield e
+            continue
         pending.append(e)
         tokens += len(e)
         if len(pending) >= window_items or tokens >= 4 * max_tokens:
@@ -210,8 +215,6 @@ def token_batches(
 
 class QwenModel:
     """Common set-up of the Embedder and the Reranker: device, dtype, checkpoint, options."""
-
-    padding_side = "right"
 
     def __init__(
         self,
@@ -242,7 +245,6 @@ class QwenModel:
             dtype=self.dtype,
             attn=self.attn_implementation,
             device=self.device,
-            padding_side=self.padding_side,
         )
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -253,26 +255,19 @@ class QwenModel:
         """0 for text, 1 for image and 2 for video placeholder tokens (what M-RoPE needs)."""
         return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in input_ids]
 
-    def batches(
-        self, encoded: Iterable[Encoded | Failed], batch_size: int | None, failures: list[Failed]
-    ) -> Iterator[list[Encoded]]:
-        """Token-budget batches of the encoded items; failed ones are set aside in `failures`."""
+    def batches(self, encode: Callable[[int, Any], Encoded | Failed], items: Iterable[Any], batch_size: int | None
+                ) -> Iterator[list[Encoded] | Failed]:
+        """Token-budget batches of `encode(i, item)`, and failures as they come.
 
-        def only_encoded() -> Iterator[Encoded]:
-            for e in encoded:
-                if isinstance(e, Failed):
-                    failures.append(e)
-                else:
-                    yield e
-
-        return token_batches(only_encoded(), self.max_batch_tokens, batch_size or 64)
+        Worker threads encode the items and a background thread forms the batches, so
+        both go on while the model runs.
+        """
+        encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2)
+        return in_background(token_batches(encoded, self.max_batch_tokens, batch_size or 64), depth=2)
 
     @torch.inference_mode()
     def forward_last_hidden(self, batch: list[Encoded]) -> torch.Tensor:
-        """Final hidden state of the last real token of each item (the pooled token)."""
-        inputs = collate(batch, self.pad_id, self.padding_side, self.device)
-        hidden = self.model(**inputs).last_hidden_state
-        if self.padding_side == "left":
-            return hidden[:, -1]
-        last = inputs["attention_mask"].sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        """Final hidden state of the last token of each item (the pooled token)."""
+        hidden = self.model(**collate(batch, self.pad_id, self.device)).last_hidden_state
+        last = torch.tensor([len(e) - 1 for e in batch], device=hidden.device)
+        return hidden[torch.arange(len(batch), device=hidden.device), last]

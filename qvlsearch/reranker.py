@@ -11,7 +11,6 @@ import torch
 
 from .errors import InputError, MediaError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
-from .parallel import prefetch
 from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
@@ -28,11 +27,9 @@ CLOSING_TOKENS = 5
 class Reranker(QwenModel):
     """Qwen3-VL-Reranker: score = P("yes") for a (query, document) pair, from 0 to 1.
 
-    Many pairs run in one forward pass (left padding, batches by length); the query's
-    media are decoded once and shared by all pairs.
+    Many pairs run in one forward pass (batches by length); the query's media are
+    decoded once and shared by all pairs.
     """
-
-    padding_side = "left"
 
     def __init__(
         self,
@@ -139,23 +136,16 @@ class Reranker(QwenModel):
             return encode_or_fail(index, build)
 
         scores: list[float | None] = [None] * len(documents)
-        failures: list[Failed] = []
-        encoded = prefetch(encode, documents, workers=self.workers, ahead=2 * self.workers + 2)
-        with contextlib.closing(self.batches(encoded, batch_size, failures)) as batches:
+        with contextlib.closing(self.batches(encode, documents, batch_size)) as batches:
             for batch in batches:
-                self.raise_or_log(failures, on_error)
+                if isinstance(batch, Failed):
+                    if on_error == "raise":
+                        raise batch.error
+                    log.warning("skipped document %s", batch.error)
+                    continue
                 for e, score in zip(batch, self.scores(batch), strict=True):
                     scores[e.index] = score
-        self.raise_or_log(failures, on_error)
         return scores
-
-    @staticmethod
-    def raise_or_log(failures: list[Failed], on_error: str) -> None:
-        for failure in failures:
-            if on_error == "raise":
-                raise failure.error
-            log.warning("skipped document %s", failure.error)
-        failures.clear()
 
     def scores(self, batch: list[Encoded]) -> list[float]:
         last = self.forward_last_hidden(batch)
