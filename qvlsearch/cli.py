@@ -350,7 +350,8 @@ def search(
     if queries is None and not (query or image or video):
         raise typer.BadParameter("give a query: TEXT, '-', --image, --video or --queries FILE")
     target = index_dir or default_index_dir()
-    index = open_index(target, device=None if device == "auto" else device)
+    index = open_index(target, device=None if device == "auto" else device, reranker_model=reranker,
+                       preload=preloads(target, model, rerank))
     if len(index) == 0:
         typer.echo(f"qvlsearch: index {target} is empty; add files with `qvlsearch index PATH`", err=True)
         raise typer.Exit(EXIT_FAILED)
@@ -375,6 +376,19 @@ def search(
 
         write_contact_sheet(results, contact_sheet)
     raise typer.Exit(EXIT_OK if results else EXIT_FAILED)
+
+
+def preloads(target: Path, model: str | None, rerank: bool) -> list[str]:
+    """The models to load while the index is read: none when the search cannot go on anyway."""
+    from .store import read_manifest
+
+    try:
+        manifest = read_manifest(target)
+    except QvlsearchError:
+        return []  # open_index reports it
+    if not manifest.get("counts", {}).get("ok") or (model and model != manifest["model"]):
+        return []
+    return ["embedder", "reranker"] if rerank else ["embedder"]
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ import numpy as np
 
 from .errors import InputError
 from .fs import KindError, file_item
-from .store import Store, StoreError
+from .store import ITEM_SCHEMA, StoreError, read_faiss, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text")
+RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s"]
 
 
 @dataclass
@@ -66,18 +68,40 @@ def query_item(query: str | Mapping | None, images: Iterable[str] = (), video: s
 
 
 class SearchIndex:
-    """A read-only view of an index directory, with the models loaded on first use."""
+    """A read-only view of an index directory, with the models loaded on first use.
+
+    `preload` ("embedder", "reranker") starts loading those models in the background
+    at once, so that they load while the index is read (what the CLI does);
+    `reranker_model` names the reranker (default: Qwen3-VL-Reranker-2B).
+    """
 
     def __init__(self, path: str | os.PathLike, *, device: str | None = None, embedder: Any = None,
-                 reranker: Any = None):
+                 reranker: Any = None, preload: Iterable[str] = (), reranker_model: str | None = None):
+        import pyarrow.parquet as pq
+
         self.path = Path(path).expanduser()
-        store = Store.open(self.path, with_vectors=False)
-        self.manifest = store.manifest
-        self.rows = store.rows
-        self.index = store.faiss_index() if self.manifest.get("files", {}).get("faiss") else None
+        self.manifest = read_manifest(self.path)
         self.device = device
+        self.reranker_model = reranker_model
         self._embedder = embedder
         self._reranker = reranker
+        self._loading: dict[str, Future] = {}
+        if preload:
+            loaders = {"embedder": self.load_embedder, "reranker": self.load_reranker}
+            # One thread: transformers' lazy imports are not safe to run from two threads at once.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvlsearch-model") as pool:
+                self._loading = {name: pool.submit(loaders[name]) for name in preload}
+                self.read_index(pq)
+        else:
+            self.read_index(pq)
+
+    def read_index(self, pq: Any) -> None:
+        files = self.manifest.get("files", {})
+        # Columns stay in Arrow: only the hits' rows ever become Python objects.
+        self.items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
+                      else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
+        self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
+        self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
 
     def __len__(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
@@ -85,20 +109,28 @@ class SearchIndex:
     @property
     def embedder(self):
         if self._embedder is None:
-            from .embedder import Embedder
-
-            m = self.manifest
-            self._embedder = Embedder(m["model"], device=self.device, min_pixels=m["min_pixels"],
-                                      max_pixels=m["max_pixels"], total_pixels=m["total_pixels"], fps=m["fps"],
-                                      max_frames=m["max_frames"])
+            loading = self._loading.pop("embedder", None)
+            self._embedder = loading.result() if loading else self.load_embedder()
         return self._embedder
 
-    def reranker(self, model: str | None):
+    @property
+    def reranker(self):
         if self._reranker is None:
-            from .reranker import DEFAULT_RERANKER, Reranker
-
-            self._reranker = Reranker(model or DEFAULT_RERANKER, device=self.device)
+            loading = self._loading.pop("reranker", None)
+            self._reranker = loading.result() if loading else self.load_reranker()
         return self._reranker
+
+    def load_embedder(self):
+        from .embedder import Embedder
+
+        m = self.manifest
+        return Embedder(m["model"], device=self.device, min_pixels=m["min_pixels"], max_pixels=m["max_pixels"],
+                        total_pixels=m["total_pixels"], fps=m["fps"], max_frames=m["max_frames"])
+
+    def load_reranker(self):
+        from .reranker import DEFAULT_RERANKER, Reranker
+
+        return Reranker(self.reranker_model or DEFAULT_RERANKER, device=self.device)
 
     def query_vector(self, query: Mapping, instruction: str | None) -> np.ndarray:
         item = {**query, "instruction": instruction or QUERY_INSTRUCTION}
@@ -123,19 +155,32 @@ class SearchIndex:
         return results[:k]
 
     def filter(self, kind: str | Iterable[str] | None, under: str | os.PathLike | None) -> Callable[[int], bool]:
+        """Which item ids pass the kind and folder filters."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         kinds = {kind} if isinstance(kind, str) else set(kind or ())
         if kinds - set(KINDS):
             raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
-        prefix = None
+        allowed = np.ones(len(self.ids), dtype=bool)
+        if kinds:
+            in_kinds = pc.is_in(self.items["kind"], value_set=pa.array(sorted(kinds)))
+            allowed &= pc.fill_null(in_kinds, False).to_numpy(zero_copy_only=False)
         if under is not None:
-            prefix = os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep
+            prefix = os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep)
+            paths = self.items["path_bytes"].to_pylist()
+            allowed &= np.fromiter((p.startswith(prefix) for p in paths), dtype=bool, count=len(paths))
 
         def keep(item_id: int) -> bool:
-            row = self.rows.get(item_id)
-            return (row is not None and (not kinds or row["kind"] in kinds)
-                    and (prefix is None or os.fsdecode(row["path_bytes"]).startswith(prefix)))
+            position = self.position(item_id)
+            return position is not None and bool(allowed[position])
 
         return keep
+
+    def position(self, item_id: int) -> int | None:
+        """The row of `item_id` in `self.items`, or None."""
+        position = int(np.searchsorted(self.ids, item_id))
+        return position if position < len(self.ids) and self.ids[position] == item_id else None
 
     def nearest(self, vector: np.ndarray, k: int, keep: Callable[[int], bool],
                 min_score: float | None) -> list[tuple[int, float]]:
@@ -168,13 +213,16 @@ class SearchIndex:
         return scores[0], ids[0]
 
     def result(self, rank: int, item_id: int, score: float) -> SearchResult:
-        row = self.rows[item_id]
+        row = self.items.slice(self.position(item_id), 1).to_pylist()[0]
         return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
-                            duration_s=row.get("duration_s"), fs_path=os.fsdecode(row["path_bytes"]))
+                            duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]))
 
     def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
         """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""
-        scores = self.reranker(model).rerank(query, [document_item(r) for r in results], on_error="skip")
+        if model is not None and model != self.reranker_model:  # another reranker than the one (pre)loaded
+            self.reranker_model, self._reranker = model, None
+            self._loading.pop("reranker", None)
+        scores = self.reranker.rerank(query, [document_item(r) for r in results], on_error="skip")
         return ranked_by_rerank(results, scores)
 
 
@@ -197,8 +245,9 @@ def ranked_by_rerank(results: list[SearchResult], scores: list[float | None]) ->
     return ordered
 
 
-def open_index(path: str | os.PathLike, *, device: str | None = None) -> SearchIndex:
-    """Open an index directory for searching (raises StoreError when there is none)."""
+def open_index(path: str | os.PathLike, *, device: str | None = None, preload: Iterable[str] = (),
+               reranker_model: str | None = None) -> SearchIndex:
+    """Open an index directory for searching (raises StoreError when there is none); see `SearchIndex`."""
     if not Path(path).expanduser().is_dir():
         raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`")
-    return SearchIndex(path, device=device)
+    return SearchIndex(path, device=device, preload=preload, reranker_model=reranker_model)

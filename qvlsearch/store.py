@@ -135,15 +135,7 @@ class Store:
     def open(cls, path: Path, *, with_vectors: bool = True) -> Store:
         """Load the committed generation; raises StoreError when there is none or it is damaged."""
         path = Path(path)
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except FileNotFoundError:
-            raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"cannot read {path / 'manifest.json'}: {exc}") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"index {path} has schema version {manifest.get('schema_version')}, this qvlsearch "
-                             f"reads {SCHEMA_VERSION}; rebuild it with `qvlsearch index --rebuild`")
+        manifest = read_manifest(path)
         store = cls(path, manifest)
         files = manifest.get("files", {})
         if files.get("items"):
@@ -249,6 +241,20 @@ class Store:
 
     def faiss_index(self) -> Any:
         return read_faiss(self.path / self.manifest["files"]["faiss"], self.manifest["quantize"])
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The committed generation's manifest; raises StoreError when there is none or it is damaged."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read {path / 'manifest.json'}: {exc}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"index {path} has schema version {manifest.get('schema_version')}, this qvlsearch "
+                         f"reads {SCHEMA_VERSION}; rebuild it with `qvlsearch index --rebuild`")
+    return manifest
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
