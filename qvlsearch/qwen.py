@@ -180,22 +180,28 @@ def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str
 
 
 def token_batches(
-    encoded: Iterable[Encoded | Failed], max_tokens: int, max_items: int, window_items: int = 256
+    encoded: Iterable[Encoded | Failed], max_tokens: int, max_items: int, window_items: int = 256,
+    max_padding: float = 0.1,
 ) -> Iterator[list[Encoded] | Failed]:
     """Group items into batches whose padded size stays within `max_tokens`; pass failures on at once.
 
     Items are sorted by length inside a window (at most `window_items` items or 4 batches'
-    worth of tokens), so neighbours in a batch have similar lengths and little padding is
-    computed, while memory stays bounded and the model starts early.
+    worth of tokens), so that memory stays bounded and the model starts early. A batch
+    also ends before padding would exceed `max_padding` of its tokens: padding is computed
+    like real tokens, and on a CPU, where one item already keeps the cores busy, it is
+    pure loss.
     """
 
     def flush(pending: list[Encoded]) -> Iterator[list[Encoded]]:
         batch: list[Encoded] = []
+        real = 0
         for e in sorted(pending, key=len):
-            if batch and (len(batch) >= max_items or len(e) * (len(batch) + 1) > max_tokens):
+            padded, real_after = len(e) * (len(batch) + 1), real + len(e)
+            if batch and (len(batch) >= max_items or padded > max_tokens or padded > (1 + max_padding) * real_after):
                 yield batch
-                batch = []
+                batch, real = [], 0
             batch.append(e)
+            real += len(e)
         if batch:
             yield batch
 
