@@ -185,7 +185,7 @@ def token_batches(
 ) -> Iterator[list[Encoded] | Failed]:
     """Group items into batches whose padded size stays within `max_tokens`; pass failures on at once.
 
-    Items are sorted by length inside a window (at most `window_items` items or 4 batches'
+    Items are sorted by length inside a window (at most `window_items` items or 2 batches'
     worth of tokens), so that memory stays bounded and the model starts early. A batch
     also ends before padding would exceed `max_padding` of its tokens: padding is computed
     like real tokens, and on a CPU, where one item already keeps the cores busy, it is
@@ -213,7 +213,7 @@ def token_batches(
             continue
         pending.append(e)
         tokens += len(e)
-        if len(pending) >= window_items or tokens >= 4 * max_tokens:
+        if len(pending) >= window_items or tokens >= 2 * max_tokens:
             yield from flush(pending)
             pending, tokens = [], 0
     yield from flush(pending)
@@ -244,7 +244,7 @@ class QwenModel:
         self.options = options
         self.default_instruction = default_instruction
         self.max_batch_tokens = max_batch_tokens or (32768 if self.device.type == "cuda" else 4096)
-        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self.workers = workers if workers is not None else min(16, os.cpu_count() or 1)
         self.model, self.processor = load_checkpoint(
             model_class,
             self.model_name_or_path,

@@ -23,7 +23,7 @@ from .store import ITEM_SCHEMA, StoreError, read_faiss, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text")
-RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s"]
+RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status"]
 
 
 @dataclass
@@ -102,6 +102,9 @@ class SearchIndex:
                       else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
         self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
         self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
+        # FAISS row i holds the i-th ok item in id order (indexes written before 0.1.0 keep ids in an IDMap).
+        in_faiss = self.items["status"].to_numpy(zero_copy_only=False) == "ok"
+        self.row_ids = None if hasattr(self.index, "id_map") else self.ids[in_faiss]
 
     def __len__(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
@@ -197,20 +200,26 @@ class SearchIndex:
             fetch = min(total, fetch * 4)
 
     def raw_search(self, vector: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `fetch` nearest: (scores, item ids), ids -1 past the end."""
         import faiss
 
         if self.manifest["quantize"] == "binary":
             from .quantize import binary_encode
 
-            distances, ids = self.index.search(binary_encode(vector), fetch)
-            return 1.0 - 2.0 * distances[0] / self.manifest["dim"], ids[0]  # fraction of agreeing signs, as ±1
-        inner = faiss.downcast_index(self.index.index)
+            distances, rows = self.index.search(binary_encode(vector), fetch)
+            return 1.0 - 2.0 * distances[0] / self.manifest["dim"], self.item_ids(rows[0])  # agreeing signs, as ±1
+        inner = faiss.downcast_index(self.index.index) if self.row_ids is None else self.index
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = max(64, fetch)
         if hasattr(inner, "nprobe"):
             inner.nprobe = min(inner.nlist, max(16, inner.nlist // 4))
-        scores, ids = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), fetch)
-        return scores[0], ids[0]
+        scores, rows = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), fetch)
+        return scores[0], self.item_ids(rows[0])
+
+    def item_ids(self, rows: np.ndarray) -> np.ndarray:
+        if self.row_ids is None:
+            return rows
+        return np.where(rows >= 0, self.row_ids[np.maximum(rows, 0)], -1)
 
     def result(self, rank: int, item_id: int, score: float) -> SearchResult:
         row = self.items.slice(self.position(item_id), 1).to_pylist()[0]

@@ -84,26 +84,28 @@ def faiss_factory(index_type: str, quantize: str, count: int) -> str:
     return codec
 
 
-def build_faiss(vectors: np.ndarray, ids: np.ndarray, dim: int, quantize: str, index_type: str) -> Any:
-    """A FAISS index over `vectors` cut to `dim` (Matryoshka) and renormalized; inner product."""
+def build_faiss(vectors: np.ndarray, dim: int, quantize: str, index_type: str) -> Any:
+    """A FAISS index over `vectors` cut to `dim` (Matryoshka) and renormalized; inner product.
+
+    FAISS row i is `vectors` row i: the index holds no ids (8 bytes a vector, and IDMap2's
+    reverse map in memory); the searcher maps rows to ids, which are the ok rows in id order.
+    """
     import faiss
 
     x = np.array(vectors[:, :dim], dtype=np.float32)  # a copy: the caller's array stays as it was
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
     if quantize == "binary":
         from .quantize import binary_encode
 
-        index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(dim))
+        index = faiss.IndexBinaryFlat(dim)
         if len(x):
-            index.add_with_ids(binary_encode(x), ids)
+            index.add(binary_encode(x))
         return index
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, faiss_factory(index_type, quantize, len(x)),
-                                                  faiss.METRIC_INNER_PRODUCT))
+    index = faiss.index_factory(dim, faiss_factory(index_type, quantize, len(x)), faiss.METRIC_INNER_PRODUCT)
     if len(x):
         if not index.is_trained:
             index.train(x)
-        index.add_with_ids(x, ids)
+        index.add(x)
     return index
 
 
@@ -204,8 +206,7 @@ class Store:
         ok_ids = np.array([r["id"] for r in rows if r["status"] == "ok"], dtype=np.int64)
         matrix = (np.stack([self.vectors[i] for i in ok_ids.tolist()]) if len(ok_ids)
                   else np.zeros((0, self.manifest["full_dim"]), dtype=np.float16))
-        index = build_faiss(matrix, ok_ids, self.manifest["dim"], self.manifest["quantize"],
-                            self.manifest["index_type"])
+        index = build_faiss(matrix, self.manifest["dim"], self.manifest["quantize"], self.manifest["index_type"])
         write_atomically(self.path / files["faiss"], lambda tmp: write_faiss(index, tmp, self.manifest["quantize"]))
         old_files = self.manifest.get("files", {})
         factory = ("BinaryFlat" if self.manifest["quantize"] == "binary"
