@@ -52,7 +52,7 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
         items = [file_item(path) for path in files]
         encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
         started = time.perf_counter()
-        for batch in token_batches(encoded, embedder.max_batch_tokens, 64):
+        for batch in token_batches(encoded, embedder.max_batch_tokens, 64, max_padding=embedder.max_padding):
             if isinstance(batch, list):
                 embedder.vectors(batch, dim=None, normalize=True)
         model_times.append(time.perf_counter() - started)

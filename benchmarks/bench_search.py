@@ -191,7 +191,7 @@ def make_index(target: Path, embedder: Path, items: int) -> None:
     store.commit()
 
 
-def timed(commands: dict[str, list[str]], repeats: int = 3) -> dict[str, list[float]]:
+def timed(commands: dict[str, list[str]], repeats: int = 5) -> dict[str, list[float]]:
     """Wall-clock seconds of each subprocess, `repeats` rounds taking turns (so that drift in load hits all alike)."""
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):

@@ -73,7 +73,7 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         # The model alone, on inputs prepared beforehand: what the pipeline could reach at best.
         encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
         started = synchronized_clock(embedder.device)
-        for batch in token_batches(encoded, embedder.max_batch_tokens, 64):
+        for batch in token_batches(encoded, embedder.max_batch_tokens, 64, max_padding=embedder.max_padding):
             if isinstance(batch, list):  # not a failure
                 embedder.vectors(batch, dim=None, normalize=True)
         model_seconds = synchronized_clock(embedder.device) - started

@@ -227,3 +227,28 @@ def test_table_format_for_terminals(capsys):
     header = out.splitlines()[0].split()
     assert header == ["#", "score", "rerank", "kind", "path", "length"]
     assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
+
+
+def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder, tmp_path):
+    """Indexes written before FAISS rows were mapped by position keep item ids in an IndexIDMap2."""
+    import shutil
+
+    import faiss
+    import numpy as np
+
+    from qvlsearch.search import SearchIndex
+    from qvlsearch.store import Store
+
+    old = tmp_path / "old-index"
+    shutil.copytree(index_dir, old)
+    store = Store.open(old)
+    ok_ids = np.array(sorted(i for i, row in store.rows.items() if row["status"] == "ok"), dtype=np.int64)
+    flat = store.faiss_index()
+    with_ids = faiss.IndexIDMap2(faiss.IndexFlatIP(flat.d))
+    with_ids.add_with_ids(flat.reconstruct_n(0, flat.ntotal), ok_ids)
+    faiss.write_index(with_ids, str(old / store.manifest["files"]["faiss"]))
+
+    expected = SearchIndex(index_dir, embedder=embedder).search("a black cat", k=5)
+    found = SearchIndex(old, embedder=embedder).search("a black cat", k=5)
+    assert [(r.id, r.path) for r in found] == [(r.id, r.path) for r in expected]
+    assert [r.score for r in found] == pytest.approx([r.score for r in expected], abs=1e-6)
