@@ -102,7 +102,7 @@ class SearchIndex:
                       else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
         self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
         self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
-        # FAISS row i holds the i-th ok item in id order (indexes written before 0.1.0 keep ids in an IDMap).
+        # FAISS row i holds the i-th ok item in id order (older indexes keep item ids in an IDMap2).
         in_faiss = self.items["status"].to_numpy(zero_copy_only=False) == "ok"
         self.row_ids = None if hasattr(self.index, "id_map") else self.ids[in_faiss]
 
