@@ -8,16 +8,14 @@ processor, the tiny model, FAISS and Parquet; goal: index ≤ 1.25 × floor.
 from __future__ import annotations
 
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import Figure, best_of
+from common import Figure, best_of, model_alone_s
 from corpus import make_corpus
 
 from qvlsearch.fs import file_item, walk
 from qvlsearch.media import VisionOptions, content_parts, load_media
-from qvlsearch.qwen import token_batches
 
 
 def decode_floor(files: list[str], workers: int) -> None:
@@ -47,23 +45,11 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
         shutil.rmtree(target, ignore_errors=True)
         Indexer(target, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
 
-    def model_only() -> None:
-        """The tiny model on inputs decoded and prepared beforehand (not timed): its share of the index time."""
-        items = [file_item(path) for path in files]
-        encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-        started = time.perf_counter()
-        for batch in token_batches(encoded, embedder.max_batch_tokens, 64, max_padding=embedder.max_padding):
-            if isinstance(batch, list):
-                embedder.vectors(batch, dim=None, normalize=True)
-        model_times.append(time.perf_counter() - started)
-
     index()  # warm-up: first-use costs (thread pools, allocator, file cache)
     floor = best_of(lambda: decode_floor(files, workers), 2)
     indexed = best_of(index, 2)
-    model_times: list[float] = []
-    for _ in range(2):
-        model_only()
-    model = min(model_times)
+    items = [file_item(path) for path in files]
+    model = min(model_alone_s(embedder, items) for _ in range(2))  # the tiny model's share of the index time
     detail = {"files": len(files), "workers": workers, "floor_s": round(floor, 3), "index_s": round(indexed, 3),
               "model_only_s": round(model, 3)}
     return [

@@ -52,6 +52,26 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
+def synchronized_clock(device) -> float:
+    """perf_counter after a GPU's queued work is done."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def model_alone_s(embedder, items: list) -> float:
+    """Seconds the Embedder's model takes on `items` decoded and prepared beforehand (not timed),
+    batched as `embed` batches them: what the pipeline could reach at best."""
+    encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
+    started = synchronized_clock(embedder.device)
+    for batch in embedder.token_batches(encoded):
+        if isinstance(batch, list):  # not a failure
+            embedder.vectors(batch, dim=None, normalize=True)
+    return synchronized_clock(embedder.device) - started
+
+
 def machine() -> str:
     """A short name for this machine: the GPU's, else the CPU model and core count."""
     try:

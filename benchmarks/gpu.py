@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from common import Figure, report, save  # noqa: E402
+from common import Figure, model_alone_s, report, save, synchronized_clock  # noqa: E402
 
 GFLOP_PER_VISUAL_TOKEN = 5.45
 GFLOP_PER_TEXT_TOKEN = 2.82
@@ -44,7 +44,6 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
     from corpus import photo
 
     from qvlsearch import Embedder
-    from qvlsearch.qwen import token_batches
 
     embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens)
     card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
@@ -70,13 +69,7 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             tokens["visual"] += visual
             tokens["text"] += result.facts["tokens"] - visual
         seconds = synchronized_clock(embedder.device) - started
-        # The model alone, on inputs prepared beforehand: what the pipeline could reach at best.
-        encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-        started = synchronized_clock(embedder.device)
-        for batch in token_batches(encoded, embedder.max_batch_tokens, 64, max_padding=embedder.max_padding):
-            if isinstance(batch, list):  # not a failure
-                embedder.vectors(batch, dim=None, normalize=True)
-        model_seconds = synchronized_clock(embedder.device) - started
+        model_seconds = model_alone_s(embedder, items)
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
                   "workers": embedder.workers, "max_batch_tokens": embedder.max_batch_tokens,
@@ -91,15 +84,6 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
                                   detail))
     return figures
-
-
-def synchronized_clock(device) -> float:
-    """perf_counter after the GPU's queued work is done."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,8 +272,12 @@ class QwenModel:
         both go on while the model runs.
         """
         encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2)
-        batches = token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding)
-        return in_background(batches, depth=2)
+        return in_background(self.token_batches(encoded, batch_size), depth=2)
+
+    def token_batches(self, encoded: Iterable[Encoded | Failed], batch_size: int | None = None
+                      ) -> Iterator[list[Encoded] | Failed]:
+        """`token_batches` with this model's token budget and padding cap."""
+        return token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding)
 
     @torch.inference_mode()
     def forward_last_hidden(self, batch: list[Encoded]) -> torch.Tensor:

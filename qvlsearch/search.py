@@ -77,25 +77,21 @@ class SearchIndex:
 
     def __init__(self, path: str | os.PathLike, *, device: str | None = None, embedder: Any = None,
                  reranker: Any = None, preload: Iterable[str] = (), reranker_model: str | None = None):
-        import pyarrow.parquet as pq
-
         self.path = Path(path).expanduser()
         self.manifest = read_manifest(self.path)
         self.device = device
         self.reranker_model = reranker_model
         self._embedder = embedder
         self._reranker = reranker
-        self._loading: dict[str, Future] = {}
-        if preload:
-            loaders = {"embedder": self.load_embedder, "reranker": self.load_reranker}
-            # One thread: transformers' lazy imports are not safe to run from two threads at once.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvlsearch-model") as pool:
-                self._loading = {name: pool.submit(loaders[name]) for name in preload}
-                self.read_index(pq)
-        else:
-            self.read_index(pq)
+        loaders = {"embedder": self.load_embedder, "reranker": self.load_reranker}
+        # One thread: transformers' lazy imports are not safe to run from two threads at once.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvlsearch-model") as pool:
+            self._loading: dict[str, Future] = {name: pool.submit(loaders[name]) for name in preload}
+            self.read_index()
 
-    def read_index(self, pq: Any) -> None:
+    def read_index(self) -> None:
+        import pyarrow.parquet as pq
+
         files = self.manifest.get("files", {})
         # Columns stay in Arrow: only the hits' rows ever become Python objects.
         self.items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
@@ -112,16 +108,19 @@ class SearchIndex:
     @property
     def embedder(self):
         if self._embedder is None:
-            loading = self._loading.pop("embedder", None)
-            self._embedder = loading.result() if loading else self.load_embedder()
+            self._embedder = self.loaded("embedder", self.load_embedder)
         return self._embedder
 
     @property
     def reranker(self):
         if self._reranker is None:
-            loading = self._loading.pop("reranker", None)
-            self._reranker = loading.result() if loading else self.load_reranker()
+            self._reranker = self.loaded("reranker", self.load_reranker)
         return self._reranker
+
+    def loaded(self, name: str, load: Callable[[], Any]) -> Any:
+        """The model `name` from its preload (raising its error, if any), or loaded now."""
+        loading = self._loading.pop(name, None)
+        return loading.result() if loading else load()
 
     def load_embedder(self):
         from .embedder import Embedder
