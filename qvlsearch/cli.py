@@ -341,10 +341,11 @@ def search(
     device: DeviceOption = "auto",
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import open_index, query_item
+    from .search import kinds_of, open_index, query_item
     from .store import StoreError
 
     fmt = output_format(as_json, as_jsonl, paths, null)
+    kinds_of(kind)  # a bad --kind fails before the models load
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):

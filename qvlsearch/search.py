@@ -55,6 +55,14 @@ def rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
+def kinds_of(kind: str | Iterable[str] | None) -> set[str]:
+    """The kinds a `kind` filter names (none: every kind); raises InputError for an unknown one."""
+    kinds = {kind} if isinstance(kind, str) else set(kind or ())
+    if kinds - set(KINDS):
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
+    return kinds
+
+
 def query_item(query: str | Mapping | None, images: Iterable[str] = (), video: str | None = None) -> dict[str, Any]:
     """A query as an Embedder/Reranker item: text, images, a video, or a mix."""
     item: dict[str, Any] = dict(query) if isinstance(query, Mapping) else ({"text": query} if query else {})
@@ -161,9 +169,7 @@ class SearchIndex:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        kinds = {kind} if isinstance(kind, str) else set(kind or ())
-        if kinds - set(KINDS):
-            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
+        kinds = kinds_of(kind)
         allowed = np.ones(len(self.ids), dtype=bool)
         if kinds:
             in_kinds = pc.is_in(self.items["kind"], value_set=pa.array(sorted(kinds)))
