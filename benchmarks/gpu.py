@@ -36,7 +36,40 @@ def peak_tflops(card: str) -> float | None:
     return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
 
 
-def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None) -> list[Figure]:
+def feeding_alone_s(embedder, items: list) -> float:
+    """Seconds to decode, process and batch `items` with the Embedder's workers, no model: the CPU side's ceiling."""
+    started = time.perf_counter()
+    for _ in embedder.batches(embedder.encode, items, None):
+        pass
+    return time.perf_counter() - started
+
+
+def profile_model(embedder, items: list, path: Path) -> None:
+    """Write where the model's time goes on prepared inputs (torch.profiler tables) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
+    batches = [b for b in embedder.token_batches(encoded) if isinstance(b, list)]
+    embedder.vectors(batches[0], dim=None, normalize=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embedder.device.type == "cuda" else [])
+    started = synchronized_clock(embedder.device)
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            embedder.vectors(batch, dim=None, normalize=True)
+        finished = synchronized_clock(embedder.device)
+    wall = finished - started
+    averages = prof.key_averages()
+    tables = [f"{len(items)} items in {len(batches)} batches, {wall:.3f} s under the profiler"]
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            tables.append(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=30, max_name_column_width=70))
+        except Exception as exc:  # the key's name varies across torch versions; CUPTI may be missing
+            tables.append(f"sorted by {key}: {type(exc).__name__}: {exc}")
+    path.write_text("\n\n".join(tables) + "\n")
+
+
+def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None,
+               profile_dir: Path | None = None) -> list[Figure]:
     """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization."""
     import numpy as np
     import torch
@@ -70,8 +103,12 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             tokens["text"] += result.facts["tokens"] - visual
         seconds = synchronized_clock(embedder.device) - started
         model_seconds = model_alone_s(embedder, items)
+        feeding_seconds = feeding_alone_s(embedder, items)
+        if profile_dir and not batch_tokens:
+            profile_model(embedder, items[:64], profile_dir / f"profile-{name.split()[0]}.txt")
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
+                  "feeding_only_s": round(feeding_seconds, 3),
                   "workers": embedder.workers, "max_batch_tokens": embedder.max_batch_tokens,
                   "attn": embedder.attn_implementation, "card": card, "peak_tflops": peak}
         name = f"{name}, batches of {embedder.max_batch_tokens} tokens" if batch_tokens else name
@@ -79,6 +116,8 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         figures.append(Figure("gpu", f"{name}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s",
                               detail=detail))
+        figures.append(Figure("gpu", f"{name}: inputs prepared only, no model", len(items) / feeding_seconds,
+                              "items/s", detail=detail))
         if peak:
             goal = ">= 0.5" if name.startswith("1024x768") and not batch_tokens else ""
             figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
@@ -91,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="2b", help="checkpoint shapes (default: 2b)")
     parser.add_argument("--device", default="cuda", help="device (default: cuda)")
     parser.add_argument("--count", type=int, default=256, help="items per efficiency case (default: 256)")
+    parser.add_argument("--scale", type=int, default=3,
+                        help="copies of the CPU suite's embed and rerank sets (default: 3, so that the GPU's "
+                             "share is not lost in noise)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the embed and rerank comparisons; "
+                        "each strategy's best counts (default: 2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler tables of the model on each efficiency case to --out")
     parser.add_argument("--batch-tokens", type=int, action="append", default=[],
                         help="also measure efficiency with batches of this many tokens (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="also copy the results JSON into this folder")
@@ -111,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or Path(tmp)
         checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
         print(f"[checkpoints built in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
-        figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4")
+        figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4",
+                                                 scale=args.scale, repeats=args.repeats)
         print(f"[embedding done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
-        figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8")
+        figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8",
+                                                  scale=args.scale, repeats=args.repeats)
         print(f"[reranking done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
-        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count)
+        profile_dir = args.out if args.profile else None
+        if profile_dir:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, profile_dir=profile_dir)
         for tokens in args.batch_tokens:
             figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, tokens)
     print(report(figures))
