@@ -39,7 +39,7 @@ def peak_tflops(card: str) -> float | None:
 def feeding_alone_s(embedder, items: list) -> float:
     """Seconds to decode, process and batch `items` with the Embedder's workers, no model: the CPU side's ceiling."""
     started = time.perf_counter()
-    for _ in embedder.batches(embedder.encode, items, None):
+    for _ in embedder.batches(embedder.encode, items, None, embedder.worker_processes):
         pass
     return time.perf_counter() - started
 
@@ -69,8 +69,12 @@ def profile_model(embedder, items: list, path: Path) -> None:
 
 
 def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None,
-               profile_dir: Path | None = None) -> list[Figure]:
-    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization."""
+               profile_dir: Path | None = None, processes: bool = False, torch_threads: int | None = None
+               ) -> list[Figure]:
+    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization.
+
+    `processes` decodes in worker processes; `torch_threads` sets torch's CPU threads for the run.
+    """
     import numpy as np
     import torch
     from bench_models import texts
@@ -78,7 +82,10 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
 
     from qvlsearch import Embedder
 
-    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens)
+    threads_before = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, processes=processes)
     card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
     peak = peak_tflops(card)
     rng = np.random.default_rng(0)
@@ -104,14 +111,17 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         seconds = synchronized_clock(embedder.device) - started
         model_seconds = model_alone_s(embedder, items)
         feeding_seconds = feeding_alone_s(embedder, items)
-        if profile_dir and not batch_tokens:
+        if profile_dir and not batch_tokens and not processes:
             profile_model(embedder, items[:64], profile_dir / f"profile-{name.split()[0]}.txt")
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
                   "feeding_only_s": round(feeding_seconds, 3),
-                  "workers": embedder.workers, "max_batch_tokens": embedder.max_batch_tokens,
+                  "workers": embedder.workers, "processes": processes, "torch_threads": torch.get_num_threads(),
+                  "max_batch_tokens": embedder.max_batch_tokens,
                   "attn": embedder.attn_implementation, "card": card, "peak_tflops": peak}
         name = f"{name}, batches of {embedder.max_batch_tokens} tokens" if batch_tokens else name
+        name = f"{name}, worker processes" if processes else name
+        name = f"{name}, {torch_threads} torch thread(s)" if torch_threads else name
         figures.append(Figure("gpu", f"{name}: throughput", len(items) / seconds, "items/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s",
@@ -122,6 +132,7 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             goal = ">= 0.5" if name.startswith("1024x768") and not batch_tokens else ""
             figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
                                   detail))
+    torch.set_num_threads(threads_before)
     return figures
 
 
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
         print(f"[checkpoints built in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
         figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4",
-                                                 scale=args.scale, repeats=args.repeats)
+                                                 scale=args.scale, repeats=args.repeats, processes=True)
         print(f"[embedding done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
         figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8",
                                                   scale=args.scale, repeats=args.repeats)
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if profile_dir:
             profile_dir.mkdir(parents=True, exist_ok=True)
         figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, profile_dir=profile_dir)
+        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, processes=True)
+        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, torch_threads=1)
         for tokens in args.batch_tokens:
             figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, tokens)
     print(report(figures))

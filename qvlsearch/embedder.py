@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import unicodedata
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import torch
 
 from .errors import InputError, MediaError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, load_media
+from .parallel import WorkerProcesses
 from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
@@ -40,13 +42,53 @@ def with_final_punctuation(instruction: str) -> str:
     return instruction
 
 
+@dataclass
+class ItemEncoder:
+    """Turns one item into model inputs. It holds no model, so worker processes can run it."""
+
+    processor: Any
+    options: VisionOptions
+    max_length: int
+    default_instruction: str
+    dtype: torch.dtype
+
+    def __call__(self, index: int, item: Any) -> Encoded | Failed:
+        def build() -> Encoded:
+            parts = content_parts(check_item(item, index), self.options)
+            media = load_media(parts)
+            inputs = run_processor(self.processor, self.conversation(item, parts), media)
+            ids = inputs["input_ids"][0].tolist()
+            if len(ids) > self.max_length:
+                ids = self.truncate(ids)
+            return encoded_from(index, inputs, ids, media, self.processor, self.dtype)
+
+        return encode_or_fail(index, build)
+
+    def conversation(self, item: Mapping, parts: list[dict]) -> list[dict]:
+        instruction = with_final_punctuation(item.get("instruction") or "") or self.default_instruction
+        return [
+            {"role": "system", "content": [{"type": "text", "text": instruction}]},
+            {"role": "user", "content": parts},
+        ]
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        """Keep the first max_length tokens (as the official tokenizer call does), never half an image."""
+        vision = (self.processor.image_token_id, self.processor.video_token_id)
+        if any(t in vision for t in ids[self.max_length :]):
+            raise MediaError(
+                f"input is {len(ids)} tokens, over max_length={self.max_length}, and truncating would cut "
+                "an image or video; lower max_pixels/total_pixels/max_frames or raise max_length"
+            )
+        return ids[: self.max_length]
+
+
 class Embedder(QwenModel):
     """Qwen3-VL-Embedding: multimodal objects in, L2-normalized float32 vectors out.
 
     Items are dicts with any of `text`, `image`, `video`, `instruction`, `fps`,
-    `max_frames` (see README). Media are decoded in worker threads while the model runs,
-    and items are batched by token count; a vector never depends on its batch
-    neighbours.
+    `max_frames` (see README). Media are decoded in worker threads (or, with
+    `processes=True`, worker processes: faster on a GPU) while the model runs, and items
+    are batched by token count; a vector never depends on its batch neighbours.
     """
 
     def __init__(
@@ -65,6 +107,7 @@ class Embedder(QwenModel):
         default_instruction: str = "Represent the user's input.",
         max_batch_tokens: int | None = None,
         workers: int | None = None,
+        processes: bool = False,
     ):
         from transformers import Qwen3VLModel
 
@@ -81,36 +124,13 @@ class Embedder(QwenModel):
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         self.dim = self.model.config.text_config.hidden_size
-
-    def conversation(self, item: Mapping, parts: list[dict]) -> list[dict]:
-        instruction = with_final_punctuation(item.get("instruction") or "") or self.default_instruction
-        return [
-            {"role": "system", "content": [{"type": "text", "text": instruction}]},
-            {"role": "user", "content": parts},
-        ]
+        self.item_encoder = ItemEncoder(self.processor, self.options, max_length, default_instruction, self.dtype)
+        self.processes = processes
+        self.worker_processes: WorkerProcesses | None = None
 
     def encode(self, index: int, item: Any) -> Encoded | Failed:
-        """One item to model inputs (runs in a worker thread); errors become `Failed`."""
-
-        def build() -> Encoded:
-            parts = content_parts(check_item(item, index), self.options)
-            media = load_media(parts)
-            inputs = run_processor(self.processor, self.conversation(item, parts), media)
-            ids = inputs["input_ids"][0].tolist()
-            if len(ids) > self.max_length:
-                ids = self.truncate(ids)
-            return encoded_from(index, inputs, ids, self.vision_token_types(ids), media)
-
-        return encode_or_fail(index, build)
-
-    def truncate(self, ids: list[int]) -> list[int]:
-        """Keep the first max_length tokens (as the official tokenizer call does), never half an image."""
-        if any(t in (self.image_token_id, self.video_token_id) for t in ids[self.max_length :]):
-            raise MediaError(
-                f"input is {len(ids)} tokens, over max_length={self.max_length}, and truncating would cut "
-                "an image or video; lower max_pixels/total_pixels/max_frames or raise max_length"
-            )
-        return ids[: self.max_length]
+        """One item to model inputs (runs in a worker); errors become `Failed`."""
+        return self.item_encoder(index, item)
 
     def check_dim(self, dim: int | None) -> None:
         if dim is not None and not (MIN_DIM <= dim <= self.dim):
@@ -121,7 +141,10 @@ class Embedder(QwenModel):
     ) -> Iterator[Embedding]:
         """Stream `Embedding`s as batches finish (not in input order); memory stays bounded."""
         self.check_dim(dim)
-        with contextlib.closing(self.batches(self.encode, items, batch_size)) as batches:
+        if self.processes and self.worker_processes is None:
+            self.worker_processes = WorkerProcesses(self.item_encoder, self.workers)
+            weakref.finalize(self, self.worker_processes.shutdown)
+        with contextlib.closing(self.batches(self.encode, items, batch_size, self.worker_processes)) as batches:
             for batch in batches:
                 if isinstance(batch, Failed):
                     yield Embedding(batch.index, None, batch.error)

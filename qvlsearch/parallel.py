@@ -1,35 +1,89 @@
-"""Feed the model from other threads: media decoding runs in workers with bounded look-ahead,
-and batches are formed in a background thread while the model runs on the previous ones."""
+"""Feed the model from other threads: media decoding runs in worker threads or processes with
+bounded look-ahead, and batches are formed in a background thread while the model runs on
+the previous ones."""
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Any, TypeVar
+
+from .errors import QvlsearchError
 
 T = TypeVar("T")
 
 
-def prefetch(fn: Callable[[int, Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
-    """`fn(i, item)` for each item in worker threads, results in input order, at most `ahead` in flight."""
-    if workers <= 0:
+def prefetch(fn: Callable[[int, Any], Any], items: Iterable[Any], workers: int, ahead: int,
+             processes: WorkerProcesses | None = None) -> Iterator[Any]:
+    """`fn(i, item)` for each item, results in input order, at most `ahead` in flight.
+
+    The calls run in `processes` when given (which hold their own `fn`), else in `workers`
+    threads, else inline.
+    """
+    if processes is not None:
+        yield from _in_order(processes.submit, items, ahead)
+    elif workers <= 0:
         yield from (fn(i, item) for i, item in enumerate(items))
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qvlsearch-load") as pool:
-        pending: deque = deque()
-        try:
-            for i, item in enumerate(items):
-                pending.append(pool.submit(fn, i, item))
-                if len(pending) >= ahead:
-                    yield pending.popleft().result()
-            while pending:
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qvlsearch-load") as pool:
+            yield from _in_order(partial(pool.submit, fn), items, ahead)
+
+
+def _in_order(submit: Callable[[int, Any], Future], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    pending: deque[Future] = deque()
+    try:
+        for i, item in enumerate(items):
+            pending.append(submit(i, item))
+            if len(pending) >= ahead:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise QvlsearchError("a media worker process died (out of memory, or a crash in a decoder); "
+                             "run again to resume, with fewer --workers if memory is short") from None
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+_worker_fn: Callable[[int, Any], Any] | None = None
+
+
+def _start_worker(fn: Callable[[int, Any], Any]) -> None:
+    global _worker_fn
+    import torch
+
+    torch.set_num_threads(1)  # a process per core: more threads each would only contend
+    _worker_fn = fn
+
+
+def _call_worker_fn(index: int, item: Any) -> Any:
+    return _worker_fn(index, item)
+
+
+class WorkerProcesses:
+    """A pool of spawned processes that each hold `fn` (pickled once, when they start).
+
+    Threads share one interpreter lock with the thread that drives the GPU, and on a GPU
+    machine the processor's Python work in 16 threads starves it; processes do not.
+    Spawning means the usual `if __name__ == "__main__":` guard in scripts.
+    """
+
+    def __init__(self, fn: Callable[[int, Any], Any], workers: int):
+        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_worker, initargs=(fn,))
+
+    def submit(self, index: int, item: Any) -> Future:
+        return self.pool.submit(_call_worker_fn, index, item)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _End:

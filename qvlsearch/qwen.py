@@ -14,7 +14,7 @@ import torch
 
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import LoadedMedia, VisionOptions
-from .parallel import in_background, prefetch
+from .parallel import WorkerProcesses, in_background, prefetch
 
 log = logging.getLogger("qvlsearch")
 
@@ -89,12 +89,24 @@ class Encoded:
 
     index: int
     input_ids: list[int]
-    mm_token_type_ids: list[int]
+    mm_token_type_ids: list[int]  # 0 text, 1 image and 2 video placeholder tokens (what M-RoPE needs)
     vision: dict[str, torch.Tensor]  # pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw
     facts: dict[str, Any] = field(default_factory=dict)  # tokens, width, height, frames, duration_s
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tensors travel from worker processes as numpy arrays: plain bytes through the pipe."""
+        bfloat16 = [k for k, v in self.vision.items() if v.dtype == torch.bfloat16]  # numpy has no bfloat16
+        wire = {k: (v.view(torch.int16) if k in bfloat16 else v).numpy() for k, v in self.vision.items()}
+        return {**self.__dict__, "vision": wire, "bfloat16": bfloat16}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        bfloat16 = state.pop("bfloat16")
+        state["vision"] = {k: torch.from_numpy(v).view(torch.bfloat16) if k in bfloat16 else torch.from_numpy(v)
+                           for k, v in state["vision"].items()}
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -145,14 +157,20 @@ def run_processor(processor: Any, conversation: list[dict], media: LoadedMedia) 
 
 
 def encoded_from(
-    index: int, inputs: dict[str, Any], input_ids: list[int], vision_token_types: list[int], media: LoadedMedia
+    index: int, inputs: dict[str, Any], input_ids: list[int], media: LoadedMedia, processor: Any, dtype: torch.dtype
 ) -> Encoded:
-    """Pack processor output (with possibly truncated ids) into an Encoded item."""
+    """Pack processor output (with possibly truncated ids) into an Encoded item.
+
+    Pixels are cast to the model's dtype here, in the worker, as the model would cast them
+    (on a GPU this halves what is copied to it).
+    """
+    image, video = processor.image_token_id, processor.video_token_id
     return Encoded(
         index=index,
         input_ids=input_ids,
-        mm_token_type_ids=vision_token_types,
-        vision={k: inputs[k] for k in VISION_KEYS if inputs.get(k) is not None},
+        mm_token_type_ids=[1 if t == image else 2 if t == video else 0 for t in input_ids],
+        vision={k: inputs[k].to(dtype) if inputs[k].is_floating_point() else inputs[k]
+                for k in VISION_KEYS if inputs.get(k) is not None},
         facts={"tokens": len(input_ids), **media.facts()},
     )
 
@@ -257,21 +275,15 @@ class QwenModel:
         )
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.image_token_id = self.processor.image_token_id
-        self.video_token_id = self.processor.video_token_id
 
-    def vision_token_types(self, input_ids: list[int]) -> list[int]:
-        """0 for text, 1 for image and 2 for video placeholder tokens (what M-RoPE needs)."""
-        return [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in input_ids]
-
-    def batches(self, encode: Callable[[int, Any], Encoded | Failed], items: Iterable[Any], batch_size: int | None
-                ) -> Iterator[list[Encoded] | Failed]:
+    def batches(self, encode: Callable[[int, Any], Encoded | Failed], items: Iterable[Any], batch_size: int | None,
+                processes: WorkerProcesses | None = None) -> Iterator[list[Encoded] | Failed]:
         """Token-budget batches of `encode(i, item)`, and failures as they come.
 
-        Worker threads encode the items and a background thread forms the batches, so
-        both go on while the model runs.
+        Worker threads (or `processes` running `encode`) encode the items and a background
+        thread forms the batches, so both go on while the model runs.
         """
-        encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2)
+        encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2, processes=processes)
         return in_background(self.token_batches(encoded, batch_size), depth=2)
 
     def token_batches(self, encoded: Iterable[Encoded | Failed], batch_size: int | None = None

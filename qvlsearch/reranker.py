@@ -131,7 +131,7 @@ class Reranker(QwenModel):
                 )
                 inputs = run_processor(self.processor, self.conversation(instruction, query_parts, doc_parts), media)
                 ids = self.truncate(inputs["input_ids"][0].tolist())
-                return encoded_from(index, inputs, ids, self.vision_token_types(ids), media)
+                return encoded_from(index, inputs, ids, media, self.processor, self.dtype)
 
             return encode_or_fail(index, build)
 
