@@ -65,10 +65,10 @@ def model_alone_s(embedder, items: list) -> float:
     """Seconds the Embedder's model takes on `items` decoded and prepared beforehand (not timed),
     batched as `embed` batches them: what the pipeline could reach at best."""
     encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
+    batches = [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]  # not failures
     started = synchronized_clock(embedder.device)
-    for batch in embedder.token_batches(encoded):
-        if isinstance(batch, list):  # not a failure
-            embedder.vectors(batch, dim=None, normalize=True)
+    for batch in batches:
+        embedder.vectors(batch, dim=None, normalize=True)
     return synchronized_clock(embedder.device) - started
 
 

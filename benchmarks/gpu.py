@@ -49,7 +49,7 @@ def profile_model(embedder, items: list, path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-    batches = [b for b in embedder.token_batches(encoded) if isinstance(b, list)]
+    batches = [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]
     embedder.vectors(batches[0], dim=None, normalize=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embedder.device.type == "cuda" else [])
     started = synchronized_clock(embedder.device)
@@ -69,12 +69,9 @@ def profile_model(embedder, items: list, path: Path) -> None:
 
 
 def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None,
-               profile_dir: Path | None = None, processes: bool = False, torch_threads: int | None = None
-               ) -> list[Figure]:
-    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization.
-
-    `processes` decodes in worker processes; `torch_threads` sets torch's CPU threads for the run.
-    """
+               profile_dir: Path | None = None, processes: bool = False) -> list[Figure]:
+    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization; `processes`
+    decodes in worker processes instead of threads."""
     import numpy as np
     import torch
     from bench_models import texts
@@ -82,9 +79,6 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
 
     from qvlsearch import Embedder
 
-    threads_before = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
     embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, processes=processes)
     card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
     peak = peak_tflops(card)
@@ -116,12 +110,11 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
                   "feeding_only_s": round(feeding_seconds, 3),
-                  "workers": embedder.workers, "processes": processes, "torch_threads": torch.get_num_threads(),
+                  "workers": embedder.workers, "processes": processes,
                   "max_batch_tokens": embedder.max_batch_tokens,
                   "attn": embedder.attn_implementation, "card": card, "peak_tflops": peak}
         name = f"{name}, batches of {embedder.max_batch_tokens} tokens" if batch_tokens else name
         name = f"{name}, worker processes" if processes else name
-        name = f"{name}, {torch_threads} torch thread(s)" if torch_threads else name
         figures.append(Figure("gpu", f"{name}: throughput", len(items) / seconds, "items/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s",
@@ -132,7 +125,6 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             goal = ">= 0.5" if name.startswith("1024x768") and not batch_tokens else ""
             figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
                                   detail))
-    torch.set_num_threads(threads_before)
     return figures
 
 
@@ -146,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                              "share is not lost in noise)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the embed and rerank comparisons; "
                         "each strategy's best counts (default: 2)")
+    parser.add_argument("--processes", action="store_true",
+                        help="also measure efficiency with media decoded in worker processes")
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler tables of the model on each efficiency case to --out")
     parser.add_argument("--batch-tokens", type=int, action="append", default=[],
@@ -178,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if profile_dir:
             profile_dir.mkdir(parents=True, exist_ok=True)
         figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, profile_dir=profile_dir)
-        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, processes=True)
-        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, torch_threads=1)
+        if args.processes:
+            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, processes=True)
         for tokens in args.batch_tokens:
             figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, tokens)
     print(report(figures))

@@ -16,7 +16,7 @@ import torch
 from .errors import InputError, MediaError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, load_media
 from .parallel import WorkerProcesses
-from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
+from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 
@@ -150,9 +150,9 @@ class Embedder(QwenModel):
                     yield Embedding(batch.index, None, batch.error)
                     continue
                 vectors = self.vectors(batch, dim=dim, normalize=normalize)
-                yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch, vectors, strict=True))
+                yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch.items, vectors, strict=True))
 
-    def vectors(self, batch: list[Encoded], *, dim: int | None, normalize: bool) -> np.ndarray:
+    def vectors(self, batch: Batch, *, dim: int | None, normalize: bool) -> np.ndarray:
         pooled = self.forward_last_hidden(batch).float()
         if dim is not None:
             pooled = pooled[:, :dim]

@@ -175,26 +175,34 @@ def encoded_from(
     )
 
 
-def collate(batch: list[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch and concatenate its pixels in item order.
+@dataclass
+class Batch:
+    """Items for one forward pass, and their padded model inputs (in pinned memory on GPUs)."""
+
+    items: list[Encoded]
+    inputs: dict[str, torch.Tensor]
+
+
+def collate(items: list[Encoded], pad_id: int, pin: bool) -> Batch:
+    """Right-pad the items and concatenate their pixels in item order.
 
     There is no attention mask: attention is causal and the padding comes after every real
     token, so no real token sees it, and attention can take the fast unmasked kernels.
     """
-    width = max(len(e) for e in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mm_token_type_ids = torch.zeros((len(batch), width), dtype=torch.int)
-    for row, e in enumerate(batch):
+    width = max(len(e) for e in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mm_token_type_ids = torch.zeros((len(items), width), dtype=torch.int)
+    for row, e in enumerate(items):
         input_ids[row, : len(e)] = torch.tensor(e.input_ids)
         mm_token_type_ids[row, : len(e)] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
     inputs = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids}
     for key in VISION_KEYS:
-        parts = [e.vision[key] for e in batch if key in e.vision]
+        parts = [e.vision[key] for e in items if key in e.vision]
         if parts:
             inputs[key] = torch.cat(parts)
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs
+    if pin:
+        inputs = {k: v.pin_memory() for k, v in inputs.items()}
+    return Batch(items, inputs)
 
 
 def token_batches(
@@ -277,14 +285,18 @@ class QwenModel:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def batches(self, encode: Callable[[int, Any], Encoded | Failed], items: Iterable[Any], batch_size: int | None,
-                processes: WorkerProcesses | None = None) -> Iterator[list[Encoded] | Failed]:
+                processes: WorkerProcesses | None = None) -> Iterator[Batch | Failed]:
         """Token-budget batches of `encode(i, item)`, and failures as they come.
 
         Worker threads (or `processes` running `encode`) encode the items and a background
-        thread forms the batches, so both go on while the model runs.
+        thread forms and pads the batches, so both go on while the model runs.
         """
         encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2, processes=processes)
-        return in_background(self.token_batches(encoded, batch_size), depth=2)
+        batches = (b if isinstance(b, Failed) else self.collate(b) for b in self.token_batches(encoded, batch_size))
+        return in_background(batches, depth=2)
+
+    def collate(self, items: list[Encoded]) -> Batch:
+        return collate(items, self.pad_id, pin=self.device.type == "cuda")
 
     def token_batches(self, encoded: Iterable[Encoded | Failed], batch_size: int | None = None
                       ) -> Iterator[list[Encoded] | Failed]:
@@ -292,8 +304,9 @@ class QwenModel:
         return token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding)
 
     @torch.inference_mode()
-    def forward_last_hidden(self, batch: list[Encoded]) -> torch.Tensor:
+    def forward_last_hidden(self, batch: Batch) -> torch.Tensor:
         """Final hidden state of the last token of each item (the pooled token)."""
-        hidden = self.model(**collate(batch, self.pad_id, self.device)).last_hidden_state
-        last = torch.tensor([len(e) - 1 for e in batch], device=hidden.device)
-        return hidden[torch.arange(len(batch), device=hidden.device), last]
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
+        hidden = self.model(**inputs).last_hidden_state
+        last = torch.tensor([len(e) - 1 for e in batch.items], device=hidden.device)
+        return hidden[torch.arange(len(batch.items), device=hidden.device), last]

@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError, MediaError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
-from .qwen import Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
+from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 
@@ -143,11 +143,11 @@ class Reranker(QwenModel):
                         raise batch.error
                     log.warning("skipped document %s", batch.error)
                     continue
-                for e, score in zip(batch, self.scores(batch), strict=True):
+                for e, score in zip(batch.items, self.scores(batch), strict=True):
                     scores[e.index] = score
         return scores
 
-    def scores(self, batch: list[Encoded]) -> list[float]:
+    def scores(self, batch: Batch) -> list[float]:
         last = self.forward_last_hidden(batch)
         logits = last @ self.score_weight.to(last.device, last.dtype)
         return torch.sigmoid(logits).float().cpu().tolist()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PHOTOS
 from PIL import Image
 from reference import ReferenceEmbedder
@@ -234,3 +236,26 @@ def test_float32_and_sdpa_on_cpu(embedder):
     assert embedder.device.type == "cpu" and embedder.dtype == torch.float32
     assert embedder.attn_implementation == "sdpa"
     assert next(embedder.model.parameters()).dtype == torch.float32
+
+
+def test_worker_processes_give_the_same_vectors_and_errors_as_threads(checkpoints, embedder, media):
+    items = every_kind(media) + [{"image": str(media["corrupt.jpg"])}, {"text": 7}]
+    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=2)
+    got = in_processes.embed(items, on_error="skip")
+    expected = embedder.embed(items, on_error="skip")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    errors = {r.index: r.error for r in in_processes.embed_iter(items) if r.error is not None}
+    assert sorted(errors) == [len(items) - 2, len(items) - 1]
+    assert isinstance(errors[len(items) - 2], MediaError) and "corrupt.jpg" in str(errors[len(items) - 2])
+    assert isinstance(errors[len(items) - 1], InputError)
+
+
+def test_encoded_items_survive_pickling_in_bfloat16(checkpoints):
+    bf16 = Embedder(str(checkpoints["embedder"]), dtype="bfloat16")
+    item = bf16.encode(0, {"text": "a bee", "image": BEE})
+    assert item.vision["pixel_values"].dtype == torch.bfloat16  # cast in the worker, as the model would
+    copy = pickle.loads(pickle.dumps(item))
+    assert copy.input_ids == item.input_ids and copy.facts == item.facts
+    assert all(torch.equal(copy.vision[k], item.vision[k]) and copy.vision[k].dtype == item.vision[k].dtype
+               for k in item.vision)
