@@ -42,6 +42,7 @@ class IndexOptions:
     device: str | None = None
     batch_size: int | None = None
     workers: int | None = None
+    processes: bool = False  # decode in worker processes instead of threads
     exclude: Sequence[str] = ()
     include_hidden: bool = False
     follow_symlinks: bool = False
@@ -298,7 +299,7 @@ class Indexer:
             o = self.options
             self.embedder = Embedder(o.model, device=o.device, min_pixels=o.min_pixels, max_pixels=o.max_pixels,
                                      total_pixels=o.total_pixels, fps=o.fps, max_frames=o.max_frames,
-                                     workers=o.workers)
+                                     workers=o.workers, processes=o.processes)
         return self.embedder
 
     def row(self, store: Store, f: Found, old: dict | None, **values: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -405,3 +406,13 @@ def test_progress_bar_only_on_a_terminal(tmp_path, checkpoints):
     assert proc.returncode == 0 and "indexing" in on_terminal and "files/s" in on_terminal
     piped = cli("index", str(root), "--index", str(tmp_path / "j"), "--model", str(checkpoints["embedder"]))
     assert "files/s" not in piped.stderr and piped.stderr.strip().startswith("indexed 3 files")
+
+
+def test_worker_processes_index_the_same_vectors(tmp_path, corpus, options, embedder):
+    threads = vectors_by_path(Store.open(run_index(tmp_path / "t", [corpus], options, embedder).index_dir))
+    in_processes = run_index(tmp_path / "p", [corpus], dataclasses.replace(options, processes=True, workers=2))
+    assert in_processes.embedder.worker_processes is not None
+    got = vectors_by_path(assert_consistent(in_processes.index_dir))
+    assert got.keys() == threads.keys()
+    for path, vector in threads.items():
+        np.testing.assert_array_equal(got[path], vector)

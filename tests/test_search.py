@@ -252,3 +252,12 @@ def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder,
     found = SearchIndex(old, embedder=embedder).search("a black cat", k=5)
     assert [(r.id, r.path) for r in found] == [(r.id, r.path) for r in expected]
     assert [r.score for r in found] == pytest.approx([r.score for r in expected], abs=1e-6)
+
+
+def test_a_reader_that_closes_early_is_not_an_error(index_dir):
+    """`search | head -1` must not look like "nothing matched" (1) to a script."""
+    search = subprocess.Popen([sys.executable, "-m", "qvlsearch", "search", "a cat", "--index", str(index_dir),
+                               "--jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    search.stdout.close()  # the reader is gone before the first result
+    assert search.wait(timeout=300) == 0
+    assert search.stderr.read() == b""
