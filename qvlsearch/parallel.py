@@ -136,3 +136,6 @@ def in_background(source: Iterator[T], depth: int) -> Iterator[T]:
             yield value
     finally:
         stop.set()
+        # Wait (boundedly) for it to stop: a daemon thread still inside torch when the
+        # interpreter exits (after Ctrl-C) aborts the process.
+        thread.join(timeout=30)
