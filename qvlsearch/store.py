@@ -258,6 +258,53 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+class StoredVectors:
+    """An index's full-dimension float16 vectors, memory-mapped from its segments, to read a few by id."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        ids = []
+        self.segments: list[np.ndarray] = []
+        for name in manifest.get("files", {}).get("vectors", []):
+            with np.load(path / name) as segment:
+                ids.append(segment["ids"])
+            self.segments.append(npz_memmap(path / name, "vectors"))
+        stacked = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        # An id stored twice (a changed file) is current in its last segment: keep its last row.
+        self.ids, first_from_end = np.unique(stacked[::-1], return_index=True)
+        self.rows = len(stacked) - 1 - first_from_end
+        self.starts = np.cumsum([0] + [len(s) for s in self.segments])
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """Vectors of `ids` (which must be stored), one row each, as float32."""
+        rows = self.rows[np.searchsorted(self.ids, ids)]
+        segment = np.searchsorted(self.starts, rows, side="right") - 1
+        local = rows - self.starts[segment]
+        dim = self.segments[0].shape[1] if self.segments else 0
+        return np.array([self.segments[s][r] for s, r in zip(segment, local, strict=True)],
+                        dtype=np.float32).reshape(len(ids), dim)
+
+
+def npz_memmap(path: Path, member: str) -> np.ndarray:
+    """A read-only memory map of one array of an uncompressed .npz (as `np.savez` writes them)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise StoreError(f"cannot map {path}: it is compressed (qvlsearch writes it uncompressed); "
+                         "index the files again into a new index")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # the local file header: name and extra-field lengths, then the data
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran_order else "C")
+
+
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.savez(f, **arrays)

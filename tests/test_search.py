@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from PIL import Image
@@ -15,7 +16,7 @@ from PIL import Image
 from qvlsearch import InputError, MediaError, open_index
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchResult
-from qvlsearch.store import StoreError
+from qvlsearch.store import Store, StoreError, now
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 INDEX_INSTRUCTION = "Represent the user's input."
@@ -261,3 +262,48 @@ def test_a_reader_that_closes_early_is_not_an_error(index_dir):
     search.stdout.close()  # the reader is gone before the first result
     assert search.wait(timeout=300) == 0
     assert search.stderr.read() == b""
+
+
+def synthetic_binary_index(path: Path, rng: np.random.Generator, n: int, full_dim: int,
+                           dim: int) -> dict[int, np.ndarray]:
+    """A binary index of clustered random vectors over two commits; the second changes 10% of them."""
+    settings = {"model": "synthetic", "model_revision": None, "dim": dim, "quantize": "binary", "index_type": "flat",
+                "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
+    store = Store.create(path, settings, full_dim)
+    centers = rng.normal(size=(20, full_dim))
+    current = {}
+
+    def put(item_id: int) -> None:
+        vector = centers[rng.integers(20)] + 0.5 * rng.normal(size=full_dim)
+        current[item_id] = (vector / np.linalg.norm(vector)).astype(np.float16)
+        store.put({"id": item_id, "path": f"/x/{item_id}.txt", "path_bytes": f"/x/{item_id}.txt".encode(),
+                   "root": "/x", "kind": "text", "status": "ok", "indexed_at": now()}, current[item_id])
+
+    for item_id in range(1, n + 1):
+        put(item_id)
+    store.commit()
+    for item_id in rng.choice(np.arange(1, n + 1), n // 10, replace=False).tolist():
+        put(item_id)
+    store.commit()
+    return current
+
+
+def test_binary_search_rescores_hamming_candidates_with_the_stored_vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    current = synthetic_binary_index(tmp_path / "i", rng, n=5000, full_dim=256, dim=128)
+    search = open_index(tmp_path / "i")
+    ids = np.array(sorted(current))
+    matrix = np.stack([current[i] for i in ids]).astype(np.float32)[:, :128]
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    found = 0
+    for _ in range(20):
+        query = matrix[rng.integers(len(ids))] + 0.3 * rng.normal(size=128).astype(np.float32)
+        query = (query / np.linalg.norm(query))[None, :]
+        exact = matrix @ query[0]
+        truth = ids[np.argsort(-exact)[:10]].tolist()
+        hits = search.nearest(query, 10, keep=lambda item_id: True, min_score=None)
+        for item_id, score in hits:  # cosine with the current vector, not a Hamming estimate
+            assert score == pytest.approx(exact[np.searchsorted(ids, item_id)], abs=1e-5)
+        assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+        found += len({i for i, _ in hits} & set(truth))
+    assert found / 200 >= 0.95
