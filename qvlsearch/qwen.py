@@ -136,6 +136,10 @@ def encode_or_fail(index: int, build: Callable[[], Encoded]) -> Encoded | Failed
 def run_processor(processor: Any, conversation: list[dict], media: LoadedMedia) -> dict[str, Any]:
     """Chat template + image/video processors for one conversation; no padding, no truncation."""
     text = processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
+    if not media.images and not media.videos:
+        # The tokenizer alone gives the same ids in a third of the processor's time; that time is
+        # spent holding Python's lock, which on a GPU the thread driving the model waits for.
+        return processor.tokenizer(text, padding=False, truncation=False, return_tensors="pt")
     video_options = {}
     if media.videos:
         # Frames are already sampled and resized by qwen-vl-utils' rules (do_resize=False).

@@ -259,3 +259,13 @@ def test_encoded_items_survive_pickling_in_bfloat16(checkpoints):
     assert copy.input_ids == item.input_ids and copy.facts == item.facts
     assert all(torch.equal(copy.vision[k], item.vision[k]) and copy.vision[k].dtype == item.vision[k].dtype
                for k in item.vision)
+
+
+def test_text_items_skip_the_processor_but_get_its_ids(embedder):
+    for text in ["a cat", "Ünïcödé — 東京の猫 🐈", "tabs\tand\nnew lines  ", "<|im_start|> looks special", "x " * 600]:
+        item = embedder.encode(0, {"text": text})
+        conversation = embedder.item_encoder.conversation({}, [{"type": "text", "text": text}])
+        templated = embedder.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
+        expected = embedder.processor(text=templated, padding=False, truncation=False, return_tensors="pt")
+        assert item.input_ids == expected["input_ids"][0].tolist()
+        assert item.mm_token_type_ids == [0] * len(item.input_ids) and item.vision == {}
