@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,7 @@ def _start_worker(fn: Callable[[int, Any], Any]) -> None:
     global _worker_fn
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
     torch.set_num_threads(1)  # a process per core: more threads each would only contend
     _worker_fn = fn
 
