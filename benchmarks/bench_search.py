@@ -69,7 +69,7 @@ def tune(index: object) -> dict[str, int]:
     """Set efSearch and nprobe exactly as SearchIndex.raw_search does for a fetch of FETCH; return them."""
     inner = faiss.downcast_index(index)
     if hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = max(64, FETCH)
+        inner.hnsw.efSearch = max(256, FETCH)
         return {"efSearch": inner.hnsw.efSearch}
     if hasattr(inner, "nprobe"):
         inner.nprobe = min(inner.nlist, max(16, inner.nlist // 4))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 
 from qvlsearch import InputError, MediaError, open_index
 from qvlsearch.indexer import Indexer, IndexOptions
-from qvlsearch.search import SearchResult
+from qvlsearch.search import SearchIndex, SearchResult
 from qvlsearch.store import Store, StoreError, now
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -307,3 +308,17 @@ def test_binary_search_rescores_hamming_candidates_with_the_stored_vectors(tmp_p
         assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
         found += len({i for i, _ in hits} & set(truth))
     assert found / 200 >= 0.95
+
+
+@pytest.mark.parametrize("index_type, quantize", [("hnsw", "none"), ("ivf", "none"), ("flat", "binary")])
+def test_every_index_type_finds_what_exact_search_finds(index_dir, embedder, tmp_path, index_type, quantize):
+    """On a small index the approximate searches are exhaustive, so they must agree with flat exactly."""
+    other = tmp_path / "other"
+    shutil.copytree(index_dir, other)
+    changed = cli("reindex", "--index", str(other), "--index-type", index_type, "--quantize", quantize)
+    assert changed.returncode == 0, changed.stderr
+    exact, approximate = SearchIndex(index_dir, embedder=embedder), SearchIndex(other, embedder=embedder)
+    for query in ("a cat", "boats on a lake", "a red ball"):
+        want, got = exact.search(query, k=5), approximate.search(query, k=5)
+        assert [r.id for r in got] == [r.id for r in want]
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-4)
