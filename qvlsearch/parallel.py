@@ -78,11 +78,19 @@ class WorkerProcesses:
     """
 
     def __init__(self, fn: Callable[[int, Any], Any], workers: int):
-        self.pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start_worker, initargs=(fn,))
+        self.fn, self.workers = fn, max(1, workers)
+        self.pool = self.start()
+
+    def start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker, initargs=(self.fn,))
 
     def submit(self, index: int, item: Any) -> Future:
-        return self.pool.submit(_call_worker_fn, index, item)
+        try:
+            return self.pool.submit(_call_worker_fn, index, item)
+        except BrokenProcessPool:  # a worker died during an earlier call, which reported it: start afresh
+            self.pool = self.start()
+            return self.pool.submit(_call_worker_fn, index, item)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import PHOTOS
 from PIL import Image
 from reference import ReferenceEmbedder
 
-from qvlsearch import Embedder, InputError, MediaError, ModelLoadError
+from qvlsearch import Embedder, InputError, MediaError, ModelLoadError, QvlsearchError
 
 CAT, BEE, BOATS = str(PHOTOS / "cat.jpg"), str(PHOTOS / "bee.jpg"), str(PHOTOS / "boats on a lake.png")
 
@@ -269,3 +270,22 @@ def test_text_items_skip_the_processor_but_get_its_ids(embedder):
         expected = embedder.processor(text=templated, padding=False, truncation=False, return_tensors="pt")
         assert item.input_ids == expected["input_ids"][0].tolist()
         assert item.mm_token_type_ids == [0] * len(item.input_ids) and item.vision == {}
+
+
+class KillsItsWorker:
+    """Unpickled in a worker process, it ends that process at once, as a crash in a decoder would."""
+
+    def __reduce__(self):
+        return os._exit, (1,)
+
+
+def test_a_dead_worker_process_is_one_clear_error_and_the_next_call_works(checkpoints):
+    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=1)
+    expected = in_processes.embed([{"text": "a cat"}])
+    for process in list(in_processes.worker_processes.pool._processes.values()):
+        process.kill()  # between calls, as the kernel's out-of-memory killer would: new workers start
+        process.join()
+    np.testing.assert_array_equal(in_processes.embed([{"text": "a cat"}]), expected)
+    with pytest.raises(QvlsearchError, match="media worker process died"):
+        in_processes.embed([{"text": "a dog"}, {"image": KillsItsWorker()}, {"text": "a bee"}])
+    np.testing.assert_array_equal(in_processes.embed([{"text": "a cat"}]), expected)
