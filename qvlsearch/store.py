@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,7 +255,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"cannot read {path / 'manifest.json'}: {exc}") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"index {path} has schema version {manifest.get('schema_version')}, this qvlsearch "
-                         f"reads {SCHEMA_VERSION}; rebuild it with `qvlsearch index --rebuild`")
+                         f"reads {SCHEMA_VERSION}; delete that folder and index the files again")
     return manifest
 
 
@@ -262,12 +263,17 @@ class StoredVectors:
     """An index's full-dimension float16 vectors, memory-mapped from its segments, to read a few by id."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
         ids = []
         self.segments: list[np.ndarray] = []
         for name in manifest.get("files", {}).get("vectors", []):
-            with np.load(path / name) as segment:
-                ids.append(segment["ids"])
-            self.segments.append(npz_memmap(path / name, "vectors"))
+            try:
+                with np.load(path / name) as segment:
+                    ids.append(segment["ids"])
+                self.segments.append(npz_memmap(path / name, "vectors"))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                raise StoreError(f"cannot read {path / name} ({type(exc).__name__}: {exc}); "
+                                 "delete the index folder and index the files again") from None
         stacked = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         # An id stored twice (a changed file) is current in its last segment: keep its last row.
         self.ids, first_from_end = np.unique(stacked[::-1], return_index=True)
@@ -275,8 +281,12 @@ class StoredVectors:
         self.starts = np.cumsum([0] + [len(s) for s in self.segments])
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        """Vectors of `ids` (which must be stored), one row each, as float32."""
-        rows = self.rows[np.searchsorted(self.ids, ids)]
+        """Vectors of `ids`, one row each, as float32."""
+        positions = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        if len(ids) and not (len(self.ids) and np.array_equal(self.ids[positions], ids)):
+            raise StoreError(f"the index at {self.path} lacks stored vectors for some of its items; "
+                             "delete that folder and index the files again")
+        rows = self.rows[positions]
         segment = np.searchsorted(self.starts, rows, side="right") - 1
         local = rows - self.starts[segment]
         dim = self.segments[0].shape[1] if self.segments else 0
@@ -287,7 +297,6 @@ class StoredVectors:
 def npz_memmap(path: Path, member: str) -> np.ndarray:
     """A read-only memory map of one array of an uncompressed .npz (as `np.savez` writes them)."""
     import struct
-    import zipfile
 
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member + ".npy")

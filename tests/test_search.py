@@ -322,3 +322,11 @@ def test_every_index_type_finds_what_exact_search_finds(index_dir, embedder, tmp
         want, got = exact.search(query, k=5), approximate.search(query, k=5)
         assert [r.id for r in got] == [r.id for r in want]
         assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-4)
+
+
+def test_a_missing_vector_segment_is_a_clear_error(tmp_path):
+    synthetic_binary_index(tmp_path / "i", np.random.default_rng(1), n=300, full_dim=64, dim=64)
+    segment = sorted((tmp_path / "i").glob("vectors-*.npz"))[-1]
+    segment.unlink()
+    with pytest.raises(StoreError, match=f"cannot read .*{segment.name}.*index the files again"):
+        open_index(tmp_path / "i").nearest(np.ones((1, 64), dtype=np.float32) / 8, 5, lambda i: True, None)
