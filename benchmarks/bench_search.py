@@ -25,12 +25,13 @@ import numpy as np
 from common import Figure, best_of, run_standalone
 
 from qvlsearch.quantize import binary_encode
+from qvlsearch.search import binary_candidates, set_search_knobs
 from qvlsearch.store import build_faiss
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS, RANK, QUERIES = 2000, 64, 200
 K, FETCH = 10, 64  # the CLI fetches max(4k, 64) candidates
-RESCORE = max(1024, 16 * FETCH)  # binary: Hamming candidates that SearchIndex.binary_search re-scores
+RESCORE = binary_candidates(FETCH)  # binary: Hamming candidates that SearchIndex re-scores
 LATENCY_S = 0.5  # per configuration: time single queries for this long (at least 5 of them)
 # (name, quantize, index_type); binary+rescore also reports plain Hamming ranking, for comparison
 CONFIGS = [("flat", "none", "flat"), ("int8", "int8", "flat"), ("binary+rescore", "binary", "flat"),
@@ -66,13 +67,12 @@ def dataset(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tune(index: object) -> dict[str, int]:
-    """Set efSearch and nprobe exactly as SearchIndex.raw_search does for a fetch of FETCH; return them."""
+    """Set efSearch and nprobe as SearchIndex does for a fetch of FETCH; return them."""
     inner = faiss.downcast_index(index)
+    set_search_knobs(inner, FETCH)
     if hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = max(256, FETCH)
         return {"efSearch": inner.hnsw.efSearch}
     if hasattr(inner, "nprobe"):
-        inner.nprobe = min(inner.nlist, max(16, inner.nlist // 4))
         return {"nprobe": inner.nprobe, "nlist": inner.nlist}
     return {}
 

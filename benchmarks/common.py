@@ -61,11 +61,16 @@ def synchronized_clock(device) -> float:
     return time.perf_counter()
 
 
+def prepared_batches(embedder, items: list) -> list:
+    """`items` decoded, processed and padded into batches as `embed` batches them (failures dropped)."""
+    encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
+    return [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]
+
+
 def model_alone_s(embedder, items: list) -> float:
     """Seconds the Embedder's model takes on `items` decoded and prepared beforehand (not timed),
     batched as `embed` batches them: what the pipeline could reach at best."""
-    encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-    batches = [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]  # not failures
+    batches = prepared_batches(embedder, items)
     started = synchronized_clock(embedder.device)
     for batch in batches:
         embedder.vectors(batch, dim=None, normalize=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from common import Figure, model_alone_s, report, save, synchronized_clock  # noqa: E402
+from common import Figure, model_alone_s, prepared_batches, report, save, synchronized_clock  # noqa: E402
 
 GFLOP_PER_VISUAL_TOKEN = 5.45
 GFLOP_PER_TEXT_TOKEN = 2.82
@@ -48,8 +48,7 @@ def profile_model(embedder, items: list, path: Path) -> None:
     """Write where the model's time goes on prepared inputs (torch.profiler tables) to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-    batches = [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]
+    batches = prepared_batches(embedder, items)
     embedder.vectors(batches[0], dim=None, normalize=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embedder.device.type == "cuda" else [])
     started = synchronized_clock(embedder.device)
@@ -177,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
         print(f"[checkpoints built in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
         figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4",
-                                                 scale=args.scale, repeats=args.repeats, processes=True)
+                                            scale=args.scale, repeats=args.repeats, processes=True)
         print(f"[embedding done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
         figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8",
-                                                  scale=args.scale, repeats=args.repeats)
+                                             scale=args.scale, repeats=args.repeats)
         print(f"[reranking done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
         profile_dir = args.out if args.profile else None
         if profile_dir:

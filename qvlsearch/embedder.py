@@ -8,6 +8,7 @@ import unicodedata
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -126,11 +127,19 @@ class Embedder(QwenModel):
         self.dim = self.model.config.text_config.hidden_size
         self.item_encoder = ItemEncoder(self.processor, self.options, max_length, default_instruction, self.dtype)
         self.processes = processes
-        self.worker_processes: WorkerProcesses | None = None
 
     def encode(self, index: int, item: Any) -> Encoded | Failed:
         """One item to model inputs (runs in a worker); errors become `Failed`."""
         return self.item_encoder(index, item)
+
+    @cached_property
+    def worker_processes(self) -> WorkerProcesses | None:
+        """With `processes=True`, the worker processes, started on first use; else None."""
+        if not self.processes:
+            return None
+        pool = WorkerProcesses(self.item_encoder, self.workers)
+        weakref.finalize(self, pool.shutdown)
+        return pool
 
     def check_dim(self, dim: int | None) -> None:
         if dim is not None and not (MIN_DIM <= dim <= self.dim):
@@ -141,9 +150,6 @@ class Embedder(QwenModel):
     ) -> Iterator[Embedding]:
         """Stream `Embedding`s as batches finish (not in input order); memory stays bounded."""
         self.check_dim(dim)
-        if self.processes and self.worker_processes is None:
-            self.worker_processes = WorkerProcesses(self.item_encoder, self.workers)
-            weakref.finalize(self, self.worker_processes.shutdown)
         with contextlib.closing(self.batches(self.encode, items, batch_size, self.worker_processes)) as batches:
             for batch in batches:
                 if isinstance(batch, Failed):

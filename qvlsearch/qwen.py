@@ -137,8 +137,8 @@ def run_processor(processor: Any, conversation: list[dict], media: LoadedMedia) 
     """Chat template + image/video processors for one conversation; no padding, no truncation."""
     text = processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False)
     if not media.images and not media.videos:
-        # The tokenizer alone gives the same ids in a third of the processor's time; that time is
-        # spent holding Python's lock, which on a GPU the thread driving the model waits for.
+        # The tokenizer alone gives the same ids without the processor's Python overhead (0.93
+        # instead of 1.36 ms for a 100-word text), time that holds the lock the GPU thread needs.
         return processor.tokenizer(text, padding=False, truncation=False, return_tensors="pt")
     video_options = {}
     if media.videos:
