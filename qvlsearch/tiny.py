@@ -6,7 +6,7 @@ tokenizer, chat template, image and video processor configs), so they load
 through exactly the same code path. Only the weights and the vocabulary are
 made up.
 
-    python -m qvlsearch.tiny OUT_DIR [--preset tiny|small|2b] [--seed N]
+    python -m qvlsearch.tiny OUT_DIR [--preset tiny|wide|small|2b] [--seed N]
 """
 
 from __future__ import annotations
@@ -82,6 +82,23 @@ PRESETS: dict[str, dict] = {
         v_mlp=64,
         v_pos=256,
         deepstack=[0, 1],
+    ),
+    # The real 2B model's vector width (2048) on one cheap layer: for store, scale and server benchmarks.
+    "wide": dict(
+        vocab=1024,
+        hidden=2048,
+        layers=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        mlp=128,
+        mrope=[4, 2, 2],
+        v_depth=1,
+        v_hidden=32,
+        v_heads=2,
+        v_mlp=64,
+        v_pos=256,
+        deepstack=[0],
     ),
     "small": dict(
         vocab=4096,
