@@ -225,22 +225,32 @@ def info(
     index_dir: IndexOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Show an index: its settings, counts by kind and status, size on disk, and the files that failed."""
-    from .store import Store
+    """Show an index: settings, counts by kind and status, its segments, size on disk, and the files that failed."""
+    import pyarrow.compute as pc
+
+    from .store import Snapshot
 
     target = index_dir or default_index_dir()
-    store = Store.open(target, with_vectors=False)
-    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file() and p.name != "items.parquet")
-    failed = [{"path": r["path"], "error": r["error"]} for r in store.rows.values() if r["status"] == "error"]
-    report = {"index": str(target), "manifest": store.manifest, "size_bytes": size, "failed": failed}
+    snapshot = Snapshot(target, ["path", "status", "error"], with_index=False)
+    m = snapshot.manifest
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.parent.name not in ("items", "deleted"))
+    failed = snapshot.items.filter(pc.equal(snapshot.items["status"], "error")).select(["path", "error"]).to_pylist()
+    segments = m.get("segments", [])
+    report = {"index": str(target), "manifest": m, "size_bytes": size, "segments": segments, "failed": failed}
     if as_json:
         write_stdout(json.dumps(report, default=str) + "\n")
         return
-    m, counts = store.manifest, store.manifest.get("counts", {})
+    counts = m.get("counts", {})
+    rows = sum(s["rows"] for s in segments)
+    deleted = sum(s["deleted"] for s in segments)
     lines = [f"index:     {target}", f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
              f"vectors:   dim {m['dim']} of {m['full_dim']}, quantize {m['quantize']}, index {m['index_type']}",
              f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed); "
              + ", ".join(f"{k} {v}" for k, v in sorted(counts.get("by_kind", {}).items())),
+             f"segments:  {len(segments)}, {rows} rows of which {deleted} deleted "
+             f"({deleted / max(rows, 1):.0%}); `qvlsearch optimize` merges them into one",
+             *(f"  {s['name']}: {s['rows']} rows, {s['deleted']} deleted, {s['index']}, {s['bytes'] / 2**20:.1f} MiB"
+               for s in segments),
              f"on disk:   {size / 2**20:.1f} MiB", f"updated:   {m['updated']}"]
     lines += [f"failed:    {f['path']}: {f['error']}" for f in failed]
     write_stdout("\n".join(lines) + "\n")
@@ -251,29 +261,58 @@ def reindex(
     index_dir: IndexOption = None,
     dim: Annotated[int | None, typer.Option(help="New Matryoshka dimension.")] = None,
     quantize: Annotated[str | None, typer.Option(help="none, int8 or binary.")] = None,
-    index_type: Annotated[str | None, typer.Option(help="flat, hnsw, ivf or a FAISS factory string.")] = None,
+    index_type: Annotated[str | None, typer.Option(
+        help="flat, hnsw, ivf, ivfpq or a FAISS factory string.")] = None,
 ) -> None:
-    """Rebuild the search structure from the stored full vectors, without the model."""
+    """Rebuild the search structure from the stored full vectors, without the model (IVF lists are retrained)."""
     from .indexer import lock_index
-    from .store import QUANTIZATIONS, Store, StoreError
+    from .store import QUANTIZATIONS, Store, StoreError, check_factory
 
     target = index_dir or default_index_dir()
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if index_type is not None:
+        check_factory(index_type, 64)
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)
         if dim is not None and not 32 <= dim <= store.manifest["full_dim"]:
             raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
-        if quantize is not None and quantize not in QUANTIZATIONS:
-            raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-        for key, value in (("dim", dim), ("quantize", quantize), ("index_type", index_type)):
-            if value is not None:
-                store.manifest[key] = value
-        store.dirty = True
-        store.commit()
+        damaged = store.rebuild(dim=dim, quantize=quantize, index_type=index_type)
     finally:
         lock.release()
+    report_damaged(target, damaged)
     m = store.manifest
     typer.echo(f"rebuilt {target}: dim {m['dim']}, quantize {m['quantize']}, index {m['index_type']}", err=True)
+
+
+@app.command()
+def optimize(index_dir: IndexOption = None) -> None:
+    """Merge the index's segments into one and drop deleted rows (searches get a little faster); no model needed.
+
+    A segment that cannot be read is dropped and named; `qvlsearch index` then embeds its files again.
+    """
+    from .indexer import lock_index
+    from .store import Store
+
+    target = index_dir or default_index_dir()
+    lock = lock_index(target, wait=False)
+    try:
+        store = Store.open(target)
+        before = len(store.manifest["segments"])
+        dropped = sum(s["deleted"] for s in store.manifest["segments"])
+        damaged = store.optimize()
+    finally:
+        lock.release()
+    report_damaged(target, damaged)
+    typer.echo(f"optimized {target}: {before} segments into {len(store.manifest['segments'])}, "
+               f"{dropped} deleted rows dropped", err=True)
+
+
+def report_damaged(target: Path, damaged: list[str]) -> None:
+    for name in damaged:
+        typer.echo(f"qvlsearch: dropped damaged segment {target / 'segments' / name}; run `qvlsearch index` on the "
+                   "same folders to embed its files again", err=True)
 
 
 RerankerOption = Annotated[

@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .parallel import prefetch
-from .store import INDEX_TYPES, QUANTIZATIONS, Store, StoreError, now
+from .store import QUANTIZATIONS, Store, StoreError, check_factory, now
 
 
 @dataclass
@@ -149,9 +149,8 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
 def validate(options: IndexOptions) -> None:
     if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {options.quantize!r}")
-    kind = options.index_type
-    if kind is not None and kind not in INDEX_TYPES and "," not in kind and not kind[:1].isupper():
-        raise StoreError(f"--index-type must be flat, hnsw, ivf or a FAISS factory string, got {kind!r}")
+    if options.index_type is not None:
+        check_factory(options.index_type, 64)
 
 
 def lock_index(index_dir: Path, wait: bool) -> FileLock:
@@ -329,7 +328,7 @@ class Indexer:
     def reuse(self, store: Store, s: Sniffed, old: dict | None, source: dict, gone_ids: set[int]) -> None:
         """A moved, copied or merely touched file: take the stored vector, run no model."""
         facts = {k: source[k] for k in ("width", "height", "duration_s", "frames", "tokens")}
-        vector = store.vectors[source["id"]]
+        vector = store.vector(source["id"])  # ids are never reused: this is the vector of the source's content
         if source["id"] in gone_ids:  # moved: the old path's row goes, its id and vector move along
             gone_ids.discard(source["id"])
             store.remove([source["id"]])

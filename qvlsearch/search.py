@@ -20,11 +20,12 @@ import numpy as np
 
 from .errors import InputError
 from .fs import KindError, file_item
-from .store import ITEM_SCHEMA, StoreError, read_faiss, read_manifest
+from .store import Snapshot, StoreError, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text")
 RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status"]
+NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -56,13 +57,24 @@ def rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def set_search_knobs(index: Any, fetch: int) -> None:
-    """Set an HNSW or IVF index's search-time knobs for `fetch` results (no-op for other indexes)."""
+def search_params(index: Any, fetch: int, deleted_rows: np.ndarray = NO_ROWS, exhaustive: bool = False
+                  ) -> tuple[Any, Any]:
+    """FAISS search parameters for `fetch` results that skip `deleted_rows`: (params, objects to keep alive).
+
+    HNSW searches with efSearch 256 (at 100k×2048, 64 found 86% of the true top 10, 256 found 95% in
+    3 ms a query); IVF probes a quarter of its lists, or all of them when the search must be exhaustive
+    (a filter that has widened the search to every item).
+    """
+    import faiss
+
+    selector = faiss.IDSelectorNot(batch := faiss.IDSelectorBatch(deleted_rows)) if len(deleted_rows) else None
+    keep_alive = (selector, batch) if selector is not None else None
     if hasattr(index, "hnsw"):
-        # At 100k×2048, efSearch 64 found 86% of the true top 10, 256 found 95% in 3 ms a query.
-        index.hnsw.efSearch = max(256, fetch)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(256, fetch)), keep_alive
     if hasattr(index, "nprobe"):
-        index.nprobe = min(index.nlist, max(16, index.nlist // 4))
+        nprobe = index.nlist if exhaustive else min(index.nlist, max(16, index.nlist // 4))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe), keep_alive
+    return (faiss.SearchParameters(sel=selector) if selector is not None else None), keep_alive
 
 
 def binary_candidates(fetch: int) -> int:
@@ -113,27 +125,29 @@ class SearchIndex:
             self.read_index()
 
     def read_index(self) -> None:
-        import pyarrow.parquet as pq
+        """Open the newest committed generation (the columns stay in Arrow: only hits become Python objects)."""
+        self.snapshot = Snapshot(self.path, RESULT_COLUMNS)
+        self.manifest = self.snapshot.manifest
+        self.items = self.snapshot.items
+        self.ids = self.items["id"].to_numpy()  # ascending
 
-        files = self.manifest.get("files", {})
-        # Columns stay in Arrow: only the hits' rows ever become Python objects.
-        self.items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
-                      else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
-        self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
-        self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
-        # FAISS row i holds the i-th ok item in id order (older indexes keep item ids in an IDMap2).
-        in_faiss = self.items["status"].to_numpy(zero_copy_only=False) == "ok"
-        self.row_ids = None if hasattr(self.index, "id_map") else self.ids[in_faiss]
+    def refresh(self) -> bool:
+        """Follow the writer: reopen when a newer generation has been committed; True if it did."""
+        if read_manifest(self.path).get("generation") == self.manifest.get("generation"):
+            return False
+        self.read_index()
+        self.__dict__.pop("stored_vectors", None)
+        return True
 
     @cached_property
     def stored_vectors(self):
-        """The float vectors, memory-mapped on the first binary search."""
+        """The float vectors by id, memory-mapped from the segments."""
         from .store import StoredVectors
 
-        return StoredVectors(self.path, self.manifest)
+        return StoredVectors(self.snapshot)
 
     def __len__(self) -> int:
-        return 0 if self.index is None else int(self.index.ntotal)
+        return len(self.snapshot)
 
     @property
     def embedder(self):
@@ -227,37 +241,44 @@ class SearchIndex:
             fetch = min(total, fetch * 4)
 
     def raw_search(self, vector: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `fetch` nearest: (scores, item ids), ids -1 past the end."""
-        import faiss
+        """The `fetch` nearest live items over every segment: (scores, item ids), best first."""
+        query = np.ascontiguousarray(vector, dtype=np.float32)
+        exhaustive = fetch >= len(self)
+        found = [self.segment_search(segment, query, fetch, exhaustive) for segment in self.snapshot.segments
+                 if segment.live]
+        scores = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.float32)
+        ids = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+        best = np.argsort(-scores, kind="stable")[:fetch]
+        return scores[best], ids[best]
 
+    def segment_search(self, segment, query: np.ndarray, fetch: int, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One segment's best `fetch`, deleted items left out inside FAISS (an ID selector)."""
         if self.manifest["quantize"] == "binary":
-            return self.binary_search(vector, fetch)
-        set_search_knobs(faiss.downcast_index(self.index.index) if self.row_ids is None else self.index, fetch)
-        scores, rows = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), fetch)
-        return scores[0], self.item_ids(rows[0])
+            return self.binary_search(segment, query, fetch)
+        params, keep_alive = search_params(segment.index, fetch, segment.deleted_rows, exhaustive)
+        scores, rows = segment.index.search(query, min(fetch, segment.live), params=params)
+        del keep_alive
+        hit = rows[0] >= 0
+        return scores[0][hit], segment.ok_ids[rows[0][hit]]
 
-    def binary_search(self, vector: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    def binary_search(self, segment, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The best of 16 times as many Hamming neighbours (at least 1024), by cosine with their stored vectors.
 
         Hamming distance alone is a coarse ranking (recall@10 0.75 at 100k×2048 in
         benchmarks/bench_search.py); re-scoring a thousand float16 vectors read from the
-        memory-mapped segments takes a few milliseconds.
+        memory-mapped segment takes a few milliseconds.
         """
         from .quantize import binary_encode
 
-        _, rows = self.index.search(binary_encode(vector), min(len(self), binary_candidates(fetch)))
-        ids = self.item_ids(rows[0])
-        ids = ids[ids >= 0]
-        candidates = self.stored_vectors.get(ids)[:, : self.manifest["dim"]]
+        wanted = min(len(segment.ok_ids), binary_candidates(fetch) + len(segment.deleted_rows))
+        _, rows = segment.index.search(binary_encode(query), wanted)
+        rows = rows[0][rows[0] >= 0]
+        rows = np.sort(rows[~np.isin(rows, segment.deleted_rows)])
+        candidates = np.asarray(segment.vectors[rows], dtype=np.float32)[:, : self.manifest["dim"]]
         candidates /= np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
-        scores = candidates @ np.asarray(vector, dtype=np.float32)[0]
+        scores = candidates @ query[0]
         best = np.argsort(-scores, kind="stable")[:fetch]
-        return scores[best], ids[best]
-
-    def item_ids(self, rows: np.ndarray) -> np.ndarray:
-        if self.row_ids is None:
-            return rows
-        return np.where(rows >= 0, self.row_ids[np.maximum(rows, 0)], -1)
+        return scores[best], segment.ok_ids[rows[best]]
 
     def result(self, rank: int, item_id: int, score: float) -> SearchResult:
         row = self.items.slice(self.position(item_id), 1).to_pylist()[0]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_DATA
@@ -21,7 +22,7 @@ from make_media import make_image, make_video
 from PIL import Image
 
 from qvlsearch.indexer import Indexer, IndexOptions, lock_index
-from qvlsearch.store import Store, StoreError
+from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -43,25 +44,33 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def assert_consistent(index_dir: Path) -> Store:
-    """The committed generation is readable and agrees with itself."""
-    store = Store.open(index_dir)
-    manifest = json.loads((index_dir / "manifest.json").read_text())
-    ok = {r["id"] for r in store.rows.values() if r["status"] == "ok"}
-    index = store.faiss_index()
-    assert index.ntotal == len(ok) == manifest["counts"]["ok"]
-    assert set(store.vectors) == ok
-    if ok and manifest["faiss_factory"] == "Flat":  # FAISS row i is the i-th ok item in id order
-        expected = np.stack([store.vectors[i] for i in sorted(ok)]).astype(np.float32)[:, :manifest["dim"]]
-        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-        np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), expected, atol=1e-6)
-    assert pq.read_table(index_dir / manifest["files"]["items"]).num_rows == len(store.rows)
-    # items.parquet, the link for outside tools, is readable; after a kill it may be one commit behind
-    assert pq.read_table(index_dir / "items.parquet").schema == pq.read_schema(index_dir / manifest["files"]["items"])
-    return store
+    """The committed generation is readable and agrees with itself, and with the view outside tools read."""
+    snapshot = Snapshot(index_dir)
+    manifest = snapshot.manifest
+    ok_ids = snapshot.items.filter(pc.equal(snapshot.items["status"], "ok"))["id"].to_numpy()
+    assert len(snapshot) == len(ok_ids) == manifest["counts"]["ok"]
+    assert snapshot.items.num_rows == manifest["counts"]["items"]
+    for segment in snapshot.segments:
+        assert segment.index.ntotal == len(segment.ok_ids) == len(segment.vectors)
+        if manifest["quantize"] == "none" and segment.index.ntotal and hasattr(segment.index, "reconstruct_n"):
+            expected = np.asarray(segment.vectors, dtype=np.float32)[:, :manifest["dim"]]
+            expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+            np.testing.assert_allclose(segment.index.reconstruct_n(0, segment.index.ntotal), expected, atol=1e-6)
+    live = set(np.concatenate([np.setdiff1d(s.ok_ids, s.ok_ids[s.deleted_rows]) for s in snapshot.segments]
+                              or [np.zeros(0, np.int64)]).tolist())
+    assert live == set(ok_ids.tolist())
+    # the documented one-liner for outside tools: the items/ folder less the deleted/ ids
+    outside = pq.read_table(index_dir / "items").filter(
+        pc.invert(pc.is_in(pc.field("id"), pq.read_table(index_dir / "deleted")["id"]))
+        if list((index_dir / "deleted").iterdir()) else pc.scalar(True))
+    assert sorted(outside["id"].to_pylist()) == snapshot.items["id"].to_pylist()
+    return Store.open(index_dir)
 
 
-def vectors_by_path(store: Store) -> dict[str, np.ndarray]:
-    return {r["path"]: store.vectors[r["id"]] for r in store.rows.values() if r["status"] == "ok"}
+def vectors_by_path(index_dir: Path) -> dict[str, np.ndarray]:
+    snapshot = Snapshot(index_dir, with_index=False)
+    ok = snapshot.items.filter(pc.equal(snapshot.items["status"], "ok"))
+    return dict(zip(ok["path"].to_pylist(), StoredVectors(snapshot).get(ok["id"].to_numpy()), strict=True))
 
 
 @pytest.fixture()
@@ -83,7 +92,7 @@ def test_first_run_writes_a_complete_index(tmp_path, corpus, options, embedder):
     assert manifest["model"] == options.model and manifest["dim"] == manifest["full_dim"] == 64
     assert manifest["model_revision"].startswith("config-sha256:")
     assert manifest["counts"]["by_kind"] == {"image": 15, "text": 6, "video": 1}
-    table = pq.read_table(index_dir / "items.parquet").to_pylist()
+    table = pq.read_table(index_dir / "items").to_pylist()  # no deletes yet: the folder is the item table
     video = next(r for r in table if r["kind"] == "video")
     assert video["frames"] >= 2 and video["duration_s"] == pytest.approx(5.0) and video["tokens"] > 0
     cat = next(r for r in table if r["path"].endswith("/cat.jpg"))
@@ -92,8 +101,7 @@ def test_first_run_writes_a_complete_index(tmp_path, corpus, options, embedder):
 
 
 def test_stored_vectors_are_the_embedders(tmp_path, corpus, options, embedder):
-    store = Store.open(run_index(tmp_path / "i", [corpus], options, embedder).index_dir)
-    by_path = vectors_by_path(store)
+    by_path = vectors_by_path(run_index(tmp_path / "i", [corpus], options, embedder).index_dir)
     note = corpus / "notes" / "cats.txt"
     expected = embedder.embed([
         {"image": str(corpus / "photos" / "bee.jpg"), "instruction": options.instruction},
@@ -116,8 +124,7 @@ def test_unchanged_tree_embeds_nothing_and_never_loads_the_model(tmp_path, corpu
 def test_modify_delete_move_copy(tmp_path, corpus, options, embedder):
     index_dir = tmp_path / "i"
     run_index(index_dir, [corpus], options, embedder)
-    before = Store.open(index_dir)
-    old_cat = next(r for r in before.rows.values() if r["path"].endswith("/cat.jpg"))
+    before = vectors_by_path(index_dir)
     (corpus / "photos" / "cat.jpg").rename(corpus / "renamed cat.jpg")  # move
     shutil.copy(corpus / "photos" / "bee.jpg", corpus / "notes" / "bee copy.jpg")  # copy
     (corpus / "photos" / "cake.jpg").unlink()  # delete
@@ -127,16 +134,14 @@ def test_modify_delete_move_copy(tmp_path, corpus, options, embedder):
     assert (s.moved, s.added, s.removed, s.updated, s.failed) == (1, 1, 1, 1, 0)
     assert indexer.model_runs == 1  # only the modified file went through the model
     after = assert_consistent(index_dir)
-    moved = next(r for r in after.rows.values() if r["path"].endswith("/renamed cat.jpg"))
-    assert moved["id"] == old_cat["id"]
-    np.testing.assert_array_equal(after.vectors[moved["id"]], before.vectors[old_cat["id"]])
+    by_path = vectors_by_path(index_dir)
+    np.testing.assert_array_equal(by_path[str(corpus / "renamed cat.jpg")], before[str(corpus / "photos" / "cat.jpg")])
     paths = {r["path"] for r in after.rows.values()}
     assert str(corpus / "photos" / "cake.jpg") not in paths and str(corpus / "photos" / "cat.jpg") not in paths
-    by_path = vectors_by_path(after)
     np.testing.assert_array_equal(by_path[str(corpus / "notes" / "bee copy.jpg")],
                                   by_path[str(corpus / "photos" / "bee.jpg")])
     tree = by_path[str(corpus / "photos" / "tree.webp")].astype(np.float32)
-    assert not np.allclose(tree, vectors_by_path(before)[str(corpus / "photos" / "tree.webp")].astype(np.float32))
+    assert not np.allclose(tree, before[str(corpus / "photos" / "tree.webp")].astype(np.float32))
 
 
 def test_several_roots_share_one_index(tmp_path, corpus, options, embedder):
@@ -233,14 +238,15 @@ def test_other_settings_are_refused_with_a_way_out(tmp_path, corpus, options, em
 
 def test_reindex_changes_dim_quantization_and_type_without_the_model(tmp_path, corpus, options, embedder):
     run_index(tmp_path / "i", [corpus], options, embedder)
-    for args, factory in ((["--dim", "32", "--quantize", "int8", "--index-type", "hnsw"], "HNSW32,SQ8"),
+    # 22 items make one small segment, searched exactly whatever the index type (see test_store.py for sealing)
+    for args, factory in ((["--dim", "32", "--quantize", "int8", "--index-type", "hnsw"], "SQ8"),
                           (["--quantize", "binary"], "BinaryFlat"),
-                          (["--quantize", "none", "--index-type", "ivf"], "IVF4,Flat")):
+                          (["--quantize", "none", "--index-type", "ivf"], "Flat")):
         result = cli("reindex", "--index", str(tmp_path / "i"), *args)
         assert result.returncode == 0, result.stderr
         store = assert_consistent(tmp_path / "i")
-        assert store.manifest["faiss_factory"] == factory
-        assert store.faiss_index().ntotal == 22
+        assert [s["index"] for s in store.manifest["segments"]] == [factory]
+        assert Snapshot(tmp_path / "i").segments[0].index.ntotal == 22
     assert store.manifest["dim"] == 32
 
 
@@ -277,7 +283,7 @@ def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path):
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
     args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1"]
     assert cli(*args, "--index", str(tmp_path / "clean")).returncode == 0
-    clean = vectors_by_path(Store.open(tmp_path / "clean"))
+    clean = vectors_by_path(tmp_path / "clean")
     killed = tmp_path / "killed"
     rng = random.Random(7)
     for _ in range(3):
@@ -292,9 +298,9 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
         assert_consistent(killed)
     result = cli(*args, "--index", str(killed), "--json")
     assert result.returncode == 0, result.stderr
-    resumed = assert_consistent(killed)
+    assert_consistent(killed)
     assert json.loads(result.stdout)["added"] < len(clean)  # committed work was not redone
-    got = vectors_by_path(resumed)
+    got = vectors_by_path(killed)
     assert got.keys() == clean.keys()
     for path, vector in clean.items():
         np.testing.assert_allclose(got[path].astype(np.float32), vector.astype(np.float32), atol=2e-3)
@@ -350,24 +356,6 @@ def test_dry_run_changes_nothing(tmp_path, corpus, options, embedder):
     assert not (tmp_path / "i" / "manifest.json").exists()
 
 
-def test_vectors_of_deleted_files_are_compacted_away(tmp_path):
-    store = Store.create(tmp_path / "s", {"model": "m", "dim": 32, "quantize": "none", "index_type": "flat"}, 32)
-    rng = np.random.default_rng(1)
-    for _ in range(3000):
-        item_id = store.new_id()
-        store.put({"id": item_id, "path": f"/f{item_id}", "path_bytes": b"/f%d" % item_id, "root": "/", "kind": "text",
-                   "size": 1, "mtime_ns": 1, "content_hash": f"{item_id:032x}", "status": "ok"},
-                  rng.standard_normal(32))
-    store.commit()
-    store.remove(range(1, 2901))
-    store.commit()
-    reopened = Store.open(tmp_path / "s")
-    assert reopened.manifest["files"]["vectors"] == ["vectors-000002.npz"]
-    assert reopened.manifest["stored_vectors"] == 100 and len(reopened.vectors) == 100
-    assert sorted((tmp_path / "s").glob("vectors-*")) == [tmp_path / "s" / "vectors-000002.npz"]
-    assert reopened.faiss_index().ntotal == 100
-
-
 def test_default_index_folder_comes_from_the_environment(tmp_path, checkpoints):
     root = tmp_path / "r"
     make_image(root / "a.png")
@@ -410,10 +398,11 @@ def test_progress_bar_only_on_a_terminal(tmp_path, checkpoints):
 
 
 def test_worker_processes_index_the_same_vectors(tmp_path, corpus, options, embedder):
-    threads = vectors_by_path(Store.open(run_index(tmp_path / "t", [corpus], options, embedder).index_dir))
+    threads = vectors_by_path(run_index(tmp_path / "t", [corpus], options, embedder).index_dir)
     in_processes = run_index(tmp_path / "p", [corpus], dataclasses.replace(options, processes=True, workers=2))
     assert in_processes.embedder.worker_processes is not None
-    got = vectors_by_path(assert_consistent(in_processes.index_dir))
+    assert_consistent(in_processes.index_dir)
+    got = vectors_by_path(in_processes.index_dir)
     assert got.keys() == threads.keys()
     for path, vector in threads.items():
         np.testing.assert_array_equal(got[path], vector)

@@ -233,22 +233,17 @@ def test_table_format_for_terminals(capsys):
 
 def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder, tmp_path):
     """Indexes written before FAISS rows were mapped by position keep item ids in an IndexIDMap2."""
-    import shutil
+    from schema1 import write_schema1_index
 
-    import faiss
-    import numpy as np
+    from qvlsearch.store import Snapshot, StoredVectors
 
-    from qvlsearch.search import SearchIndex
-    from qvlsearch.store import Store
-
+    snapshot = Snapshot(index_dir)
+    rows = snapshot.items.to_pylist()
+    ok = [r["id"] for r in rows if r["status"] == "ok"]
+    vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
     old = tmp_path / "old-index"
-    shutil.copytree(index_dir, old)
-    store = Store.open(old)
-    ok_ids = np.array(sorted(i for i, row in store.rows.items() if row["status"] == "ok"), dtype=np.int64)
-    flat = store.faiss_index()
-    with_ids = faiss.IndexIDMap2(faiss.IndexFlatIP(flat.d))
-    with_ids.add_with_ids(flat.reconstruct_n(0, flat.ntotal), ok_ids)
-    faiss.write_index(with_ids, str(old / store.manifest["files"]["faiss"]))
+    write_schema1_index(old, {k: snapshot.manifest[k] for k in ("model", "dim", "quantize", "index_type")},
+                        snapshot.manifest["full_dim"], rows, vectors, id_map=True)
 
     expected = SearchIndex(index_dir, embedder=embedder).search("a black cat", k=5)
     found = SearchIndex(old, embedder=embedder).search("a black cat", k=5)
@@ -274,16 +269,19 @@ def synthetic_binary_index(path: Path, rng: np.random.Generator, n: int, full_di
     centers = rng.normal(size=(20, full_dim))
     current = {}
 
-    def put(item_id: int) -> None:
+    def put(old_id: int | None = None) -> None:
         vector = centers[rng.integers(20)] + 0.5 * rng.normal(size=full_dim)
-        current[item_id] = (vector / np.linalg.norm(vector)).astype(np.float16)
-        store.put({"id": item_id, "path": f"/x/{item_id}.txt", "path_bytes": f"/x/{item_id}.txt".encode(),
-                   "root": "/x", "kind": "text", "status": "ok", "indexed_at": now()}, current[item_id])
+        vector = (vector / np.linalg.norm(vector)).astype(np.float16)
+        item_id = store.put({"id": old_id or store.new_id(), "path": f"/x/{old_id}.txt",
+                             "path_bytes": f"/x/{old_id}.txt".encode(), "root": "/x", "kind": "text", "status": "ok",
+                             "indexed_at": now()}, vector)
+        current.pop(old_id, None)  # a changed item is stored under a new id
+        current[item_id] = vector
 
-    for item_id in range(1, n + 1):
-        put(item_id)
+    for _ in range(n):
+        put()
     store.commit()
-    for item_id in rng.choice(np.arange(1, n + 1), n // 10, replace=False).tolist():
+    for item_id in rng.choice(np.array(sorted(current)), n // 10, replace=False).tolist():
         put(item_id)
     store.commit()
     return current
@@ -326,7 +324,7 @@ def test_every_index_type_finds_what_exact_search_finds(index_dir, embedder, tmp
 
 def test_a_missing_vector_segment_is_a_clear_error(tmp_path):
     synthetic_binary_index(tmp_path / "i", np.random.default_rng(1), n=300, full_dim=64, dim=64)
-    segment = sorted((tmp_path / "i").glob("vectors-*.npz"))[-1]
+    segment = sorted((tmp_path / "i" / "segments").glob("seg-*.npy"))[-1]
     segment.unlink()
-    with pytest.raises(StoreError, match=f"cannot read .*{segment.name}.*index the files again"):
+    with pytest.raises(StoreError, match=f"{segment.name} is missing .*qvlsearch optimize"):
         open_index(tmp_path / "i").nearest(np.ones((1, 64), dtype=np.float32) / 8, 5, lambda i: True, None)

@@ -1,0 +1,137 @@
+"""The files of an index folder: their exact names, atomic writes, the manifest, and the outside view.
+
+Everything the store writes has a name matched by `STORE_FILE` (or `LEGACY_FILE`, written by
+schema 1): nothing else in the folder is ever touched, and no folder is ever deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import QvlsearchError
+
+SCHEMA_VERSION = 2
+SEGMENTS, ITEMS_VIEW, DELETED_VIEW = "segments", "items", "deleted"
+# Files in segments/: a segment's rows, vectors and FAISS index; a generation's tombstones; a trained index.
+STORE_FILE = re.compile(r"seg-\d{6}\.(parquet|npy|faiss)|del-\d{6}\.parquet|trained-\d{6}\.faiss")
+LEGACY_FILE = re.compile(r"items-\d{6}\.parquet|index-\d{6}\.faiss|vectors-\d{6}\.npz|items\.parquet")
+OWN_TOP_LEVEL = {"manifest.json", "lock", "lock.pid", SEGMENTS, ITEMS_VIEW, DELETED_VIEW}
+
+ITEM_SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("path", pa.string()),
+    ("path_bytes", pa.binary()),
+    ("root", pa.string()),
+    ("kind", pa.string()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("content_hash", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("duration_s", pa.float64()),
+    ("frames", pa.int32()),
+    ("tokens", pa.int32()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("indexed_at", pa.timestamp("us", tz="UTC")),
+])
+DELETED_SCHEMA = pa.schema([("id", pa.int64())])
+SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
+                 "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames")
+
+
+class StoreError(QvlsearchError):
+    """The index directory is missing, damaged, locked, full or built with other settings."""
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`: a reader sees the old file or the new one."""
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source`, or a copy where the filesystem has no hard links (exFAT, SMB)."""
+    tmp = tmp_name(target)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The committed generation's manifest (schema 1 or 2); raises StoreError when there is none or it is damaged."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no index at {path}; create one with `qvlsearch index PATH --index {path}`") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"cannot read {path / 'manifest.json'}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") not in (1, SCHEMA_VERSION):
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise StoreError(f"index {path} has schema version {version}, this qvlsearch reads 1 and "
+                         f"{SCHEMA_VERSION}; delete that folder and index the files again")
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The one atomic step of a commit."""
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    write_atomically(path / "manifest.json", lambda tmp: tmp.write_text(text))
+
+
+def check_folder_for_new_index(path: Path) -> None:
+    """Refuse to create an index in a non-empty folder that holds none (it may be the user's photos)."""
+    if not path.is_dir() or (path / "manifest.json").exists():
+        return
+    others = sorted(entry.name for entry in path.iterdir() if entry.name not in OWN_TOP_LEVEL)
+    if others:
+        raise StoreError(f"{path} is not empty and holds no qvlsearch index (it has {others[0]!r}); "
+                         "choose an empty or new folder for --index")
+
+
+def sync_view(path: Path, live: set[str], folder: str) -> None:
+    """Make `path/folder` hold links to exactly the `live` files of segments/ (the view outside tools read)."""
+    view = path / folder
+    view.mkdir(exist_ok=True)
+    remove_store_files(view, live)
+    for name in live:
+        if not (view / name).exists():
+            link_or_copy(path / SEGMENTS / name, view / name)
+
+
+def remove_store_files(folder: Path, keep: set[str], pattern: re.Pattern = STORE_FILE) -> None:
+    """Delete the files in `folder` whose names the store writes, except `keep`; never a folder, never another file."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        name = entry.name
+        is_tmp = name.startswith(".") and name.endswith(".tmp") and pattern.fullmatch(name[1:-4])
+        if (pattern.fullmatch(name) or is_tmp) and name not in keep and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)

@@ -1,0 +1,183 @@
+"""Immutable segments: a segment's rows (Parquet), vectors (float16 .npy) and FAISS index, written once.
+
+Row i of a segment's vectors and of its FAISS index is the i-th `ok` row of its Parquet
+file, in file order. A segment is never changed after it is written: deletes are
+tombstones (ids) beside it, and merging writes a new segment from old ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .files import ITEM_SCHEMA, SEGMENTS, StoreError, write_atomically
+
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+QUANTIZATIONS = ("none", "int8", "binary")
+# Below this many vectors a segment is searched exactly; at or above it, it gets the index type's
+# structure (an HNSW graph, IVF lists). Exact search of 10k×2048 takes about 2 ms; an HNSW graph
+# costs about 1.2 ms a vector to build at that width, paid once when a merge reaches this size.
+SEAL_ROWS = 10_000
+CHUNK_ROWS = 32_768  # vectors converted to float32 at a time while building or merging
+
+
+def faiss_factory(index_type: str, quantize: str, count: int) -> str:
+    """The FAISS index-factory string for a segment of `count` vectors."""
+    if quantize == "binary":
+        return "BinaryFlat"
+    codec = "SQ8" if quantize == "int8" else "Flat"
+    if index_type == "flat" or count < SEAL_ROWS:
+        return codec
+    if index_type == "hnsw":
+        return "HNSW32" if codec == "Flat" else "HNSW32,SQ8"
+    if index_type == "ivf":
+        return f"IVF{max(1, min(65536, int(count ** 0.5)))},{codec}"
+    if index_type == "ivfpq":
+        return f"IVF{max(1, min(65536, int(count ** 0.5)))},PQ32x8"
+    return index_type  # a FAISS factory string given as is
+
+
+def check_factory(index_type: str, dim: int) -> None:
+    """Raise StoreError now for an index type FAISS cannot build (not after the embedding work)."""
+    if index_type in INDEX_TYPES:
+        return
+    import faiss
+
+    try:
+        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown"
+        raise StoreError(f"--index-type must be flat, hnsw, ivf, ivfpq or a FAISS factory string, got "
+                         f"{index_type!r} (FAISS: {reason})") from None
+
+
+def normalized(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """`vectors` cut to `dim` (Matryoshka) and renormalized, as a new float32 array."""
+    x = np.array(vectors[:, :dim], dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def chunks(vectors: np.ndarray, dim: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(vectors), CHUNK_ROWS):
+        yield normalized(vectors[start:start + CHUNK_ROWS], dim)
+
+
+def training_sample(vectors: np.ndarray, dim: int, rows: int = 100_000) -> np.ndarray:
+    step = max(1, len(vectors) // rows)
+    return normalized(vectors[::step][:rows], dim)
+
+
+def build_faiss(vectors: np.ndarray, dim: int, quantize: str, factory: str, trained: Any = None) -> Any:
+    """A FAISS index (inner product on normalized vectors cut to `dim`) over `vectors`, added in chunks.
+
+    `trained` is an empty trained index to start from (shared IVF lists); else it is trained here.
+    """
+    import faiss
+
+    if quantize == "binary":
+        from ..quantize import binary_encode
+
+        index = faiss.IndexBinaryFlat(dim)
+        for x in chunks(vectors, dim):
+            index.add(binary_encode(x))
+        return index
+    index = faiss.clone_index(trained) if trained is not None else faiss.index_factory(
+        dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if len(vectors) and not index.is_trained:
+        index.train(training_sample(vectors, dim))
+    for x in chunks(vectors, dim):
+        index.add(x)
+    return index
+
+
+def needs_training(factory: str, dim: int) -> bool:
+    import faiss
+
+    return factory != "BinaryFlat" and not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+def write_faiss(index: Any, path: Path) -> None:
+    import faiss
+
+    (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, str(path))
+
+
+def read_faiss(path: Path, quantize: str) -> Any:
+    """A segment's FAISS index; flat codes are memory-mapped, not read into memory."""
+    import faiss
+
+    if quantize == "binary":
+        return faiss.read_index_binary(str(path))
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+
+
+def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarray, manifest: dict[str, Any],
+                  trained: Any = None, vectors_written: bool = False) -> dict[str, Any]:
+    """Write a segment's three files (each atomically); returns its manifest entry.
+
+    `vectors` (float16, full width) are the ok rows' vectors in table order; with `vectors_written` they are
+    already the segment's .npy file, memory-mapped (a merge streams them there).
+    """
+    folder = index_dir / SEGMENTS
+    folder.mkdir(exist_ok=True)
+    table = table.cast(ITEM_SCHEMA)
+    factory = faiss_factory(manifest["index_type"], manifest["quantize"], len(vectors))
+    write_atomically(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    if not vectors_written:
+        write_atomically(folder / f"{name}.npy", lambda tmp: save_npy(tmp, vectors))
+    index = build_faiss(vectors, manifest["dim"], manifest["quantize"], factory, trained)
+    write_atomically(folder / f"{name}.faiss", lambda tmp: write_faiss(index, tmp))
+    return {"name": name, "rows": table.num_rows, "ok": len(vectors), "deleted": 0, "index": factory,
+            "bytes": sum((folder / f"{name}.{ext}").stat().st_size for ext in ("parquet", "npy", "faiss"))}
+
+
+def save_npy(path: Path, vectors: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would add ".npy" to a temporary name
+        np.save(f, vectors, allow_pickle=False)
+
+
+def ok_positions(table: pa.Table) -> np.ndarray:
+    """Where the ok rows are in a segment's table (row i of its vectors is the i-th of them)."""
+    return np.flatnonzero(pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False))
+
+
+def read_items(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A segment's rows; an item table written before a column was added reads that column as nulls."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise StoreError(f"cannot read {path} ({exc}); run `qvlsearch optimize`, or delete the index folder and "
+                         "index the files again") from None
+    for field in ITEM_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(columns or ITEM_SCHEMA.names)
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    """A segment's vectors, memory-mapped read-only."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path} ({exc}); run `qvlsearch optimize`, or delete the index folder and "
+                         "index the files again") from None
+
+
+def read_deleted(path: Path) -> np.ndarray:
+    try:
+        return pq.read_table(path)["id"].to_numpy()
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise StoreError(f"cannot read {path} ({exc}); delete the index folder and index the files again") from None

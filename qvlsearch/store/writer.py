@@ -1,0 +1,476 @@
+"""The one writer of an index folder: new rows become a new segment, deletes become tombstones, and a
+size-tiered policy merges segments, all switched in by one atomic manifest write per commit.
+
+A commit costs what changed: it writes the new rows' segment, a small file of deleted ids and the
+manifest, and at most one merge. Merging keeps the number of segments and the work per vector
+O(log N): segments within a factor of 10 in size form a tier, and ten segments of a tier merge into
+one of the next (as Lucene's TieredMergePolicy does); a segment with more than 20% deleted rows is
+rewritten without them. Files that a commit supersedes stay for `GRACE_SECONDS`, so that a reader
+that has just read the previous manifest still finds them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .files import (
+    DELETED_SCHEMA,
+    DELETED_VIEW,
+    ITEM_SCHEMA,
+    ITEMS_VIEW,
+    LEGACY_FILE,
+    SCHEMA_VERSION,
+    SEGMENTS,
+    SETTINGS_KEYS,
+    StoreError,
+    check_folder_for_new_index,
+    now,
+    read_manifest,
+    remove_store_files,
+    sync_view,
+    tmp_name,
+    write_atomically,
+    write_manifest,
+)
+from .segments import (
+    faiss_factory,
+    ok_positions,
+    read_deleted,
+    read_faiss,
+    read_items,
+    read_vectors,
+    write_faiss,
+    write_segment,
+)
+
+GRACE_SECONDS = 60.0
+SEGMENTS_PER_TIER = 10
+DELETED_REWRITE = 0.2  # a segment with more deleted rows than this is rewritten without them
+MAX_DELETE_FILES = 16  # more than this many tombstone files are rewritten into one
+
+
+def tier(live_rows: int) -> int:
+    return int(math.log10(max(live_rows, 1)))
+
+
+class Store:
+    """An index folder as its one writer sees it: the committed segments plus what is pending."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.first_new_id = manifest["next_id"]
+        self.pending_rows: dict[int, dict[str, Any]] = {}
+        self.pending_vectors: dict[int, np.ndarray] = {}
+        self.pending_deletes: dict[int, dict[str, Any]] = {}  # id -> its row, for the counts
+        self.deleted_now: set[int] = set()  # tombstoned by this writer: merges keep their rows, a reuse may read them
+        self.deleted = np.zeros(0, dtype=np.int64)  # every committed tombstone, sorted
+        self.segment_ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (all ids, ok ids in vector order)
+        self._rows: dict[int, dict[str, Any]] | None = None
+        self.issued: set[int] = set()  # ids from new_id() not yet put
+        self.dirty = False
+
+    @classmethod
+    def create(cls, path: Path, settings: dict[str, Any], full_dim: int) -> Store:
+        """A new, empty index (written at the first commit); refuses a non-empty folder that holds no index."""
+        check_folder_for_new_index(Path(path))
+        created = now().isoformat()
+        manifest = {"schema_version": SCHEMA_VERSION, **settings, "full_dim": full_dim, "generation": 0,
+                    "next_id": 1, "next_segment": 1, "segments": [], "deletes": [], "trained": None,
+                    "superseded": [], "counts": {}, "created": created, "updated": created}
+        return cls(Path(path), manifest)
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """The committed generation, for writing; an index of schema 1 is upgraded (one commit) first."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if manifest["schema_version"] == 1:
+            return cls.upgrade(path, manifest)
+        store = cls(path, manifest)
+        for name in manifest["deletes"]:
+            store.deleted = np.union1d(store.deleted, read_deleted(path / SEGMENTS / name))
+        return store
+
+    @classmethod
+    def upgrade(cls, path: Path, old: dict[str, Any]) -> Store:
+        """Rewrite a schema-1 index (one item table, npz vector files) as one segment; nothing is re-embedded."""
+        from .legacy import legacy_files, legacy_rows_and_vectors
+
+        manifest = {"schema_version": SCHEMA_VERSION, **{k: old.get(k) for k in SETTINGS_KEYS},
+                    "full_dim": old["full_dim"], "generation": old["generation"], "next_id": old["next_id"],
+                    "next_segment": 1, "segments": [], "deletes": [], "trained": None,
+                    "superseded": [{"at": time.time(), "files": legacy_files(old)}], "counts": old.get("counts", {}),
+                    "created": old.get("created"), "updated": old.get("updated")}
+        store = cls(path, manifest)
+        store.manifest["counts"] = {}
+        rows, vectors = legacy_rows_and_vectors(path, old)
+        for row in rows:
+            store.pending_rows[row["id"]] = row
+            if row["id"] in vectors:
+                store.pending_vectors[row["id"]] = vectors[row["id"]]
+        store.dirty = True
+        store.commit()
+        return store
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {k: self.manifest.get(k) for k in SETTINGS_KEYS}
+
+    # --- reading what is stored -------------------------------------------------------------------
+
+    def committed_items(self, columns: list[str] | None = None) -> pa.Table:
+        """The live committed rows (tombstoned ones left out), in segment order."""
+        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", columns) for s in self.manifest["segments"]]
+        table = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table().select(columns or ITEM_SCHEMA.names)
+        if len(self.deleted):
+            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(self.deleted))))
+        return table
+
+    @property
+    def rows(self) -> dict[int, dict[str, Any]]:
+        """Every live row by id, committed and pending (read from disk on first use, then kept in step)."""
+        if self._rows is None:
+            self._rows = {row["id"]: row for row in self.committed_items().to_pylist()}
+            self._rows.update(self.pending_rows)
+            for item_id in self.pending_deletes:
+                self._rows.pop(item_id, None)
+        return self._rows
+
+    def ids_of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A segment's ids, and its ok rows' ids in vector order."""
+        if name not in self.segment_ids:
+            table = read_items(self.path / SEGMENTS / f"{name}.parquet", ["id", "status"])
+            ids = table["id"].to_numpy()
+            self.segment_ids[name] = (ids, ids[ok_positions(table)])
+        return self.segment_ids[name]
+
+    def vector(self, item_id: int) -> np.ndarray | None:
+        """The stored float16 vector of `item_id`, also of one deleted by this writer; None if there is none."""
+        if item_id in self.pending_vectors:
+            return self.pending_vectors[item_id]
+        for segment in self.manifest["segments"]:
+            _, ok_ids = self.ids_of(segment["name"])
+            where = np.flatnonzero(ok_ids == item_id)
+            if len(where):
+                return np.array(read_vectors(self.path / SEGMENTS / f"{segment['name']}.npy")[where[0]])
+        return None
+
+    # --- changing it ----------------------------------------------------------------------------
+
+    def new_id(self) -> int:
+        item_id = self.manifest["next_id"]
+        self.manifest["next_id"] += 1
+        self.issued.add(item_id)
+        return item_id
+
+    def put(self, row: dict[str, Any], vector: np.ndarray | None = None) -> int:
+        """Add a row (an `ok` row with its full-width vector); returns the id it is stored under.
+
+        Stored rows never change: a row put under any id but a fresh one from `new_id()` replaces the
+        live row of that id (if any) under a new id, and the old id is tombstoned.
+        """
+        if row["id"] in self.issued:
+            self.issued.discard(row["id"])
+        else:
+            self.remove([row["id"]])
+            row = {**row, "id": self.new_id()}
+            self.issued.discard(row["id"])
+        self.pending_rows[row["id"]] = row
+        if vector is not None:
+            self.pending_vectors[row["id"]] = np.asarray(vector, dtype=np.float16)
+        if self._rows is not None:
+            self._rows[row["id"]] = row
+        self.dirty = True
+        return row["id"]
+
+    def remove(self, ids) -> None:
+        """Delete live rows by id (a committed one gets a tombstone); other ids are ignored."""
+        for item_id in ids:
+            if item_id in self.pending_rows:
+                self.pending_rows.pop(item_id)
+                self.pending_vectors.pop(item_id, None)
+            elif item_id in self.rows:
+                self.pending_deletes[item_id] = self.rows[item_id]
+                self.deleted_now.add(item_id)
+            else:
+                continue
+            if self._rows is not None:
+                self._rows.pop(item_id, None)
+            self.dirty = True
+
+    def counts(self) -> dict[str, Any]:
+        """Counts by status and kind after the pending changes."""
+        old = self.manifest.get("counts") or {}
+        by_kind = dict(old.get("by_kind", {}))
+        by_status = {"ok": old.get("ok", 0), "error": old.get("error", 0)}
+        for sign, rows in ((1, self.pending_rows.values()), (-1, self.pending_deletes.values())):
+            for row in rows:
+                if row:
+                    by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + sign
+                    by_status[row["status"]] = by_status.get(row["status"], 0) + sign
+        by_kind = {k: v for k, v in by_kind.items() if v}
+        return {"items": by_status["ok"] + by_status["error"], **by_status, "by_kind": by_kind}
+
+    # --- committing -----------------------------------------------------------------------------
+
+    def commit(self, merge: bool = True) -> None:
+        """Write what is pending as a new generation (and at most one merge); no-op when nothing changed.
+
+        On a write error (a full disk) nothing is switched: StoreError says the index is at its last commit.
+        """
+        if not self.dirty and self.manifest["generation"] > 0:
+            return
+        manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
+                    "segments": [dict(s) for s in self.manifest["segments"]], "deletes": list(self.manifest["deletes"])}
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / SEGMENTS).mkdir(exist_ok=True)
+            deleted = self.write_pending(manifest)
+            if merge:
+                self.merge_step(manifest, deleted)
+            if len(manifest["deletes"]) > MAX_DELETE_FILES:
+                self.compact_deletes(manifest, deleted)
+            manifest.update(counts=self.counts(), updated=now().isoformat(),
+                            superseded=self.superseded(manifest))
+            write_manifest(self.path, manifest)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}"
+                             f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}; the index is "
+                             f"intact at its last commit (generation {self.manifest['generation']})") from None
+        self.manifest, self.deleted = manifest, deleted
+        self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, {}
+        self.dirty = False
+        self.tidy()
+
+    def write_pending(self, manifest: dict[str, Any]) -> np.ndarray:
+        """The new rows' segment and the new tombstones; returns every tombstone after this commit."""
+        if self.pending_rows:
+            rows = sorted(self.pending_rows.values(), key=lambda r: r["id"])
+            table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+            ok = [r["id"] for r in rows if r["status"] == "ok"]
+            vectors = (np.stack([self.pending_vectors[i] for i in ok]) if ok
+                       else np.zeros((0, manifest["full_dim"]), dtype=np.float16))
+            manifest["segments"].append(self.write_new_segment(manifest, table, vectors))
+        deleted = self.deleted
+        if self.pending_deletes:
+            ids = np.array(sorted(self.pending_deletes), dtype=np.int64)
+            name = f"del-{manifest['generation']:06d}.parquet"
+            table = pa.Table.from_arrays([pa.array(ids)], schema=DELETED_SCHEMA)
+            write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp))
+            manifest["deletes"].append(name)
+            deleted = np.union1d(deleted, ids)
+            for segment in manifest["segments"]:
+                if segment["name"] in {s["name"] for s in self.manifest["segments"]}:
+                    segment["deleted"] += int(np.isin(self.ids_of(segment["name"])[0], ids).sum())
+        return deleted
+
+    def write_new_segment(self, manifest: dict[str, Any], table: pa.Table, vectors: np.ndarray,
+                          vectors_written: bool = False, name: str | None = None) -> dict[str, Any]:
+        name = name or self.next_segment_name(manifest)
+        return write_segment(self.path, name, table, vectors, manifest, self.trained_index(manifest, vectors),
+                             vectors_written)
+
+    @staticmethod
+    def next_segment_name(manifest: dict[str, Any]) -> str:
+        name = f"seg-{manifest['next_segment']:06d}"
+        manifest["next_segment"] += 1
+        return name
+
+    def trained_index(self, manifest: dict[str, Any], vectors: np.ndarray) -> Any:
+        """The IVF lists that every large segment shares (trained once, on the first one), else None."""
+        factory = faiss_factory(manifest["index_type"], manifest["quantize"], len(vectors))
+        if "IVF" not in factory:
+            return None
+        trained = manifest.get("trained")
+        if trained:
+            return read_faiss(self.path / SEGMENTS / trained["file"], manifest["quantize"])
+        import faiss
+
+        from .segments import training_sample
+
+        index = faiss.index_factory(manifest["dim"], factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(training_sample(vectors, manifest["dim"]))
+        name = f"trained-{manifest['generation']:06d}.faiss"
+        write_atomically(self.path / SEGMENTS / name, lambda tmp: write_faiss(index, tmp))
+        manifest["trained"] = {"file": name, "factory": factory}
+        return index
+
+    def purgeable(self, deleted: np.ndarray) -> np.ndarray:
+        """Tombstones whose rows a merge may drop: not those of this writer (a reuse may still read them)."""
+        if not self.deleted_now:
+            return deleted
+        return np.setdiff1d(deleted, np.fromiter(self.deleted_now, dtype=np.int64))
+
+    def plan_merge(self, manifest: dict[str, Any], deleted: np.ndarray) -> list[dict[str, Any]]:
+        """The segments to merge now: one with too many deleted rows, else ten of the smallest full tier."""
+        purgeable = self.purgeable(deleted)
+        for segment in manifest["segments"]:
+            if segment["deleted"] and segment["rows"]:
+                dropped = int(np.isin(self.ids_of(segment["name"])[0], purgeable).sum())
+                if dropped > DELETED_REWRITE * segment["rows"]:
+                    return [segment]
+        tiers: dict[int, list[dict[str, Any]]] = {}
+        for segment in manifest["segments"]:
+            tiers.setdefault(tier(segment["rows"] - segment["deleted"]), []).append(segment)
+        for level in sorted(tiers):
+            if len(tiers[level]) >= SEGMENTS_PER_TIER:
+                return sorted(tiers[level], key=lambda s: s["rows"])[:SEGMENTS_PER_TIER]
+        return []
+
+    def merge_step(self, manifest: dict[str, Any], deleted: np.ndarray) -> None:
+        merging = self.plan_merge(manifest, deleted)
+        if merging:
+            self.merge(manifest, merging, deleted)
+
+    def merge(self, manifest: dict[str, Any], merging: list[dict[str, Any]], deleted: np.ndarray) -> None:
+        """Replace `merging` by one segment of their rows, less the purgeable deleted ones; vectors stream."""
+        drop = pa.array(self.purgeable(deleted))
+        tables, keep_ok = [], []
+        for segment in merging:
+            table = read_items(self.path / SEGMENTS / f"{segment['name']}.parquet")
+            keep = pc.invert(pc.is_in(table["id"], value_set=drop)).to_numpy(zero_copy_only=False)
+            keep_ok.append(keep[ok_positions(table)])
+            tables.append(table.filter(pa.array(keep)))
+        name = self.next_segment_name(manifest)
+        final = self.path / SEGMENTS / f"{name}.npy"
+        shape = (int(sum(k.sum() for k in keep_ok)), manifest["full_dim"])
+        out = np.lib.format.open_memmap(tmp_name(final), mode="w+", dtype=np.float16, shape=shape)
+        try:
+            row = 0
+            for segment, keep in zip(merging, keep_ok, strict=True):
+                source = read_vectors(self.path / SEGMENTS / f"{segment['name']}.npy")
+                for start in range(0, len(source), 65536):
+                    part = source[start:start + 65536][keep[start:start + 65536]]
+                    out[row:row + len(part)] = part
+                    row += len(part)
+            out.flush()
+            with open(tmp_name(final), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_name(final), final)
+        except BaseException:
+            tmp_name(final).unlink(missing_ok=True)
+            raise
+        del out
+        entry = self.write_new_segment(manifest, pa.concat_tables(tables), read_vectors(final),
+                                       vectors_written=True, name=name)
+        entry["deleted"] = int(pc.sum(pc.is_in(pa.concat_tables(tables)["id"],
+                                               value_set=pa.array(deleted))).as_py() or 0) if len(deleted) else 0
+        names = {s["name"] for s in merging}
+        manifest["segments"] = [s for s in manifest["segments"] if s["name"] not in names] + [entry]
+
+    def compact_deletes(self, manifest: dict[str, Any], deleted: np.ndarray) -> None:
+        """Rewrite the tombstone files into one, keeping only ids that live segments still hold."""
+        held = [self.ids_of(s["name"])[0] for s in manifest["segments"]]
+        ids = np.intersect1d(deleted, np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+        name = f"del-{manifest['generation']:06d}.parquet"
+        table = pa.Table.from_arrays([pa.array(ids)], schema=DELETED_SCHEMA)
+        write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp))
+        manifest["deletes"] = [name]
+
+    def superseded(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        """The files the old manifest used and the new one does not, with when they were let go."""
+        old, new = live_files(self.manifest), live_files(manifest)
+        groups = [g for g in self.manifest.get("superseded", []) if g["files"]]
+        gone = sorted(old - new)
+        return groups + ([{"at": time.time(), "files": gone}] if gone else [])
+
+    def optimize(self) -> list[str]:
+        """Merge every segment into one, without any deleted row (`qvlsearch optimize`, `reindex`).
+
+        A segment that cannot be read is dropped (its files are embedded again by the next `index` run);
+        returns the names of the files at fault.
+        """
+        self.commit()
+        readable, damaged = self.readable_segments()
+        manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
+                    "segments": [dict(s) for s in readable], "deletes": []}
+        try:
+            if manifest["segments"]:
+                self.merge(manifest, manifest["segments"], self.purgeable(self.deleted))
+            manifest.update(updated=now().isoformat(), superseded=self.superseded(manifest),
+                            counts=self.counted(manifest))
+            write_manifest(self.path, manifest)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}; the index is intact at its last "
+                             f"commit (generation {self.manifest['generation']})") from None
+        self.manifest, self.deleted, self.segment_ids, self._rows = manifest, np.zeros(0, dtype=np.int64), {}, None
+        self.tidy()
+        return damaged
+
+    def readable_segments(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The segments whose three files read back, and the files of those that do not."""
+        readable, damaged = [], []
+        for segment in self.manifest["segments"]:
+            stem = self.path / SEGMENTS / segment["name"]
+            try:
+                ids = read_items(stem.with_suffix(".parquet"), ["id"])
+                vectors = read_vectors(stem.with_suffix(".npy"))
+                if ids.num_rows != segment["rows"] or len(vectors) != segment["ok"]:
+                    raise StoreError(f"{stem} does not match the manifest")
+                read_faiss(stem.with_suffix(".faiss"), "binary" if segment["index"] == "BinaryFlat" else "none")
+                readable.append(segment)
+            except (StoreError, OSError, RuntimeError):
+                damaged.append(segment["name"])
+        return readable, damaged
+
+    def counted(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Counts read from the segments' rows (after an optimize: it drops deleted rows and damaged segments)."""
+        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", ["kind", "status"])
+                  for s in manifest["segments"]]
+        if not tables:
+            return {"items": 0, "ok": 0, "error": 0, "by_kind": {}}
+        table = pa.concat_tables(tables)
+        by_status = {r["values"]: r["counts"] for r in pc.value_counts(table["status"]).to_pylist()}
+        by_kind = {r["values"]: r["counts"] for r in pc.value_counts(table["kind"]).to_pylist()}
+        return {"items": table.num_rows, "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),
+                "by_kind": by_kind}
+
+    def rebuild(self, **settings: Any) -> list[str]:
+        """Change dim, quantization or index type: every segment is rebuilt from the stored vectors.
+
+        Returns the damaged segments dropped, as `optimize` does.
+        """
+        self.commit()
+        self.manifest.update({k: v for k, v in settings.items() if v is not None}, trained=None)
+        return self.optimize()
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    def tidy(self) -> None:
+        """Delete superseded files past their grace period and files no generation refers to; sync the view."""
+        if not (self.path / "manifest.json").exists():
+            return
+        keep = live_files(self.manifest)
+        expired = [g for g in self.manifest.get("superseded", []) if time.time() - g["at"] >= GRACE_SECONDS]
+        waiting = {f for g in self.manifest.get("superseded", []) if g not in expired for f in g["files"]}
+        remove_store_files(self.path / SEGMENTS, {Path(f).name for f in keep | waiting if "/" in f})
+        remove_store_files(self.path, {f for f in waiting if "/" not in f}, LEGACY_FILE)
+        (self.path / ".manifest.json.tmp").unlink(missing_ok=True)
+        if expired:
+            self.manifest["superseded"] = [g for g in self.manifest["superseded"] if g not in expired]
+        sync_view(self.path, {s["name"] + ".parquet" for s in self.manifest["segments"]}, ITEMS_VIEW)
+        sync_view(self.path, set(self.manifest["deletes"]), DELETED_VIEW)
+
+    def remove_uncommitted_files(self) -> None:
+        """What a killed writer left behind goes; kept for the indexer's start-up."""
+        self.tidy()
+
+
+def live_files(manifest: dict[str, Any]) -> set[str]:
+    """The files a manifest refers to, relative to the index folder."""
+    files = {f"{SEGMENTS}/{s['name']}.{ext}" for s in manifest.get("segments", [])
+             for ext in ("parquet", "npy", "faiss")}
+    files |= {f"{SEGMENTS}/{name}" for name in manifest.get("deletes", [])}
+    if manifest.get("trained"):
+        files.add(f"{SEGMENTS}/{manifest['trained']['file']}")
+    return files
