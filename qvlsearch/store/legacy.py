@@ -56,7 +56,8 @@ def legacy_segment(path: Path, manifest: dict[str, Any], columns: list[str], wit
     if hasattr(index, "id_map"):  # written with an IDMap2: FAISS holds the ids
         ok_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         outer, index = index, faiss.downcast_index(index.index)
-        index.owner = outer  # the IDMap2 owns the inner index: it must live as long
+        outer.own_fields = False  # the inner index now belongs to its Python object, not to the IDMap2
+        index.this.own(True)
     else:
         ok_ids = table.filter(pc.equal(table["status"], "ok"))["id"].to_numpy()
     vectors = legacy_vectors(path, manifest) if manifest["quantize"] == "binary" else {}
