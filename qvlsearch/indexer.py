@@ -207,7 +207,7 @@ class Indexer:
     def open_store(self) -> Store:
         if (self.index_dir / "manifest.json").exists():
             store = Store.open(self.index_dir)
-            store.remove_uncommitted_files()
+            store.tidy()  # what a killed writer left behind goes; the view catches up
             m, o = store.manifest, self.options
             check_compatible(store, settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"],
                                                 o.index_type or m["index_type"]))

@@ -43,22 +43,25 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
-def assert_consistent(index_dir: Path) -> Store:
-    """The committed generation is readable and agrees with itself, and with the view outside tools read."""
+def assert_consistent(index_dir: Path, view: bool = True) -> Store:
+    """The committed generation is readable and agrees with itself, and with the view outside tools read
+    (which a killed writer may leave one commit behind: `view=False`, until the next writer)."""
     snapshot = Snapshot(index_dir)
     manifest = snapshot.manifest
     ok_ids = snapshot.items.filter(pc.equal(snapshot.items["status"], "ok"))["id"].to_numpy()
     assert len(snapshot) == len(ok_ids) == manifest["counts"]["ok"]
     assert snapshot.items.num_rows == manifest["counts"]["items"]
-    for segment in snapshot.segments:
+    for segment, entry in zip(snapshot.segments, manifest.get("segments", [{"index": "legacy"}]), strict=True):
         assert segment.index.ntotal == len(segment.ok_ids) == len(segment.vectors)
-        if manifest["quantize"] == "none" and segment.index.ntotal and hasattr(segment.index, "reconstruct_n"):
+        if entry["index"] == "Flat" and segment.index.ntotal:
             expected = np.asarray(segment.vectors, dtype=np.float32)[:, :manifest["dim"]]
             expected /= np.linalg.norm(expected, axis=1, keepdims=True)
             np.testing.assert_allclose(segment.index.reconstruct_n(0, segment.index.ntotal), expected, atol=1e-6)
     live = set(np.concatenate([np.setdiff1d(s.ok_ids, s.ok_ids[s.deleted_rows]) for s in snapshot.segments]
                               or [np.zeros(0, np.int64)]).tolist())
     assert live == set(ok_ids.tolist())
+    if not view:
+        return Store.open(index_dir)
     # the documented one-liner for outside tools: the items/ folder less the deleted/ ids
     outside = pq.read_table(index_dir / "items").filter(
         pc.invert(pc.is_in(pc.field("id"), pq.read_table(index_dir / "deleted")["id"]))

@@ -78,11 +78,11 @@ class Snapshot:
             index = read_segment_index(stem.with_suffix(".faiss"), m["quantize"]) if with_index else None
             self.segments.append(OpenSegment(segment["name"], ok_ids, read_vectors(stem.with_suffix(".npy")), index,
                                              deleted_rows))
-            tables.append(table.select(columns))
-        items = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table().select(columns)
+            tables.append(table)
+        items = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table().select(wanted)
         if len(deleted):
             items = items.filter(pc.invert(pc.is_in(items["id"], value_set=pa.array(deleted))))
-        self.items = items.sort_by("id") if "id" in columns else items
+        self.items = items.sort_by("id").select(columns)
 
     def __len__(self) -> int:
         return sum(s.live for s in self.segments)

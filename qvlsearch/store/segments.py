@@ -119,7 +119,7 @@ def read_faiss(path: Path, quantize: str) -> Any:
 
 
 def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarray, manifest: dict[str, Any],
-                  trained: Any = None, vectors_written: bool = False) -> dict[str, Any]:
+                  factory: str, trained: Any = None, vectors_written: bool = False) -> dict[str, Any]:
     """Write a segment's three files (each atomically); returns its manifest entry.
 
     `vectors` (float16, full width) are the ok rows' vectors in table order; with `vectors_written` they are
@@ -128,7 +128,6 @@ def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarr
     folder = index_dir / SEGMENTS
     folder.mkdir(exist_ok=True)
     table = table.cast(ITEM_SCHEMA)
-    factory = faiss_factory(manifest["index_type"], manifest["quantize"], len(vectors))
     write_atomically(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
     if not vectors_written:
         write_atomically(folder / f"{name}.npy", lambda tmp: save_npy(tmp, vectors))

@@ -277,8 +277,10 @@ class Store:
     def write_new_segment(self, manifest: dict[str, Any], table: pa.Table, vectors: np.ndarray,
                           vectors_written: bool = False, name: str | None = None) -> dict[str, Any]:
         name = name or self.next_segment_name(manifest)
-        return write_segment(self.path, name, table, vectors, manifest, self.trained_index(manifest, vectors),
-                             vectors_written)
+        trained = self.trained_index(manifest, vectors)
+        factory = (manifest["trained"]["factory"] if trained is not None
+                   else faiss_factory(manifest["index_type"], manifest["quantize"], len(vectors)))
+        return write_segment(self.path, name, table, vectors, manifest, factory, trained, vectors_written)
 
     @staticmethod
     def next_segment_name(manifest: dict[str, Any]) -> str:
@@ -460,10 +462,6 @@ class Store:
             self.manifest["superseded"] = [g for g in self.manifest["superseded"] if g not in expired]
         sync_view(self.path, {s["name"] + ".parquet" for s in self.manifest["segments"]}, ITEMS_VIEW)
         sync_view(self.path, set(self.manifest["deletes"]), DELETED_VIEW)
-
-    def remove_uncommitted_files(self) -> None:
-        """What a killed writer left behind goes; kept for the indexer's start-up."""
-        self.tidy()
 
 
 def live_files(manifest: dict[str, Any]) -> set[str]:

@@ -1,0 +1,354 @@
+"""The segmented store: commits that cost what changed, tombstones, merging, sealing, readers during writes,
+schema-1 upgrades, and faults (SIGKILL, a full disk, a damaged segment). Real Parquet, .npy and FAISS files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from schema1 import write_schema1_index
+from test_index import ENV, assert_consistent, cli, vectors_by_path
+
+from qvlsearch.indexer import Indexer, IndexOptions
+from qvlsearch.search import SearchIndex
+from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError, now, segments, writer
+
+SETTINGS = {"model": "synthetic", "model_revision": None, "dim": 32, "quantize": "none", "index_type": "flat",
+            "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
+
+
+def add(store: Store, count: int, rng: np.random.Generator, full_dim: int = 32) -> list[int]:
+    """`count` synthetic ok rows with random unit vectors; returns their ids."""
+    ids = []
+    for _ in range(count):
+        vector = rng.normal(size=full_dim)
+        item_id = store.new_id()
+        ids.append(store.put({"id": item_id, "path": f"/x/{item_id}.txt", "path_bytes": f"/x/{item_id}.txt".encode(),
+                              "root": "/x", "kind": "text", "status": "ok", "indexed_at": now()},
+                             vector / np.linalg.norm(vector)))
+    return ids
+
+
+def exact_search(index_dir: Path, query: np.ndarray, k: int) -> list[int]:
+    """The true top k over the live stored vectors, by brute force."""
+    snapshot = Snapshot(index_dir, with_index=False)
+    ids = snapshot.items.filter(pc.equal(snapshot.items["status"], "ok"))["id"].to_numpy()
+    vectors = StoredVectors(snapshot).get(ids)[:, : snapshot.manifest["dim"]]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return ids[np.argsort(-(vectors @ query[0]), kind="stable")[:k]].tolist()
+
+
+def found(index_dir: Path, query: np.ndarray, k: int) -> list[int]:
+    return SearchIndex(index_dir).raw_search(query, k)[1].tolist()
+
+
+def test_many_small_commits_keep_few_segments_and_exact_results(tmp_path):
+    store = Store.create(tmp_path / "i", SETTINGS, 32)
+    rng = np.random.default_rng(0)
+    for _ in range(250):
+        add(store, 4, rng)
+        store.commit()
+    segment_rows = [s["rows"] for s in store.manifest["segments"]]
+    assert sum(segment_rows) == 1000
+    # ten segments of a tier merge into one of the next: at most 9 a tier (1-9, 10-99, 100-999, 1000+ rows)
+    assert len(segment_rows) <= 4 * (writer.SEGMENTS_PER_TIER - 1)
+    assert_consistent(tmp_path / "i")
+    for _ in range(5):
+        query = rng.normal(size=(1, 32)).astype(np.float32)
+        query /= np.linalg.norm(query)
+        assert found(tmp_path / "i", query, 10) == exact_search(tmp_path / "i", query, 10)
+
+
+def test_deleted_rows_never_come_back_and_a_mostly_deleted_segment_is_rewritten(tmp_path):
+    rng = np.random.default_rng(1)
+    store = Store.create(tmp_path / "i", SETTINGS, 32)
+    ids = add(store, 300, rng)
+    store.commit()
+    gone = set(rng.choice(ids, 100, replace=False).tolist())
+    store.remove(gone)
+    store.commit()
+    assert store.manifest["segments"][0]["deleted"] == 100  # a tombstone file, nothing rewritten
+    assert len(store.manifest["deletes"]) == 1
+    for _ in range(5):
+        query = rng.normal(size=(1, 32)).astype(np.float32)
+        query /= np.linalg.norm(query)
+        hits = found(tmp_path / "i", query, 300)
+        assert len(hits) == 200 and not gone & set(hits)
+        assert hits[:10] == exact_search(tmp_path / "i", query, 10)
+    # the next writer's commit rewrites the segment (a third deleted > 20%) without the deleted rows
+    store = Store.open(tmp_path / "i")
+    add(store, 1, rng)
+    store.commit()
+    assert sorted(s["rows"] for s in store.manifest["segments"]) == [1, 200]
+    assert all(s["deleted"] == 0 for s in store.manifest["segments"])
+    assert_consistent(tmp_path / "i")
+
+
+@pytest.mark.parametrize("index_type, sealed", [("hnsw", "HNSW32"), ("ivf", "IVF"), ("IVF4,SQ8", "IVF4,SQ8")])
+def test_large_segments_are_sealed_with_the_index_type(tmp_path, monkeypatch, index_type, sealed):
+    monkeypatch.setattr(segments, "SEAL_ROWS", 100)
+    rng = np.random.default_rng(2)
+    store = Store.create(tmp_path / "i", {**SETTINGS, "index_type": index_type}, 32)
+    for count in (150, 120, 20):
+        add(store, count, rng)
+        store.commit()
+    kinds = [s["index"] for s in store.manifest["segments"]]
+    assert kinds[0].startswith(sealed) and kinds[1].startswith(sealed) and kinds[2] == "Flat"
+    if "IVF" in sealed:  # one set of IVF lists, trained once, shared by every sealed segment
+        assert store.manifest["trained"]["factory"] == kinds[0] == kinds[1]
+    snapshot = assert_consistent(tmp_path / "i")
+    assert snapshot.manifest["counts"]["ok"] == 290
+    hits = 0
+    for _ in range(10):
+        query = rng.normal(size=(1, 32)).astype(np.float32)
+        query /= np.linalg.norm(query)
+        hits += len(set(found(tmp_path / "i", query, 5)) & set(exact_search(tmp_path / "i", query, 5)))
+    assert hits >= 40  # approximate structures, on a small sample
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("texts") / "notes"
+    words = ("cat", "dog", "boat", "lake", "tree", "cake", "camera", "chess", "bee", "flower", "city", "snow")
+    rng = random.Random(0)
+    for i in range(2000):
+        folder = root / f"f{i // 200:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"note{i:04d}.txt").write_text(f"note {i}: " + " ".join(rng.choice(words) for _ in range(8)))
+    return root
+
+
+def folder_state(path: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_size) for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("quantize, index_type", [("none", "flat"), ("int8", "flat"), ("none", "hnsw")])
+def test_adding_10_files_to_2000_writes_under_10_percent(tmp_path, texts, checkpoints, embedder, quantize,
+                                                       index_type):
+    corpus = tmp_path / "notes"
+    shutil.copytree(texts, corpus)
+    options = IndexOptions(model=str(checkpoints["embedder"]), quantize=quantize, index_type=index_type)
+    Indexer(tmp_path / "i", options, embedder=embedder).run([corpus])
+    before = folder_state(tmp_path / "i")
+    for i in range(10):
+        (corpus / f"new{i}.txt").write_text(f"a new note number {i} about a cat and a boat")
+    summary = Indexer(tmp_path / "i", options, embedder=embedder).run([corpus])
+    assert summary.added == 10 and summary.unchanged == 2000
+    after = folder_state(tmp_path / "i")
+    written = sum(size for p, (ino, size) in after.items() if before.get(p, (None, None))[0] != ino
+                  and p.parent.name not in ("items", "deleted"))  # the view holds links, not bytes
+    total = sum(size for p, (_, size) in after.items() if p.parent.name not in ("items", "deleted"))
+    assert written <= 0.10 * total, (written, total)
+    assert_consistent(tmp_path / "i")
+    if quantize == "none" and index_type == "flat":  # exact: the same as an index built at once
+        Indexer(tmp_path / "scratch", options, embedder=embedder).run([corpus])
+        for query in ("a cat", "snow in the city", "note 17"):
+            vector = embedder.embed([{"text": query}], dim=64)
+            hits = {}
+            for name in ("scratch", "i"):
+                index = SearchIndex(tmp_path / name)
+                scores, ids = index.raw_search(vector, 10)
+                hits[name] = [(index.result(0, int(i), float(s)).path, float(s))
+                              for s, i in zip(scores, ids, strict=True)]
+            assert [p for p, _ in hits["i"]] == [p for p, _ in hits["scratch"]]
+            np.testing.assert_allclose([s for _, s in hits["i"]], [s for _, s in hits["scratch"]], atol=1e-5)
+
+
+def test_a_schema1_index_is_read_then_upgraded_without_the_model(tmp_path, texts, checkpoints, embedder,
+                                                                  monkeypatch):
+    corpus = tmp_path / "notes"
+    shutil.copytree(texts / "f00", corpus)
+    options = IndexOptions(model=str(checkpoints["embedder"]))
+    Indexer(tmp_path / "new", options, embedder=embedder).run([corpus])
+    snapshot = Snapshot(tmp_path / "new")
+    rows = snapshot.items.to_pylist()
+    ok = [r["id"] for r in rows if r["status"] == "ok"]
+    vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
+    settings = {k: snapshot.manifest[k] for k in writer.SETTINGS_KEYS}
+    write_schema1_index(tmp_path / "old", settings, snapshot.manifest["full_dim"], rows, vectors)
+    query = embedder.embed([{"text": "a cat on a boat"}], dim=64)
+    want = SearchIndex(tmp_path / "new").raw_search(query, 10)
+    read = SearchIndex(tmp_path / "old").raw_search(query, 10)  # read as it is: one segment
+    assert read[1].tolist() == want[1].tolist()
+    monkeypatch.setattr(writer, "GRACE_SECONDS", 0.0)
+    summary = Indexer(tmp_path / "old", options).run([corpus])  # no embedder: it must not need one
+    assert summary.unchanged == 200 and summary.added == 0
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert manifest["schema_version"] == 2 and manifest["counts"]["ok"] == 200
+    assert not list((tmp_path / "old").glob("items*.parquet")) and not list((tmp_path / "old").glob("*.npz"))
+    upgraded = SearchIndex(tmp_path / "old").raw_search(query, 10)
+    assert sorted(upgraded[1].tolist()) == sorted(want[1].tolist())
+    np.testing.assert_allclose(upgraded[0], want[0], atol=1e-6)
+    assert_consistent(tmp_path / "old")
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from qvlsearch.store import Store, writer, now
+    writer.GRACE_SECONDS = float(sys.argv[2])
+    path, rng = sys.argv[1], np.random.default_rng(int(sys.argv[3]))
+    settings = {"model": "synthetic", "model_revision": None, "dim": 32, "quantize": "none", "index_type": "flat",
+                "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
+    try:
+        store = Store.open(path)
+        store.tidy()
+    except Exception:
+        store = Store.create(path, settings, 32)
+    for step in range(int(sys.argv[4])):
+        for _ in range(int(sys.argv[5])):
+            vector = rng.normal(size=32)
+            item_id = store.new_id()
+            store.put({"id": item_id, "path": f"/x/{item_id}", "path_bytes": b"/x/%d" % item_id, "root": "/x",
+                       "kind": "text", "status": "ok", "indexed_at": now()}, vector / np.linalg.norm(vector))
+        if step % 3 == 2:
+            live = sorted(store.rows)
+            store.remove(rng.choice(live, len(live) // 10, replace=False).tolist())
+        store.commit()
+        print("commit", store.manifest["generation"], flush=True)
+    if len(sys.argv) > 6:
+        store.optimize()
+        print("optimized", flush=True)
+""")
+
+
+def test_readers_never_fail_while_the_writer_commits_and_merges(tmp_path):
+    """Superseded files go at once here (no grace period): readers that lose the race open the new generation."""
+    path = tmp_path / "i"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "0", "3", "400", "5"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    opened, failures, generations = 0, [], set()
+    query = np.ones((1, 32), dtype=np.float32) / np.sqrt(32)
+    while proc.poll() is None:
+        if not (path / "manifest.json").exists():
+            time.sleep(0.01)
+            continue
+        try:
+            index = SearchIndex(path)
+            counts = index.manifest["counts"]
+            assert index.items.num_rows == counts["items"] and len(index) == counts["ok"]  # one whole generation
+            scores, ids = index.raw_search(query, 10)
+            assert len(ids) == min(10, counts["ok"]) and set(ids.tolist()) <= set(index.ids.tolist())
+            opened += 1
+            generations.add(index.manifest["generation"])
+        except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+            failures.append(repr(exc))
+    assert proc.returncode == 0, proc.stderr.read()
+    assert not failures, failures[:3]
+    assert opened > 50 and len(generations) > 20
+    merged = Snapshot(path).manifest
+    assert len(merged["segments"]) < 40 and merged["counts"]["ok"] == len(Snapshot(path))
+
+
+@pytest.mark.parametrize("during", ["commits", "optimize"])
+def test_sigkill_during_commits_and_merges_leaves_the_last_generation(tmp_path, during):
+    path = tmp_path / "i"
+    setup = subprocess.run([sys.executable, "-c", WRITER, str(path), "60", "1", "30", "300"], env=ENV,
+                           capture_output=True, text=True)
+    assert setup.returncode == 0, setup.stderr
+    rng = random.Random(5)
+    for attempt in range(3):
+        args = ["40", "200"] if during == "commits" else ["1", "1", "optimize"]
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), "60", str(attempt + 7), *args], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc.stdout.readline()  # a first commit happened: the kill lands within the work
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert_consistent(path, view=False)
+    finish = subprocess.run([sys.executable, "-c", WRITER, str(path), "0", "99", "1", "1", "optimize"], env=ENV,
+                            capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    snapshot = assert_consistent(path)
+    assert len(snapshot.manifest["segments"]) == 1
+    names = {p.name for p in (path / "segments").iterdir()}
+    assert names == {f"{snapshot.manifest['segments'][0]['name']}.{ext}" for ext in ("parquet", "npy", "faiss")}
+
+
+def test_a_full_disk_is_one_line_and_the_index_stays_at_its_last_commit(tmp_path, checkpoints, monkeypatch, capsys):
+    from qvlsearch import cli as qvl_cli
+
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "a.txt").write_text("first note")
+    args = ["qvlsearch", "index", str(root), "--index", str(tmp_path / "i"), "--model", str(checkpoints["embedder"])]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as done:
+        qvl_cli.main()
+    assert done.value.code == 0
+    generation = Snapshot(tmp_path / "i").manifest["generation"]
+    (root / "b.txt").write_text("second note")
+
+    def disk_full(path, vectors):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(segments, "save_npy", disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        qvl_cli.main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    ours = [line for line in err.splitlines() if line.startswith("qvlsearch:")]
+    assert len(ours) == 1 and "No space left on device" in ours[0] and "intact at its last commit" in ours[0]
+    assert "Traceback" not in err
+    assert Snapshot(tmp_path / "i").manifest["generation"] == generation
+    assert not [p for p in (tmp_path / "i" / "segments").iterdir() if p.name.startswith(".")]  # no temporary left
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", [*args, "--json"])
+    with pytest.raises(SystemExit) as done:
+        qvl_cli.main()
+    assert done.value.code == 0 and json.loads(capsys.readouterr().out)["added"] == 1
+
+
+def test_a_damaged_segment_is_named_then_dropped_by_optimize_and_embedded_again(tmp_path, checkpoints):
+    root = tmp_path / "notes"
+    root.mkdir()
+    model = ["--model", str(checkpoints["embedder"])]
+    for batch in range(2):
+        for i in range(3):
+            (root / f"n{batch}{i}.txt").write_text(f"note {batch} {i}")
+        assert cli("index", str(root), "--index", str(tmp_path / "i"), *model).returncode == 0
+    first = Snapshot(tmp_path / "i").manifest["segments"][0]["name"]
+    (tmp_path / "i" / "segments" / f"{first}.parquet").write_bytes(b"PAR1 not really parquet")
+    searched = cli("search", "note", "--index", str(tmp_path / "i"))
+    assert searched.returncode == 2 and searched.stderr.count("\n") == 1
+    assert f"{first}.parquet" in searched.stderr and "qvlsearch optimize" in searched.stderr
+    optimized = cli("optimize", "--index", str(tmp_path / "i"))
+    assert optimized.returncode == 0 and "dropped damaged segment" in optimized.stderr and first in optimized.stderr
+    again = cli("index", str(root), "--index", str(tmp_path / "i"), *model, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["added"] == 3
+    assert len(vectors_by_path(tmp_path / "i")) == 6
+    assert_consistent(tmp_path / "i")
+
+
+def test_optimize_and_info_report_segments(tmp_path):
+    rng = np.random.default_rng(4)
+    store = Store.create(tmp_path / "i", SETTINGS, 32)
+    for _ in range(3):
+        add(store, 5, rng)
+        store.commit()
+    store.remove(list(store.rows)[:4])
+    store.commit()
+    info = json.loads(cli("info", "--index", str(tmp_path / "i"), "--json").stdout)
+    assert [s["rows"] for s in info["segments"]] == [5, 5, 5] and sum(s["deleted"] for s in info["segments"]) == 4
+    result = cli("optimize", "--index", str(tmp_path / "i"))
+    assert result.returncode == 0 and "3 segments into 1, 4 deleted rows dropped" in result.stderr
+    info = json.loads(cli("info", "--index", str(tmp_path / "i"), "--json").stdout)
+    assert [(s["rows"], s["deleted"]) for s in info["segments"]] == [(11, 0)]
+    assert info["manifest"]["counts"]["ok"] == 11
+
+
+def test_a_store_error_is_raised_for_a_missing_index(tmp_path):
+    with pytest.raises(StoreError, match="no index at"):
+        Snapshot(tmp_path / "nothing")
