@@ -352,3 +352,35 @@ def test_optimize_and_info_report_segments(tmp_path):
 def test_a_store_error_is_raised_for_a_missing_index(tmp_path):
     with pytest.raises(StoreError, match="no index at"):
         Snapshot(tmp_path / "nothing")
+
+
+def test_changes_across_segments_and_merges_end_as_a_fresh_index_would(tmp_path, checkpoints, embedder):
+    """Commits of one file each: many segments and merges; then edits, deletes, moves and copies."""
+    from make_media import make_image
+    from test_index import SAMPLE_DATA
+
+    corpus = tmp_path / "c"
+    shutil.copytree(SAMPLE_DATA / "photos", corpus / "photos")
+    shutil.copytree(SAMPLE_DATA / "notes", corpus / "notes")
+    options = IndexOptions(model=str(checkpoints["embedder"]), commit_every=1)
+    Indexer(tmp_path / "i", options, embedder=embedder).run([corpus])
+    assert Snapshot(tmp_path / "i").manifest["generation"] > 20  # one commit a file, merges among them
+    (corpus / "photos" / "cat.jpg").rename(corpus / "notes" / "cat moved.jpg")
+    shutil.copy(corpus / "photos" / "bee.jpg", corpus / "bee copy.jpg")
+    (corpus / "photos" / "cake.jpg").unlink()
+    make_image(corpus / "photos" / "tree.webp", size=(80, 60), color=(10, 200, 10))
+    (corpus / "notes" / "cats.txt").write_text("now about dogs")
+    summary = Indexer(tmp_path / "i", options, embedder=embedder).run([corpus])
+    assert (summary.moved, summary.added, summary.removed, summary.updated) == (1, 1, 1, 2)
+    store = assert_consistent(tmp_path / "i")
+    assert store.manifest["segments"] and sum(s["deleted"] for s in store.manifest["segments"]) >= 1
+    Indexer(tmp_path / "fresh", options, embedder=embedder).run([corpus])
+    got, want = vectors_by_path(tmp_path / "i"), vectors_by_path(tmp_path / "fresh")
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=2e-3)  # float16, batched differently
+    for query in ("a cat", "dogs"):
+        vector = embedder.embed([{"text": query}], dim=64)
+        a, b = SearchIndex(tmp_path / "i"), SearchIndex(tmp_path / "fresh")
+        assert ([a.result(0, int(i), 0).path for i in a.raw_search(vector, 5)[1]]
+                == [b.result(0, int(i), 0).path for i in b.raw_search(vector, 5)[1]])

@@ -462,6 +462,8 @@ class Store:
             self.manifest["superseded"] = [g for g in self.manifest["superseded"] if g not in expired]
         sync_view(self.path, {s["name"] + ".parquet" for s in self.manifest["segments"]}, ITEMS_VIEW)
         sync_view(self.path, set(self.manifest["deletes"]), DELETED_VIEW)
+        if not (self.path / DELETED_VIEW / "none.parquet").exists():  # so that reading the folder never fails
+            pq.write_table(DELETED_SCHEMA.empty_table(), self.path / DELETED_VIEW / "none.parquet")
 
 
 def live_files(manifest: dict[str, Any]) -> set[str]:
