@@ -102,7 +102,7 @@ def test_walk_file_root(tmp_path):
     other = touch(tmp_path / "notes.pdf")
     [found] = walk([other])
     assert found.path == str(other)
-    assert found.error == "not an image, video or text file"
+    assert found.error == "not an image, video, PDF or text file"
 
 
 def test_walk_several_roots_each_folder_once(tmp_path):
