@@ -117,13 +117,36 @@ class SearchIndex:
 
         files = self.manifest.get("files", {})
         # Columns stay in Arrow: only the hits' rows ever become Python objects.
-        self.items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
-                      else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
+        items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
+                 else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
+        index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
+        self.items, self.index = items, index
         self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
-        self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None
         # FAISS row i holds the i-th ok item in id order (older indexes keep item ids in an IDMap2).
         in_faiss = self.items["status"].to_numpy(zero_copy_only=False) == "ok"
         self.row_ids = None if hasattr(self.index, "id_map") else self.ids[in_faiss]
+        self.__dict__.pop("stored_vectors", None)
+
+    def refresh(self) -> bool:
+        """Follow writers: re-read the index when a newer generation was committed (True when it was).
+
+        A writer deletes the old generation's files right after its commit, so a read that
+        loses that race starts once more from the newest manifest.
+        """
+        manifest = read_manifest(self.path)
+        if manifest.get("generation") == self.manifest.get("generation"):
+            return False
+        old, self.manifest = self.manifest, manifest
+        try:
+            self.read_index()
+        except (OSError, RuntimeError, StoreError):  # FAISS reports a missing file as a RuntimeError
+            try:
+                self.manifest = read_manifest(self.path)
+                self.read_index()
+            except (OSError, RuntimeError, StoreError) as exc:
+                self.manifest = old
+                raise StoreError(f"cannot read the index at {self.path}: {exc}") from None
+        return True
 
     @cached_property
     def stored_vectors(self):
