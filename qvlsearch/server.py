@@ -117,6 +117,7 @@ class ModelThread:
 
     def run_embeddings(self, jobs: list[EmbedJob]) -> None:
         owners = [(job, n) for job in jobs for n in range(len(job.items))]
+        log.info("embedding %d items of %d requests together", len(owners), len(jobs))
         results: dict[int, list[Embedding | None]] = {id(job): [None] * len(job.items) for job in jobs}
         try:
             for e in self.embedder.embed_iter((job.items[n] for job, n in owners), normalize=False):
