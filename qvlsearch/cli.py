@@ -3,6 +3,8 @@
 Results go to stdout, logs and errors to stderr. Exit codes: 0 success, 1 some input
 failed, 2 usage or setup error (bad option, missing model), 130 interrupted.
 Heavy imports (torch, transformers) happen inside commands, so `--help` stays fast.
+`search`, `rerank` and `embed` hand their work to a running `qvlsearch serve` when there is
+one for the same index and models (`client.py`), and then import no model library at all.
 """
 
 from __future__ import annotations
