@@ -89,3 +89,11 @@ def test_palette_images_with_transparency_load_without_warnings(tmp_path):
         warnings.simplefilter("error")
         media = load_media(content_parts({"image": str(tmp_path / "palette.png")}, VisionOptions()))
     assert media.images[0].mode == "RGB" and media.images[0].getpixel((0, 0)) == (127, 127, 255)  # over white
+
+
+def test_library_warnings_reach_stderr_only_with_verbose():
+    probe = ("import sys, warnings; from qvlsearch.cli import main_options\n"
+             "main_options(verbose=sys.argv[1] == 'v'); warnings.warn('a library talks', UserWarning)")
+    quiet, verbose = (subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True, timeout=60)
+                      for flag in ("q", "v"))
+    assert quiet.stderr == "" and "a library talks" in verbose.stderr
