@@ -34,7 +34,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
 from .client import write_discovery
@@ -139,7 +139,7 @@ class ModelThread:
         return self.loaded_reranker
 
     # What a SearchIndex asks of its embedder and reranker:
-    def embed(self, items: list[Any], *, dim: int | None = None, **_: Any) -> np.ndarray:
+    def embed(self, items: list[Any], *, dim: int | None = None) -> np.ndarray:
         out = []
         for e in self.embeddings(list(items)):
             if e.error is not None:
@@ -258,7 +258,7 @@ class RerankRequest(BaseModel):
     model: str | None = None
     query: Item
     documents: list[Item]
-    top_n: int | None = None
+    top_n: int | None = Field(default=None, ge=1)
     instruction: str | None = None
 
 
@@ -269,7 +269,7 @@ class SearchRequest(BaseModel):
     under: str | None = None
     min_score: float | None = None
     rerank: bool = False
-    rerank_top: int = 50
+    rerank_top: int = Field(default=50, ge=1)
     instruction: str | None = None
 
 
