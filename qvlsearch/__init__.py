@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 
 __version__ = "0.1.0"
+DEFAULT_EMBEDDER = "Qwen/Qwen3-VL-Embedding-2B"
+DEFAULT_RERANKER = "Qwen/Qwen3-VL-Reranker-2B"
 __all__ = ["Embedder", "Reranker", "open_index", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
 
 if TYPE_CHECKING:

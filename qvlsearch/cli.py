@@ -3,6 +3,8 @@
 Results go to stdout, logs and errors to stderr. Exit codes: 0 success, 1 some input
 failed, 2 usage or setup error (bad option, missing model), 130 interrupted.
 Heavy imports (torch, transformers) happen inside commands, so `--help` stays fast.
+`search`, `rerank` and `embed` hand their work to a running `qvlsearch serve` when there is
+one for the same index and models (`client.py`), and then import no model library at all.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
+from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
 from .errors import QvlsearchError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("qvlsearch")
 
 
 class OutputClosed(Exception):
@@ -48,6 +51,8 @@ ModelOption = Annotated[
     typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+NoServerFlag = Annotated[bool, typer.Option(
+    "--no-server", help="Load the models here even when a `qvlsearch serve` for this index and model runs.")]
 
 
 def version_callback(value: bool) -> None:
@@ -64,6 +69,10 @@ def main_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qvlsearch: %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: once is enough
+    # Libraries' warnings (Pillow's, torch's) are for their developers: on stderr only with --verbose.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 @app.command()
@@ -75,16 +84,15 @@ def embed(
     video: Annotated[list[str] | None, typer.Option("--video", help="Video path or URL (repeatable).")] = None,
     instruction: Annotated[str | None, typer.Option(help="Instruction (system prompt) for the embedding.")] = None,
     dim: Annotated[int | None, typer.Option(help="Matryoshka dimension: keep the first N values.")] = None,
-    model: ModelOption = "Qwen/Qwen3-VL-Embedding-2B",
+    model: ModelOption = DEFAULT_EMBEDDER,
     device: DeviceOption = "auto",
+    no_server: NoServerFlag = False,
 ) -> None:
     """Print embedding vectors as JSON lines: {"index": i, "vector": [...]} or {"index": i, "error": "..."}.
 
     With TEXT/--image/--video, embeds one item made of all of them. With '-', reads one item per line from stdin,
     e.g. {"text": "a cat"} or {"image": "cat.jpg"}.
     """
-    from .embedder import Embedder
-
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
     else:
@@ -96,15 +104,11 @@ def embed(
         if instruction:
             item["instruction"] = instruction
         items = [item]
-    embedder = Embedder(model, device=device)
-    vectors = {}
-    errors = {}
-    for result in embedder.embed_iter(items, dim=dim):
-        if result.error is None:
-            vectors[result.index] = result.vector
-        else:
-            errors[result.index] = str(result.error)
-            typer.echo(f"qvlsearch: {result.error}", err=True)
+    server = None if no_server else find_server(default_index_dir(), model=model)
+    answer = embed_remotely(server, items, dim) if server else None
+    if answer is None:
+        answer = embed_here(items, dim, model, device)
+    vectors, errors = answer
     for index in range(len(items)):
         record = (
             {"index": index, "error": errors[index]}
@@ -114,6 +118,55 @@ def embed(
         write_stdout(json.dumps(record) + "\n")
     if errors:
         raise typer.Exit(EXIT_FAILED)
+
+
+def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> tuple[dict, dict[int, str]]:
+    """(vectors, errors) by item index, with the model loaded in this process; errors also go to stderr."""
+    from .hub import require_model
+
+    require_model(model)
+    from .embedder import Embedder
+
+    vectors, errors = {}, {}
+    for result in Embedder(model, device=device).embed_iter(items, dim=dim):
+        if result.error is None:
+            vectors[result.index] = result.vector
+        else:
+            errors[result.index] = str(result.error)
+            typer.echo(f"qvlsearch: {result.error}", err=True)
+    return vectors, errors
+
+
+def embed_remotely(server, items: list[dict], dim: int | None) -> tuple[dict, dict[int, str]] | None:
+    """(vectors, errors) by item index from a server; None when it may not read a file (then embed here)."""
+    import array
+    import base64
+
+    from .client import ServerError, absolute_sources, given_names
+
+    sent = [absolute_sources(item) for item in items]
+    body = {"model": server.health["model"], "input": [item for item, _ in sent], "encoding_format": "base64"}
+    try:
+        answer = server.request("/v1/embeddings", {**body, **({"dimensions": dim} if dim else {})})
+    except ServerError as exc:
+        if exc.status == 403:
+            log.info("the server may not read this: %s; embedding here", exc)
+            return None
+        if exc.status != 422 or "data" not in exc.body:
+            raise
+        answer = exc.body
+    errors = {f["index"]: given_names(f["message"], sent[f["index"]][1]) for f in answer["error"]["failed"]}
+    for message in errors.values():
+        typer.echo(f"qvlsearch: {message}", err=True)
+    vectors = {d["index"]: array.array("f", base64.b64decode(d["embedding"])) for d in answer["data"]}
+    return vectors, errors
+
+
+def find_server(index_dir: Path, **wanted):
+    """A running `qvlsearch serve` that can do this command's work (see `client.find_server`)."""
+    from .client import find_server
+
+    return find_server(index_dir, **wanted)
 
 
 def default_index_dir() -> Path:
@@ -132,7 +185,7 @@ IndexOption = Annotated[
 def index(
     paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
     index_dir: IndexOption = None,
-    model: ModelOption = "Qwen/Qwen3-VL-Embedding-2B",
+    model: ModelOption = DEFAULT_EMBEDDER,
     dim: Annotated[int | None, typer.Option(
         help="Matryoshka dimension of the search index (default: the index's, else the model's).")] = None,
     quantize: Annotated[str | None, typer.Option(
@@ -412,50 +465,108 @@ def search(
     as_jsonl: JsonlFlag = False,
     paths: PathsFlag = False,
     null: NullFlag = False,
-    contact_sheet: Annotated[Path | None, typer.Option(help="Also write a JPEG of result thumbnails here.")] = None,
+    contact_sheet: Annotated[Path | None, typer.Option(
+        help="Also write a JPEG of result thumbnails here (done in this process, never on a server).")] = None,
     device: DeviceOption = "auto",
+    no_server: NoServerFlag = False,
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import kinds_of, open_index, query_item
-    from .store import StoreError
-
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind fails before the models load
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):
         raise typer.BadParameter("give a query: TEXT, '-', --image, --video or --queries FILE")
     target = index_dir or default_index_dir()
-    index = open_index(target, device=None if device == "auto" else device, reranker_model=reranker,
-                       preload=preloads(target, model, rerank))
-    if len(index) == 0:
-        typer.echo(f"qvlsearch: index {target} is empty; add files with `qvlsearch index PATH`", err=True)
-        raise typer.Exit(EXIT_FAILED)
-    if model and model != index.manifest["model"]:
-        raise StoreError(f"index {target} was built with model {index.manifest['model']!r}, not {model!r}; "
-                         "search it with that model, or index again with --model")
     options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
-                   reranker=reranker, instruction=instruction)
+                   instruction=instruction)
+    server = None
+    if not (no_server or contact_sheet):
+        server = find_server(target, model=model, reranker=(reranker or DEFAULT_RERANKER) if rerank else None,
+                             search=True)
+    searcher = Searcher(target, server, options, model=model, reranker=reranker, device=device)
     if queries is not None:
         found = 0
         for number, line in enumerate(queries.read_text().splitlines(), 1):
             if line.strip():
                 item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
-                results = index.search(item, **options)
-                found += len(results)
-                emit([{"query": item.get("text", item), **r.to_json()} for r in results], "jsonl")
+                records = searcher.search(item)
+                found += len(records)
+                emit([{"query": item.get("text", item), **r} for r in records], "jsonl")
         raise typer.Exit(EXIT_OK if found else EXIT_FAILED)
-    results = index.search(query_item(query, image or (), video), **options)
-    emit([r.to_json() for r in results], fmt, null)
+    item = {"text": query} if query else {}
+    item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
+    records = searcher.search(item)
+    emit(records, fmt, null)
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
-        write_contact_sheet(results, contact_sheet)
-    raise typer.Exit(EXIT_OK if results else EXIT_FAILED)
+        write_contact_sheet(searcher.results, contact_sheet)
+    raise typer.Exit(EXIT_OK if records else EXIT_FAILED)
 
 
-def preloads(target: Path, model: str | None, rerank: bool) -> list[str]:
-    """The models to load while the index is read: none when the search cannot go on anyway."""
+class Searcher:
+    """Runs `search` queries on a server when one was found, else (or when it may not read a query's
+    file) on the index opened here; the records are the same either way."""
+
+    def __init__(self, target: Path, server, options: dict, *, model: str | None, reranker: str | None,
+                 device: str):
+        self.target, self.server, self.options = target, server, options
+        self.model, self.reranker, self.device = model, reranker, device
+        self.index = None
+        self.results: list = []  # the last local search's SearchResults
+
+    def search(self, item: dict) -> list[dict]:
+        if self.server is not None:
+            records = self.search_remotely(item)
+            if records is not None:
+                return records
+        if self.index is None:
+            self.index = self.open()
+        self.results = self.index.search(item, **self.options, reranker=self.reranker)
+        return [r.to_json() for r in self.results]
+
+    def search_remotely(self, item: dict) -> list[dict] | None:
+        from .client import ServerError, absolute_sources, given_names
+
+        sent, names = absolute_sources(item)
+        under = self.options["under"]
+        body = {**self.options, "query": sent, "under": os.path.abspath(os.path.expanduser(under)) if under else None}
+        try:
+            return self.server.request("/v1/search", body)
+        except ServerError as exc:
+            if exc.status == 403:
+                log.info("the server may not read this: %s; searching here", exc)
+                return None
+            if exc.kind == "empty_index":
+                self.empty()
+            raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
+
+    def open(self):
+        from .search import kinds_of, open_index
+        from .store import StoreError
+
+        kinds_of(self.options["kind"])  # a bad --kind fails before the models load
+        device = None if self.device == "auto" else self.device
+        index = open_index(self.target, device=device, reranker_model=self.reranker,
+                           preload=preloads(self.target, self.model, self.options["rerank"], self.reranker))
+        if len(index) == 0:
+            self.empty()
+        if self.model and self.model != index.manifest["model"]:
+            raise StoreError(f"index {self.target} was built with model {index.manifest['model']!r}, not "
+                             f"{self.model!r}; search it with that model, or index again with --model")
+        return index
+
+    def empty(self) -> None:
+        typer.echo(f"qvlsearch: index {self.target} is empty; add files with `qvlsearch index PATH`", err=True)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None) -> list[str]:
+    """The models to load while the index is read: none when the search cannot go on anyway.
+
+    A model that cannot be loaded fails here, at once, before torch is imported.
+    """
+    from .hub import require_model
     from .store import read_manifest
 
     try:
@@ -464,6 +575,9 @@ def preloads(target: Path, model: str | None, rerank: bool) -> list[str]:
         return []  # open_index reports it
     if not manifest.get("counts", {}).get("ok") or (model and model != manifest["model"]):
         return []
+    require_model(manifest["model"])
+    if rerank:
+        require_model(reranker or DEFAULT_RERANKER)
     return ["embedder", "reranker"] if rerank else ["embedder"]
 
 
@@ -481,9 +595,9 @@ def rerank(
     paths: PathsFlag = False,
     null: NullFlag = False,
     device: DeviceOption = "auto",
+    no_server: NoServerFlag = False,
 ) -> None:
     """Score candidate files against a query with the reranker, best first (unreadable ones last, unscored)."""
-    from .reranker import DEFAULT_RERANKER, Reranker
     from .search import SearchResult, document_item, query_item, ranked_by_rerank
 
     fmt = output_format(as_json, as_jsonl, paths, null)
@@ -493,15 +607,95 @@ def rerank(
     results = [SearchResult(rank=i, id=row.get("id"), path=row["path"], kind=row.get("kind") or candidate_kind(
         row["path"]), score=row.get("score"), page=row.get("page"), start_s=row.get("start_s"),
         end_s=row.get("end_s")) for i, row in enumerate(rows, 1)]
-    model = Reranker(reranker or DEFAULT_RERANKER, device=None if device == "auto" else device)
-    scores = model.rerank(query_item(query, image or ()), [document_item(r) for r in results],
-                          instruction=instruction, on_error="skip")
+    reranker = reranker or DEFAULT_RERANKER
+    question, documents = query_item(query, image or ()), [document_item(r) for r in results]
+    places = any(r.page is not None or r.start_s is not None or r.kind == "pdf" for r in results)
+    # pages and moments are reranked here: the server takes files and items, not places in them
+    server = None if no_server or places else find_server(default_index_dir(), reranker=reranker)
+    scores = rerank_remotely(server, question, documents, instruction) if server else None
+    if scores is None:
+        from .hub import require_model
+
+        require_model(reranker)
+        from .reranker import Reranker
+
+        model = Reranker(reranker, device=None if device == "auto" else device)
+        scores = model.rerank(question, documents, instruction=instruction, on_error="skip")
     row_of = {id(r): row for r, row in zip(results, rows, strict=True)}
     ordered = ranked_by_rerank(results, scores)[:top_k]
     # rows keep the fields they came with, and gain (or renew) rank, kind and rerank_score
     emit([{**row_of[id(r)], "rank": r.rank, "kind": r.kind, "rerank_score": r.to_json()["rerank_score"]}
           for r in ordered], fmt, null)
     raise typer.Exit(EXIT_OK if any(s is not None for s in scores) else EXIT_FAILED)
+
+
+def rerank_remotely(server, query: dict, documents: list[dict], instruction: str | None) -> list[float | None] | None:
+    """Scores from a server; None when it may not read a file (then rerank here)."""
+    from .client import ServerError, absolute_sources, given_names
+
+    query, names = absolute_sources(query)
+    sent = []
+    for document in documents:
+        fixed, more = absolute_sources(document)
+        sent.append(fixed)
+        names.update(more)
+    body = {"model": server.health["reranker"], "query": query, "documents": sent, "instruction": instruction}
+    try:
+        answer = server.request("/v1/rerank", body)
+    except ServerError as exc:
+        if exc.status == 403:
+            log.info("the server may not read this: %s; reranking here", exc)
+            return None
+        if exc.status != 422 or "results" not in exc.body:
+            raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
+        answer = exc.body
+        for failed in answer["error"]["failed"]:
+            log.warning("skipped document %s", given_names(failed["message"], names))
+    scores: list[float | None] = [None] * len(documents)
+    for result in answer["results"]:
+        scores[result["index"]] = result["relevance_score"]
+    return scores
+
+
+@app.command()
+def serve(
+    index_dir: IndexOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; other than loopback only with an API key.")] = (
+        "127.0.0.1"),
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="QVLSEARCH_API_KEY", help="Require `Authorization: Bearer KEY` on every request.")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(
+        min=0, help="Stop after this many seconds without a request.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model (default: the index's).")] = None,
+    reranker: RerankerOption = None,
+    device: DeviceOption = "auto",
+    allow_path: Annotated[list[Path] | None, typer.Option(
+        "--allow-path", help="Also let requests name files under this folder (repeatable).")] = None,
+    allow_urls: Annotated[bool, typer.Option("--allow-urls", help="Let requests name http(s) URLs to fetch.")] = False,
+) -> None:
+    """Keep the models loaded and answer HTTP: /v1/embeddings (OpenAI's API), /v1/rerank, /v1/search, /health.
+
+    search, rerank and embed use a server that runs for the same index and models (see --no-server).
+    Stop it with Ctrl-C or SIGTERM.
+    """
+    from .client import is_loopback
+    from .hub import require_model
+    from .store import read_manifest
+
+    if not is_loopback(host) and not api_key:
+        raise QvlsearchError(f"--host {host} reaches beyond this machine: set an API key too "
+                                 "(--api-key or QVLSEARCH_API_KEY)")
+    target = index_dir or default_index_dir()
+    if index_dir is None and not (target / "manifest.json").exists():
+        target = None  # no index: embeddings and rerank only
+    require_model(model or (read_manifest(target)["model"] if target else DEFAULT_EMBEDDER))
+    from .server import run_server
+
+    run_server(target, host=host, port=port, api_key=api_key, idle_timeout=idle_timeout, model=model,
+               reranker=reranker, device=None if device == "auto" else device, allow_paths=allow_path or [],
+               allow_urls=allow_urls)
 
 
 def candidate_kind(path: str) -> str:

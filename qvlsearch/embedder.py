@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from . import DEFAULT_EMBEDDER
 from .errors import InputError, MediaError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, load_media
 from .parallel import WorkerProcesses
@@ -21,7 +22,6 @@ from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_fro
 
 log = logging.getLogger("qvlsearch")
 
-DEFAULT_EMBEDDER = "Qwen/Qwen3-VL-Embedding-2B"
 MIN_DIM = 32
 
 

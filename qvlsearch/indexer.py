@@ -205,6 +205,9 @@ def model_revision(model: str) -> str | None:
 
 
 def model_hidden_size(model: str) -> int:
+    from .hub import require_model
+
+    require_model(model)  # at once, before transformers is imported, and without the Hub's retries
     from transformers import AutoConfig
 
     from .errors import ModelLoadError

@@ -8,6 +8,8 @@ that names the file or URL and says why.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import os
@@ -88,9 +90,15 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def is_data_uri(source: str) -> bool:
+    return source.startswith("data:")
+
+
 def _looks_like_image(source: Any) -> bool:
     if isinstance(source, Image.Image):
         return True
+    if isinstance(source, str) and is_data_uri(source):
+        return source.startswith("data:image/")
     if isinstance(source, (str, os.PathLike)):
         name = str(source).split("?")[0] if _is_url(str(source)) else str(source)
         return Path(name).suffix.lower() in IMAGE_SUFFIXES
@@ -191,6 +199,8 @@ def describe(source: Any) -> str:
         return f"frame list of {len(source)}"
     if isinstance(source, PdfPage):
         return str(source)
+    if isinstance(source, str) and is_data_uri(source):
+        return f"data URI {source[:source.find(',') + 1][:40]}... ({len(source)} characters)"
     return repr(os.fspath(source))
 
 
@@ -239,13 +249,33 @@ def fetch_url(url: str) -> bytes:
     return data
 
 
+def data_uri_bytes(uri: str) -> bytes:
+    """The bytes of a base64 `data:` URI (`data:image/png;base64,...`)."""
+    header, _, data = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise MediaError(f"{describe(uri)}: only base64 data URIs are accepted")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise MediaError(f"{describe(uri)}: not valid base64 ({exc})") from None
+
+
+def remote_bytes(source: str) -> bytes:
+    """The content of a URL or a data URI."""
+    return data_uri_bytes(source) if is_data_uri(source) else fetch_url(source)
+
+
 def open_image(source: str | Image.Image) -> Image.Image:
-    """Decode an image from a path, a URL or a PIL image (fully loaded, file closed)."""
+    """Decode an image from a path, a URL, a data URI or a PIL image (fully loaded, file closed)."""
     if isinstance(source, Image.Image):
         return source
     try:
-        with Image.open(io.BytesIO(fetch_url(source)) if _is_url(source) else _local_path(source)) as image:
+        remote = _is_url(source) or is_data_uri(source)
+        with Image.open(io.BytesIO(remote_bytes(source)) if remote else _local_path(source)) as image:
             image.load()
+            if image.mode == "P" and "transparency" in image.info:
+                # Pillow's advice (it warns when such an image becomes RGB); transparent parts then turn white.
+                return image.convert("RGBA")
             return image
     except MediaError:
         raise
@@ -269,10 +299,11 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
     source = part["video"]
     temp = None
     try:
-        if _is_url(source):
-            fd, temp = tempfile.mkstemp(suffix=Path(source.split("?")[0]).suffix or ".mp4")
+        if _is_url(source) or is_data_uri(source):
+            suffix = ".mp4" if is_data_uri(source) else Path(source.split("?")[0]).suffix or ".mp4"
+            fd, temp = tempfile.mkstemp(suffix=suffix)
             with os.fdopen(fd, "wb") as out:
-                out.write(fetch_url(source))
+                out.write(remote_bytes(source))
             path = temp
         else:
             path = _local_path(source)

@@ -60,6 +60,10 @@ def load_checkpoint(
     """Load (model, processor) from a Hub id (through the HF cache) or a local folder."""
     from transformers import AutoProcessor
 
+    from .hub import require_model
+
+    require_model(name_or_path)
+
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
         model, info = model_class.from_pretrained(

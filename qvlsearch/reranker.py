@@ -9,13 +9,13 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import InputError, MediaError
+from . import DEFAULT_RERANKER
+from .errors import InputError, MediaError, QvlsearchError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
 from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 
-DEFAULT_RERANKER = "Qwen/Qwen3-VL-Reranker-2B"
 JUDGE_PROMPT = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
     'Note that the answer can only be "yes" or "no".'
@@ -111,6 +111,29 @@ class Reranker(QwenModel):
         """
         if on_error not in ("raise", "skip"):
             raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        scores, errors = self.scores_and_errors(query, documents, instruction=instruction, batch_size=batch_size,
+                                                fps=fps, max_frames=max_frames, stop_at_error=on_error == "raise")
+        for error in errors.values():
+            if on_error == "raise":
+                raise error
+            log.warning("skipped document %s", error)
+        return scores
+
+    def scores_and_errors(
+        self,
+        query: Mapping | str,
+        documents: Sequence[Mapping | str],
+        *,
+        instruction: str | None = None,
+        batch_size: int | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        stop_at_error: bool = False,
+    ) -> tuple[list[float | None], dict[int, QvlsearchError]]:
+        """Every document's score (None when it failed) and the error of each failed one, by index.
+
+        A broken query raises. With `stop_at_error`, scoring ends at the first failed document.
+        """
         query = check_item({"text": query} if isinstance(query, str) else query)
         query_parts = content_parts(query, self.options, fps, max_frames)
         try:
@@ -136,16 +159,17 @@ class Reranker(QwenModel):
             return encode_or_fail(index, build)
 
         scores: list[float | None] = [None] * len(documents)
+        errors: dict[int, QvlsearchError] = {}
         with contextlib.closing(self.batches(encode, documents, batch_size)) as batches:
             for batch in batches:
                 if isinstance(batch, Failed):
-                    if on_error == "raise":
-                        raise batch.error
-                    log.warning("skipped document %s", batch.error)
+                    errors[batch.index] = batch.error
+                    if stop_at_error:
+                        break
                     continue
                 for e, score in zip(batch.items, self.scores(batch), strict=True):
                     scores[e.index] = score
-        return scores
+        return scores, dict(sorted(errors.items()))
 
     def scores(self, batch: Batch) -> list[float]:
         last = self.forward_last_hidden(batch)

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import warnings
 
 from conftest import PHOTOS
 
@@ -56,3 +58,42 @@ def test_missing_model_and_bad_options_exit_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("qvlsearch: cannot load model") and "Traceback" not in result.stderr
     assert run("embed", "--no-such-option").returncode == 2
+
+
+def test_a_model_that_is_not_there_fails_at_once_in_one_line(tmp_path):
+    """No cached model and no network: one line naming the download command, without the Hub's retries."""
+    missing = "Qwen/Qwen3-VL-Embedding-2B-not-cached"
+    offline = run("index", str(PHOTOS), "--index", str(tmp_path / "index"), "--model", missing)
+    assert offline.returncode == 2 and offline.stderr.count("\n") == 1
+    assert f"`hf download {missing}`" in offline.stderr and "HF_HUB_OFFLINE is set" in offline.stderr
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    started = time.monotonic()
+    unreachable = subprocess.run([sys.executable, "-m", "qvlsearch", "embed", "x", "--model", missing],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert time.monotonic() - started < 20  # the Hub's five retries took 27 s
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1
+    assert "http://127.0.0.1:9 cannot be reached" in unreachable.stderr and "hf download" in unreachable.stderr
+    assert "Retrying" not in unreachable.stderr
+
+
+def test_palette_images_with_transparency_load_without_warnings(tmp_path):
+    from PIL import Image
+
+    from qvlsearch.media import VisionOptions, content_parts, load_media
+
+    image = Image.new("P", (64, 64), 1)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.save(tmp_path / "palette.png", transparency=bytes([0, 128]))  # colour 1: blue at half opacity
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        media = load_media(content_parts({"image": str(tmp_path / "palette.png")}, VisionOptions()))
+    assert media.images[0].mode == "RGB" and media.images[0].getpixel((0, 0)) == (127, 127, 255)  # over white
+
+
+def test_library_warnings_reach_stderr_only_with_verbose():
+    probe = ("import sys, warnings; from qvlsearch.cli import main_options\n"
+             "main_options(verbose=sys.argv[1] == 'v'); warnings.warn('a library talks', UserWarning)")
+    quiet, verbose = (subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True, timeout=60)
+                      for flag in ("q", "v"))
+    assert quiet.stderr == "" and "a library talks" in verbose.stderr

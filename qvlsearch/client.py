@@ -1,0 +1,186 @@
+"""Find a running `qvlsearch serve` and send it work.
+
+Standard library only, so that a command that hands its work to a server starts in a
+fraction of a second (no torch, transformers or FAISS). `qvlsearch serve` writes
+`server.json` into its index folder; `QVLSEARCH_SERVER=URL` names a server directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QvlsearchError
+
+log = logging.getLogger("qvlsearch")
+
+DISCOVERY_FILE = "server.json"
+HEALTH_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 600.0
+
+
+class ServerError(QvlsearchError):
+    """The server refused a request; the message is the server's own (the one the library would raise)."""
+
+    def __init__(self, message: str, status: int, body: dict[str, Any]):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.kind = (body.get("error") or {}).get("type")
+
+
+@dataclass
+class Server:
+    """A server that answered its health check."""
+
+    url: str
+    health: dict[str, Any]
+    api_key: str | None = None
+
+    def request(self, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        """POST `body` as JSON (GET when None) and return the decoded answer; raises ServerError for an error."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                answer = json.loads(exc.read())
+            except ValueError:
+                answer = {}
+            message = (answer.get("error") or {}).get("message") or f"HTTP {exc.code} {exc.reason}"
+            raise ServerError(message, exc.code, answer) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise QvlsearchError(f"the qvlsearch server at {self.url} stopped answering ({reason}); "
+                                 "run the command again, or with --no-server") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def discovery_path(index_dir: str | os.PathLike) -> Path:
+    return Path(index_dir).expanduser() / DISCOVERY_FILE
+
+
+def write_discovery(index_dir: str | os.PathLike, url: str, api_key: bool) -> Path:
+    """Announce a server in its index folder (no secret in it: clients take the key from QVLSEARCH_API_KEY)."""
+    path = discovery_path(index_dir)
+    tmp = path.with_name(f".{DISCOVERY_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "host": socket.gethostname(),
+                               "api_key": api_key}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(os.path.expanduser(os.fspath(a))) == os.path.realpath(os.path.expanduser(os.fspath(b)))
+
+
+def find_server(index_dir: str | os.PathLike, *, model: str | None = None, reranker: str | None = None,
+                search: bool = False) -> Server | None:
+    """A live server for this index folder and these models (None: work locally).
+
+    `QVLSEARCH_SERVER=URL` names one: then a server that does not answer, or serves
+    another index or model, is an error. Otherwise the index folder's `server.json` is
+    read; a file whose process is gone, or a server that does not answer within
+    a couple of seconds, is ignored. `search`: the server must serve this index folder.
+    """
+    api_key = os.environ.get("QVLSEARCH_API_KEY") or None
+    named = os.environ.get("QVLSEARCH_SERVER")
+    if named:
+        url = named
+    else:
+        try:
+            announced = json.loads(discovery_path(index_dir).read_text())
+            url = announced["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if announced.get("host") == socket.gethostname() and not process_alive(announced.get("pid")):
+            log.info("ignoring %s: its server (pid %s) is gone", discovery_path(index_dir), announced.get("pid"))
+            return None
+    server = Server(url, {}, api_key)
+    try:
+        server.health = server.request("/health", timeout=HEALTH_TIMEOUT_S)
+    except QvlsearchError as exc:
+        if named:
+            raise QvlsearchError(f"QVLSEARCH_SERVER={named}: no qvlsearch server answers there ({exc}); "
+                                 "start one with `qvlsearch serve`, or unset QVLSEARCH_SERVER") from None
+        log.info("ignoring the server at %s: %s", url, exc)
+        return None
+    mismatch = mismatch_of(server.health, index_dir if search else None, model, reranker)
+    if mismatch and named:
+        raise QvlsearchError(f"QVLSEARCH_SERVER={named} serves {mismatch}; unset QVLSEARCH_SERVER to work locally")
+    if mismatch:
+        log.info("not using the server at %s: it serves %s", url, mismatch)
+        return None
+    return server
+
+
+def mismatch_of(health: dict[str, Any], index_dir: str | os.PathLike | None, model: str | None,
+                reranker: str | None) -> str | None:
+    """What the server serves that differs from what the command asks for (None: it fits)."""
+    if index_dir is not None and not (health.get("index") and same_folder(health["index"], index_dir)):
+        return f"the index {health.get('index')}, not {index_dir}"
+    if model is not None and health.get("model") != model:
+        return f"the model {health.get('model')}, not {model}"
+    if reranker is not None and health.get("reranker") != reranker:
+        return f"the reranker {health.get('reranker')}, not {reranker}"
+    return None
+
+
+def absolute_sources(item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`item` with its local image/video paths made absolute (the server has its own working folder),
+    and how to turn the absolute names in the server's messages back into the given ones."""
+    names: dict[str, str] = {}
+
+    def absolute(source: Any) -> Any:
+        if isinstance(source, list):
+            return [absolute(s) for s in source]
+        if not isinstance(source, str) or source.startswith(("http://", "https://", "data:", "file://")):
+            return source
+        full = os.path.abspath(os.path.expanduser(source))
+        if full != source:
+            names[repr(full)] = repr(source)
+        return full
+
+    fixed = {k: absolute(v) if k in ("image", "video") else v for k, v in item.items()}
+    return fixed, names
+
+
+def given_names(message: str, names: dict[str, str]) -> str:
+    """A server message with the paths as the user gave them."""
+    for full, given in names.items():
+        message = message.replace(full, given)
+    return message

@@ -1,0 +1,491 @@
+"""`qvlsearch serve`: the models stay loaded behind an HTTP API (FastAPI on uvicorn).
+
+    POST /v1/embeddings   OpenAI's embeddings API: the `openai` client works unchanged
+    POST /v1/rerank       the rerank API that Cohere and Jina share
+    POST /v1/search       what `qvlsearch search --json` prints, over the served index
+    GET  /health          models, index path and generation;  GET /v1/models
+
+One thread runs the models. Embedding requests that wait together go through the
+Embedder's token batching as one stream, so concurrent clients share forward passes.
+Every search first follows the index to its newest committed generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
+from .client import write_discovery
+from .embedder import Embedder, Embedding
+from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
+from .media import check_item, is_data_uri
+from .search import SearchIndex, open_index, query_item
+from .store import Snapshot, StoreError, read_manifest
+
+log = logging.getLogger("qvlsearch")
+
+MAX_BODY_BYTES = 64 * 2**20  # room for several photos, or a short clip, sent as data: URIs
+Item = str | dict[str, Any]
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, OpenAI-style error type and message, and more fields for the body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any):
+        super().__init__(message)
+        self.status, self.kind, self.extra = status, kind, extra
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, str(self), self.kind, **self.extra)
+
+
+def error_response(status: int, message: str, kind: str, **extra: Any) -> JSONResponse:
+    failed = extra.pop("failed", None)
+    error = {"message": message, "type": kind, **({"failed": failed} if failed is not None else {})}
+    return JSONResponse({"error": error, **extra}, status_code=status)
+
+
+@dataclass
+class EmbedJob:
+    items: list[Any]
+    future: Future = field(default_factory=Future)
+
+
+class ModelThread:
+    """The one thread that runs the models.
+
+    It takes every embedding request waiting in its queue and runs all their items through
+    one `Embedder.embed_iter` (unnormalized, full dimension; each request then cuts and
+    normalizes its own). Other work (the reranker, loaded on first use) runs alone. It also
+    stands in for the models of a `SearchIndex` (`embed`, `rerank`), so searches share the batching.
+    """
+
+    def __init__(self, embedder: Embedder, reranker_name: str, device: str | None):
+        self.embedder = embedder
+        self.reranker_name = reranker_name
+        self.device = device
+        self.loaded_reranker = None
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self.run, name="qvlsearch-model", daemon=True).start()
+
+    def embeddings(self, items: list[Any]) -> list[Embedding]:
+        """Raw embeddings of `items`, in order; an item's error keeps its own index in the list."""
+        job = EmbedJob(items)
+        self.jobs.put(job)
+        return job.future.result()
+
+    def call(self, work: Callable[[], Any]) -> Any:
+        future: Future = Future()
+        self.jobs.put((work, future))
+        return future.result()
+
+    def run(self) -> None:
+        while True:
+            jobs = [self.jobs.get()]
+            while not self.jobs.empty():
+                jobs.append(self.jobs.get())
+            embeds = [j for j in jobs if isinstance(j, EmbedJob)]
+            if embeds:
+                self.run_embeddings(embeds)
+            for work, future in (j for j in jobs if not isinstance(j, EmbedJob)):
+                try:
+                    future.set_result(work())
+                except BaseException as exc:  # the request that asked gets it
+                    future.set_exception(exc)
+
+    def run_embeddings(self, jobs: list[EmbedJob]) -> None:
+        owners = [(job, n) for job in jobs for n in range(len(job.items))]
+        log.info("embedding %d items of %d requests together", len(owners), len(jobs))
+        results: dict[int, list[Embedding | None]] = {id(job): [None] * len(job.items) for job in jobs}
+        try:
+            for e in self.embedder.embed_iter((job.items[n] for job, n in owners), normalize=False):
+                job, n = owners[e.index]
+                results[id(job)][n] = Embedding(n, e.vector, e.error, e.facts)
+        except Exception as exc:
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job in jobs:
+            job.future.set_result(results[id(job)])
+
+    def reranker(self):
+        """The reranker, loaded on first use (call in this thread only)."""
+        if self.loaded_reranker is None:
+            from .reranker import Reranker
+
+            self.loaded_reranker = Reranker(self.reranker_name, device=self.device)
+        return self.loaded_reranker
+
+    # What a SearchIndex asks of its embedder and reranker:
+    def embed(self, items: list[Any], *, dim: int | None = None) -> np.ndarray:
+        out = []
+        for e in self.embeddings(list(items)):
+            if e.error is not None:
+                raise e.error
+            out.append(finished(e.vector, dim))
+        return np.stack(out)
+
+    def rerank(self, query: Any, documents: list[Any], **options: Any) -> list[float | None]:
+        return self.call(lambda: self.reranker().rerank(query, documents, **options))
+
+
+def finished(vector: np.ndarray, dim: int | None) -> np.ndarray:
+    """Cut to `dim` (Matryoshka) and L2-normalize with the Embedder's own operation (the same float32 bits)."""
+    cut = torch.from_numpy(np.ascontiguousarray(vector[:dim] if dim else vector))
+    return torch.nn.functional.normalize(cut[None], p=2, dim=-1)[0].numpy()
+
+
+class ServedIndex:
+    """The served index: every search sees the newest committed generation, and sees it whole.
+
+    Searches share the index; re-reading it waits for the searches under way to end.
+    """
+
+    def __init__(self, index: SearchIndex):
+        self.index = index
+        self.changed = threading.Condition()
+        self.readers = 0
+        self.refreshing = False
+        self.roots_of: tuple[int | None, list[str]] = (None, [])
+
+    def refresh(self) -> None:
+        if read_manifest(self.index.path).get("generation") == self.index.manifest.get("generation"):
+            return
+        with self.changed:
+            self.changed.wait_for(lambda: not self.refreshing)
+            self.refreshing = True
+            self.changed.wait_for(lambda: self.readers == 0)
+        try:
+            if self.index.refresh():
+                log.info("serving generation %s of %s", self.index.manifest.get("generation"), self.index.path)
+        finally:
+            with self.changed:
+                self.refreshing = False
+                self.changed.notify_all()
+
+    @contextmanager
+    def newest(self) -> Iterator[SearchIndex]:
+        self.refresh()
+        with self.changed:
+            self.changed.wait_for(lambda: not self.refreshing)
+            self.readers += 1
+        try:
+            yield self.index
+        finally:
+            with self.changed:
+                self.readers -= 1
+                self.changed.notify_all()
+
+    def roots(self) -> list[str]:
+        """The folders and files the index was built from (re-read when its generation changes)."""
+        generation = read_manifest(self.index.path).get("generation")
+        if self.roots_of[0] != generation:
+            roots = Snapshot(self.index.path, ["root"], with_index=False).items["root"].unique().to_pylist()
+            self.roots_of = (generation, sorted(root for root in roots if root))
+        return self.roots_of[1]
+
+
+class Sources:
+    """Which images and videos a request may name: files inside the index's roots and the
+    --allow-path folders, URLs with --allow-urls, data: URIs always."""
+
+    def __init__(self, served: ServedIndex | None, allow_paths: list[Path], allow_urls: bool):
+        self.served, self.allow_urls = served, allow_urls
+        self.allow_paths = [os.path.realpath(p) for p in allow_paths]
+
+    def check(self, item: Any, where: str) -> None:
+        """Raise a 403 ApiError when `item` names a source outside the rules (wrong types are check_item's)."""
+        if not isinstance(item, Mapping):
+            return
+        for key in ("image", "video"):
+            for source in flattened(item.get(key)):
+                if not isinstance(source, str) or is_data_uri(source):
+                    continue
+                if source.startswith(("http://", "https://")):
+                    if not self.allow_urls:
+                        raise ApiError(403, f"{where}: {source} is a URL, and this server fetches URLs only "
+                                            "when started with --allow-urls", "permission_error")
+                    continue
+                path = os.path.realpath(source[7:] if source.startswith("file://") else source)
+                if not any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in self.folders()):
+                    raise ApiError(403, f"{where}: {source} is outside the folders this server may read (the "
+                                        "index's roots and --allow-path); send it as a data: URI, or start the "
+                                        "server with --allow-path", "permission_error")
+
+    def folders(self) -> list[str]:
+        roots = [os.path.realpath(r) for r in self.served.roots()] if self.served else []
+        return roots + self.allow_paths
+
+
+def flattened(value: Any) -> Iterator[Any]:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from flattened(v)
+    elif value is not None:
+        yield value
+
+
+class EmbeddingsRequest(BaseModel):
+    model: str
+    input: str | list[Item]
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class RerankRequest(BaseModel):
+    model: str | None = None
+    query: Item
+    documents: list[Item]
+    top_n: int | None = Field(default=None, ge=1)
+    instruction: str | None = None
+
+
+class SearchRequest(BaseModel):
+    query: Item
+    k: int = 10
+    kind: str | list[str] | None = None
+    under: str | None = None
+    min_score: float | None = None
+    rerank: bool = False
+    rerank_top: int = Field(default=50, ge=1)
+    instruction: str | None = None
+
+
+def named(requested: str | None, served: str, what: str) -> None:
+    """404 unless `requested` names the served model (its id or path, or the last part of it)."""
+    if requested is None or requested in (served, served.rstrip("/").rsplit("/", 1)[-1]):
+        return
+    raise ApiError(404, f"this server has no {what} model {requested!r}; it serves {served!r}", "model_not_found")
+
+
+def as_item(value: Item) -> Any:
+    return {"text": value} if isinstance(value, str) else value
+
+
+def encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: str, api_key: str | None,
+               sources: Sources) -> FastAPI:
+    """The ASGI app; `served` is None for a server without an index (no /v1/search)."""
+    app = FastAPI(title="qvlsearch", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.last_request = time.monotonic()
+    app.state.in_flight = 0
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        app.state.last_request = time.monotonic()
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                                      "authentication_error")
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return error_response(411, "send the body with a Content-Length", "invalid_request_error")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                return error_response(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB; send fewer or "
+                                           "smaller items", "request_too_large")
+        app.state.in_flight += 1
+        try:
+            return await call_next(request)
+        finally:
+            app.state.in_flight -= 1
+            app.state.last_request = time.monotonic()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
+        else:
+            where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+            message = f"{where}: {first.get('msg', 'invalid')}"
+        return error_response(400, message, "invalid_request_error")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(QvlsearchError)
+    async def qvlsearch_error(request: Request, exc: QvlsearchError) -> JSONResponse:
+        if isinstance(exc, InputError):
+            return error_response(400, str(exc), "invalid_request_error")
+        if isinstance(exc, MediaError):
+            return error_response(422, str(exc), "invalid_request_error")
+        if isinstance(exc, (ModelLoadError, StoreError)):
+            return error_response(503, str(exc), "server_error")
+        return error_response(400, str(exc), "invalid_request_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        index = served.index if served else None
+        return {"status": "ok", "version": __version__, "pid": os.getpid(), "model": model_name,
+                "reranker": models.reranker_name, "reranker_loaded": models.loaded_reranker is not None,
+                "index": str(index.path) if index else None,
+                "generation": read_manifest(index.path).get("generation") if index else None}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "qvlsearch"}
+                                           for name in (model_name, models.reranker_name)]}
+
+    @app.post("/v1/embeddings")
+    def embeddings(request: EmbeddingsRequest) -> dict[str, Any]:
+        named(request.model, model_name, "embedding")
+        inputs = [request.input] if isinstance(request.input, str) else request.input
+        if not inputs:
+            raise ApiError(400, "input: give at least one text or item")
+        models.embedder.check_dim(request.dimensions)
+        failed: dict[int, str] = {}
+        items: list[tuple[int, Any]] = []
+        for i, value in enumerate(inputs):
+            item = as_item(value)
+            sources.check(item, f"input[{i}]")
+            try:
+                items.append((i, check_item(item, i)))
+            except InputError as exc:
+                failed[i] = str(exc)
+        data, tokens = [], 0
+        for (i, _), e in zip(items, models.embeddings([item for _, item in items]) if items else [], strict=True):
+            if e.error is not None:
+                e.error.index = i
+                failed[i] = str(e.error)
+                continue
+            data.append({"object": "embedding", "index": i,
+                         "embedding": encoded(finished(e.vector, request.dimensions), request.encoding_format)})
+            tokens += e.facts.get("tokens", 0)
+        body = {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        if failed:
+            raise ApiError(422, "; ".join(failed[i] for i in sorted(failed)),
+                           failed=[{"index": i, "message": failed[i]} for i in sorted(failed)], **body)
+        return body
+
+    @app.post("/v1/rerank")
+    def rerank(request: RerankRequest) -> dict[str, Any]:
+        named(request.model, models.reranker_name, "rerank")
+        query = as_item(request.query)
+        sources.check(query, "query")
+        documents = [as_item(d) for d in request.documents]
+        for i, document in enumerate(documents):
+            sources.check(document, f"documents[{i}]")
+        scores, errors = models.call(lambda: models.reranker().scores_and_errors(
+            query, documents, instruction=request.instruction))
+        order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
+        body = {"model": models.reranker_name,
+                "results": [{"index": i, "relevance_score": scores[i]} for i in order[: request.top_n]]}
+        if errors:
+            raise ApiError(422, "; ".join(str(e) for e in errors.values()),
+                           failed=[{"index": i, "message": str(e)} for i, e in errors.items()], **body)
+        return body
+
+    @app.post("/v1/search")
+    def search(request: SearchRequest) -> list[dict[str, Any]]:
+        if served is None:
+            raise ApiError(404, "this server has no index; start it with `qvlsearch serve --index DIR`",
+                           "index_not_found")
+        query = query_item(request.query)
+        sources.check(query, "query")
+        with served.newest() as index:
+            if len(index) == 0:
+                raise ApiError(404, f"index {index.path} is empty; add files with `qvlsearch index PATH`",
+                               "empty_index")
+            results = index.search(query, request.k, kind=request.kind, under=request.under,
+                                   min_score=request.min_score, rerank=request.rerank,
+                                   rerank_top=request.rerank_top, instruction=request.instruction)
+        return [r.to_json() for r in results]
+
+    return app
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise QvlsearchError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+                             "(or --host)") from None
+
+
+def run_server(index_dir: Path | None, *, host: str, port: int, api_key: str | None, idle_timeout: float | None,
+               model: str | None, reranker: str | None, device: str | None, allow_paths: list[Path],
+               allow_urls: bool) -> None:
+    """Load the embedder, listen, announce the server in the index folder, and serve until stopped."""
+    import signal
+
+    import uvicorn
+
+    index_dir = Path(index_dir).expanduser().absolute() if index_dir is not None else None
+    index = open_index(index_dir, device=device) if index_dir is not None else None
+    if index is not None and model and model != index.manifest["model"]:
+        raise StoreError(f"index {index_dir} was built with model {index.manifest['model']!r}, not {model!r}; "
+                         "serve it with that model, or leave out --model")
+    embedder = index.load_embedder() if index is not None else Embedder(model or DEFAULT_EMBEDDER, device=device)
+    model_name = index.manifest["model"] if index is not None else embedder.model_name_or_path
+    models = ModelThread(embedder, reranker or DEFAULT_RERANKER, device)
+    served = None
+    if index is not None:
+        served = ServedIndex(SearchIndex(index_dir, device=device, embedder=models, reranker=models))
+    app = create_app(models, served, model_name=model_name, api_key=api_key,
+                     sources=Sources(served, allow_paths, allow_urls))
+    sock = listening_socket(host, port)
+    bound = sock.getsockname()[1]
+    client_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{client_host}]' if ':' in client_host else client_host}:{bound}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    announced = write_discovery(index_dir, url, api_key is not None) if index_dir is not None else None
+    print(f"qvlsearch: serving {model_name} on {url}" + (f" for {index_dir}" if index_dir else ""),
+          file=sys.stderr, flush=True)
+    if idle_timeout:
+        def stop_when_idle() -> None:
+            while not server.should_exit:
+                time.sleep(min(1.0, idle_timeout))
+                if app.state.in_flight == 0 and time.monotonic() - app.state.last_request > idle_timeout:
+                    log.warning("no request for %ss: stopping", idle_timeout)
+                    server.should_exit = True
+
+        threading.Thread(target=stop_when_idle, daemon=True).start()
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again: SIGTERM ends with 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if announced is not None:
+            remove_discovery(announced)
+
+
+def remove_discovery(path: Path) -> None:
+    """Remove this server's discovery file (not one that a newer server wrote over it)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
