@@ -2,7 +2,9 @@
 
 Only what changed is done again: files with the same size and mtime are not opened, a
 moved or copied file reuses its stored vector by content hash, and deleted files leave
-the index. Work is committed every `commit_every` items or `commit_seconds` seconds.
+the index. The sniff step also reads each file's date taken, GPS position and camera
+(`metadata.read_metadata`); an index written before those columns existed gets them on its
+next run, without the model. Work is committed every `commit_every` items or `commit_seconds` seconds.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
+from .metadata import FIELDS, read_metadata
 from .parallel import prefetch
 from .store import INDEX_TYPES, QUANTIZATIONS, Store, StoreError, now
+
+METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Sniffed:
     content_hash: str | None
     item: dict | None
     error: str | None
+    metadata: dict = field(default_factory=dict)  # taken_at, lat, lon, camera
 
 
 def content_hash(path: str) -> str:
@@ -95,7 +101,8 @@ def sniff(found: Found, instruction: str) -> Sniffed:
     try:
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
-        return Sniffed(found, kind, digest, {**file_item(found.path, kind), "instruction": instruction}, None)
+        return Sniffed(found, kind, digest, {**file_item(found.path, kind), "instruction": instruction}, None,
+                       read_metadata(found.path, kind))
     except KindError as exc:
         return Sniffed(found, None, None, None, str(exc))
     except OSError as exc:
@@ -219,7 +226,9 @@ class Indexer:
             raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
         settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
         settings["model_revision"] = model_revision(self.options.model)
-        return Store.create(self.index_dir, settings, full_dim)
+        store = Store.create(self.index_dir, settings, full_dim)
+        store.manifest["metadata_version"] = METADATA_VERSION
+        return store
 
     def update(self, store: Store, roots: list[str]) -> None:
         by_path = {row["path_bytes"]: row for row in store.rows.values()}
@@ -236,6 +245,7 @@ class Indexer:
         live_by_hash = {row["content_hash"]: row for row in store.rows.values()
                         if row["status"] == "ok" and row["id"] not in gone_ids}
         todo: list[tuple[Found, dict | None]] = []
+        unchanged_ok: list[dict] = []
         for f in found:
             row = by_path.get(os.fsencode(f.path))
             if row is not None and row["size"] == f.size and row["mtime_ns"] == f.mtime_ns and not f.error:
@@ -244,6 +254,7 @@ class Indexer:
                     self.summary.failures.append((row["path"], row["error"]))
                 else:
                     self.summary.unchanged += 1
+                    unchanged_ok.append(row)
                 self.advance()
             elif f.error:
                 self.record_error(store, f, row, None, f.error)
@@ -291,6 +302,39 @@ class Indexer:
             if item_id in store.rows:
                 store.remove([item_id])
                 self.summary.removed += 1
+        if store.manifest.get("metadata_version") != METADATA_VERSION:
+            elsewhere = [row for row in store.rows.values() if row["status"] == "ok" and row["path_bytes"] not in seen]
+            self.add_metadata(store, unchanged_ok + elsewhere)
+
+    def add_metadata(self, store: Store, rows: list[dict]) -> None:
+        """Give an index written before the metadata columns existed those columns: each unchanged file's
+        metadata is read again, its vector kept (no model). A file changed since it was indexed is left to
+        the run that embeds it again."""
+
+        def read_if_unchanged(row: dict) -> dict | None:
+            path = os.fsdecode(row["path_bytes"])
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return None
+            if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+                return None
+            return read_metadata(path, row["kind"])
+
+        workers = self.options.workers or min(8, os.cpu_count() or 1)
+        for row, metadata in prefetch(lambda i, row: (row, read_if_unchanged(row)), rows, workers=workers, ahead=64):
+            if metadata is not None:
+                self.replace_metadata(store, row, metadata)
+        store.manifest["metadata_version"] = METADATA_VERSION
+        store.dirty = True
+
+    def replace_metadata(self, store: Store, row: dict, metadata: dict) -> None:
+        store.put({**row, **metadata}, self.stored_vector(store, row["id"]))
+
+    @staticmethod
+    def stored_vector(store: Store, item_id: int) -> Any:
+        """The full-dimension vector stored for `item_id`."""
+        return store.vectors[item_id]
 
     def get_embedder(self):
         if self.embedder is None:
@@ -306,7 +350,8 @@ class Indexer:
         return {"id": old["id"] if old else store.new_id(), "path": display_path(f.path),
                 "path_bytes": os.fsencode(f.path), "root": display_path(f.root), "size": f.size,
                 "mtime_ns": f.mtime_ns, "content_hash": None, "width": None, "height": None, "duration_s": None,
-                "frames": None, "tokens": None, "error": None, "indexed_at": now(), **values}
+                "frames": None, "tokens": None, "error": None, "indexed_at": now(), **dict.fromkeys(FIELDS),
+                **values}
 
     def record_error(self, store: Store, f: Found, old: dict | None, kind: str | None, error: str) -> None:
         if old is not None:
@@ -318,8 +363,8 @@ class Indexer:
         self.advance()
 
     def record_ok(self, store: Store, s: Sniffed, old: dict | None, vector: Any, facts: dict) -> None:
-        store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts),
-                  vector)
+        store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts,
+                           **s.metadata), vector)
         if old is None:
             self.summary.added += 1
         else:
@@ -329,18 +374,18 @@ class Indexer:
     def reuse(self, store: Store, s: Sniffed, old: dict | None, source: dict, gone_ids: set[int]) -> None:
         """A moved, copied or merely touched file: take the stored vector, run no model."""
         facts = {k: source[k] for k in ("width", "height", "duration_s", "frames", "tokens")}
-        vector = store.vectors[source["id"]]
+        vector = self.stored_vector(store, source["id"])
         if source["id"] in gone_ids:  # moved: the old path's row goes, its id and vector move along
             gone_ids.discard(source["id"])
             store.remove([source["id"]])
             if old is not None:
                 store.remove([old["id"]])
-            store.put({**self.row(store, s.found, source, kind=s.kind, status="ok", content_hash=s.content_hash,
-                                  **facts)}, vector)
+            store.put(self.row(store, s.found, source, kind=s.kind, status="ok", content_hash=s.content_hash,
+                               **facts, **s.metadata), vector)
             self.summary.moved += 1
         else:
-            store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts),
-                      vector)
+            store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts,
+                               **s.metadata), vector)
             if old is None:
                 self.summary.added += 1
             elif old["id"] == source["id"]:

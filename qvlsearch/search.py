@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InputError
 from .fs import KindError, file_item
-from .store import ITEM_SCHEMA, StoreError, read_faiss, read_manifest
+from .store import ITEM_SCHEMA, StoreError, read_faiss, read_item_table, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text")
@@ -113,11 +113,9 @@ class SearchIndex:
             self.read_index()
 
     def read_index(self) -> None:
-        import pyarrow.parquet as pq
-
         files = self.manifest.get("files", {})
         # Columns stay in Arrow: only the hits' rows ever become Python objects.
-        self.items = (pq.read_table(self.path / files["items"], columns=RESULT_COLUMNS) if files.get("items")
+        self.items = (read_item_table(self.path / files["items"], RESULT_COLUMNS) if files.get("items")
                       else ITEM_SCHEMA.empty_table().select(RESULT_COLUMNS))
         self.ids = self.items["id"].to_numpy()  # ascending: the store writes rows by id
         self.index = read_faiss(self.path / files["faiss"], self.manifest["quantize"]) if files.get("faiss") else None

@@ -51,6 +51,10 @@ ITEM_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error", pa.string()),
     ("indexed_at", pa.timestamp("us", tz="UTC")),
+    ("taken_at", pa.timestamp("us", tz="UTC")),  # EXIF or container date taken; None when unknown
+    ("lat", pa.float64()),
+    ("lon", pa.float64()),
+    ("camera", pa.string()),
 ])
 SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
                  "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames")
@@ -142,7 +146,7 @@ class Store:
         store = cls(path, manifest)
         files = manifest.get("files", {})
         if files.get("items"):
-            table = pq.read_table(path / files["items"])
+            table = read_item_table(path / files["items"])
             store.rows = {row["id"]: row for row in table.to_pylist()}
         if with_vectors:
             for name in files.get("vectors", []):
@@ -243,6 +247,17 @@ class Store:
 
     def faiss_index(self) -> Any:
         return read_faiss(self.path / self.manifest["files"]["faiss"], self.manifest["quantize"])
+
+
+def read_item_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The item table at `path` (only `columns`, if given); columns that an older qvlsearch
+    did not write come back as nulls."""
+    names = columns or ITEM_SCHEMA.names
+    table = pq.read_table(path, columns=[n for n in names if n in pq.read_schema(path).names])
+    for name in names:
+        if name not in table.column_names:
+            table = table.append_column(ITEM_SCHEMA.field(name), pa.nulls(len(table), ITEM_SCHEMA.field(name).type))
+    return table.select(names)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
