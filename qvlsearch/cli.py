@@ -342,6 +342,14 @@ def search(
     kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
     under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results with at least this score.")] = None,
+    after: Annotated[str | None, typer.Option(
+        help="Only files taken (else modified) at or after this ISO date, e.g. 2024-05-31.")] = None,
+    before: Annotated[str | None, typer.Option(
+        help="Only files taken (else modified) before this ISO date, e.g. 2024-06-01.")] = None,
+    near: Annotated[str | None, typer.Option(
+        help="Only files whose GPS position is within KM of LAT,LON, e.g. 48.8584,2.2945,5.")] = None,
+    camera: Annotated[str | None, typer.Option(help="Only files whose camera name contains this text.")] = None,
+    sort: Annotated[str, typer.Option(help="score, or date: the same hits, newest first.")] = "score",
     rerank: Annotated[bool, typer.Option("--rerank", help="Re-score the best candidates with the reranker.")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
     reranker: RerankerOption = None,
@@ -357,11 +365,14 @@ def search(
     device: DeviceOption = "auto",
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import kinds_of, open_index, query_item
+    from .search import SORTS, as_near, as_utc, kinds_of, open_index, query_item
     from .store import StoreError
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind fails before the models load
+    kinds_of(kind)  # a bad --kind, date, place or sort fails before the models load
+    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
+    if sort not in SORTS:
+        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):
@@ -376,7 +387,8 @@ def search(
         raise StoreError(f"index {target} was built with model {index.manifest['model']!r}, not {model!r}; "
                          "search it with that model, or index again with --model")
     options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
-                   reranker=reranker, instruction=instruction)
+                   reranker=reranker, instruction=instruction, after=after, before=before, near=near, camera=camera,
+                   sort=sort)
     if queries is not None:
         found = 0
         for number, line in enumerate(queries.read_text().splitlines(), 1):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,13 @@ from qvlsearch.store import ITEM_SCHEMA, Store, read_item_table
 
 UTC = dt.timezone.utc
 NOTHING = {"taken_at": None, "lat": None, "lon": None, "camera": None}
+# mtimes: the dates of the files that carry none (the others' mtimes are later than any date here)
+MODIFIED = {"future.jpg": dt.datetime(2020, 2, 2, tzinfo=UTC), "odd.jpg": dt.datetime(2023, 6, 1, tzinfo=UTC),
+            "plain.jpg": dt.datetime(2018, 1, 1, tzinfo=UTC), "note.txt": dt.datetime(2017, 3, 3, tzinfo=UTC)}
+TAKEN = {"sydney.jpg": dt.datetime(2021, 7, 14, 0, 30, tzinfo=UTC),
+         "paris.jpg": dt.datetime(2019, 5, 1, 18, tzinfo=UTC), "clip.mp4": dt.datetime(2022, 3, 4, 5, 6, 7, tzinfo=UTC)}
+DATES = {**MODIFIED, **TAKEN}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +53,8 @@ def album(tmp_path_factory) -> Path:
     set_creation_time(SAMPLE_DATA / "videos" / "cat pan.mp4", root / "clip.mp4", "2022-03-04T05:06:07.000000Z",
                       location="+48.8577+002.2950/")
     (root / "note.txt").write_text("a note about cameras\n")
+    for name, modified in MODIFIED.items():
+        os.utime(root / name, (modified.timestamp(), modified.timestamp()))
     return root
 
 
@@ -115,3 +128,75 @@ def test_an_item_table_without_the_new_columns_reads_them_as_nulls(tmp_path):
     assert table.schema == ITEM_SCHEMA
     assert {k: table.to_pylist()[0][k] for k in NOTHING} == NOTHING
     assert read_item_table(tmp_path / "old.parquet", ["id", "camera"]).to_pylist() == [{"id": 1, "camera": None}]
+
+
+@pytest.fixture(scope="module")
+def album_index(tmp_path_factory, album, checkpoints, embedder):
+    from qvlsearch.search import SearchIndex
+
+    path = tmp_path_factory.mktemp("album-index") / "index"
+    Indexer(path, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([album])
+    return SearchIndex(path, embedder=embedder)
+
+
+def names(results) -> list[str]:
+    return [Path(r.path).name for r in results]
+
+
+def test_date_filters_use_the_date_taken_else_the_mtime(album_index):
+    search = album_index.search
+    assert sorted(names(search("x", k=10, after="2020-01-01"))) == ["clip.mp4", "future.jpg", "odd.jpg",
+                                                                     "sydney.jpg"]
+    assert sorted(names(search("x", k=10, before="2020-01-01"))) == ["note.txt", "paris.jpg", "plain.jpg"]
+    assert names(search("x", k=10, after="2021-07-14T00:30:00Z", before=dt.date(2022, 1, 1))) == ["sydney.jpg"]
+    assert names(search("x", k=10, after="2021-07-14T02:30:01+02:00", before="2022-01-01")) == []
+    two = search("x", k=2, after="2020-01-01")  # the filter applies before the cut: still k hits
+    assert len(two) == 2 and set(names(two)) <= {"clip.mp4", "future.jpg", "odd.jpg", "sydney.jpg"}
+
+
+def test_place_and_camera_filters(album_index):
+    search = album_index.search
+    assert sorted(names(search("x", k=10, near="48.8584,2.2945,5"))) == ["clip.mp4", "paris.jpg"]
+    assert names(search("x", k=10, near=(-33.86, 151.21, 1))) == ["sydney.jpg"]
+    assert names(search("x", k=10, near="0,0,1000")) == []  # no file without a position is ever near
+    assert names(search("x", k=10, camera="canon")) == ["sydney.jpg"]
+    assert names(search("x", k=10, camera="Z 6", near="48.8584,2.2945,5", kind="image")) == ["paris.jpg"]
+    assert names(search("x", k=10, camera="pixel")) == ["future.jpg"]
+
+
+def test_sort_by_date_orders_the_same_hits_newest_first(album_index):
+    by_score = album_index.search("a cat", k=5)
+    by_date = album_index.search("a cat", k=5, sort="date")
+    assert sorted(names(by_date)) == sorted(names(by_score)) and [r.rank for r in by_date] == [1, 2, 3, 4, 5]
+    assert names(by_date) == sorted(names(by_score), key=lambda name: DATES[name], reverse=True)
+    cut = by_score[2].score  # --min-score applies first, then the date order
+    assert names(album_index.search("a cat", k=5, min_score=cut, sort="date")) == sorted(
+        names(by_score[:3]), key=lambda name: DATES[name], reverse=True)
+
+
+def test_json_records_gain_date_place_and_camera_only_when_known(album_index):
+    records = {Path(r.path).name: r.to_json() for r in album_index.search("x", k=10)}
+    sydney = records["sydney.jpg"]
+    assert list(sydney) == ["rank", "path", "kind", "score", "id", "taken_at", "lat", "lon", "camera"]
+    assert sydney["taken_at"] == "2021-07-14T00:30:00+00:00" and sydney["camera"] == "Canon EOS R5"
+    assert list(records["plain.jpg"]) == ["rank", "path", "kind", "score", "id"]
+    assert list(records["clip.mp4"]) == ["rank", "path", "kind", "score", "id", "duration_s", "taken_at", "lat", "lon"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvlsearch", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+def test_cli_filters_and_malformed_values(album_index):
+    base = ["search", "anything", "--index", str(album_index.path), "--jsonl"]
+    found = cli(*base, "--camera", "nikon", "--after", "2019-05-01", "--before", "2019-05-02", "--sort", "date")
+    assert found.returncode == 0, found.stderr
+    [record] = [json.loads(line) for line in found.stdout.splitlines()]
+    assert Path(record["path"]).name == "paris.jpg" and record["taken_at"] == "2019-05-01T18:00:00+00:00"
+    assert cli(*base, "--near", "10,10,1").returncode == 1  # nothing there
+    for option, value, example in (("--after", "2024-13-01", "2024-05-31"), ("--before", "last week", "2024-05-31"),
+                                   ("--near", "48.85,2.29", "48.8584,2.2945,5"), ("--near", "95,0,1", "48.8584"),
+                                   ("--sort", "size", "score, date")):
+        bad = cli(*base, option, value)
+        assert bad.returncode == 2 and example in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
