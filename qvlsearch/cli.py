@@ -490,6 +490,59 @@ def parse_item_line(number: int, line: str) -> dict:
     return item if isinstance(item, dict) else {"text": str(item)}
 
 
+@app.command()
+def dupes(
+    index_dir: IndexOption = None,
+    threshold: Annotated[float | None, typer.Option(
+        min=-1.0, max=1.0, help="Cosine similarity at which two files are near duplicates (default 0.95).")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
+    under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
+    as_json: JsonFlag = False,
+    as_jsonl: JsonlFlag = False,
+    paths: Annotated[bool, typer.Option(
+        "--paths", help="Only the paths of all but the suggested keeper of each group, one per line.")] = False,
+    null: NullFlag = False,
+) -> None:
+    """Print groups of duplicate files from the stored vectors, without the model: exact (same content) and
+    near (cosine >= --threshold), each with a suggested keeper (the largest, then the oldest). Nothing is
+    deleted or moved; `--paths -0 | xargs -0 ...` acts on the others. Exit 1 when there are none."""
+    from .dupes import DEFAULT_THRESHOLD, find_duplicates
+    from .search import kinds_of, open_index
+
+    fmt = output_format(as_json, as_jsonl, paths, null)
+    kinds_of(kind)
+    groups = find_duplicates(open_index(index_dir or default_index_dir()),
+                             DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
+    records = [g.to_json(n) for n, g in enumerate(groups, 1)]
+    if fmt in ("json", "jsonl"):
+        emit(records, fmt)
+    elif fmt == "paths":
+        emit([m for g in records for m in g["members"] if not m["keep"]], fmt, null)
+    else:
+        rows = [(str(g["group"]), g["type"], "keep" if m["keep"] else "", f"{m['similarity']:.4f}", str(m["size"]),
+                 dupe_extent(m), (m["taken_at"] or m["modified_at"] or "")[:19], m["path"])
+                for g in records for m in g["members"]]
+        if fmt == "tsv":
+            write_stdout("".join("\t".join(row) + "\n" for row in rows))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(box=None, header_style="bold")
+            for title in ("group", "type", "", "similarity", "bytes", "size", "date", "path"):
+                table.add_column(title, justify="right" if title in ("group", "similarity", "bytes") else "left")
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+    raise typer.Exit(EXIT_OK if groups else EXIT_FAILED)
+
+
+def dupe_extent(member: dict) -> str:
+    """'4000x3000', '4000x3000 12.5s' for a video, or '' for a text."""
+    size = f"{member['width']}x{member['height']}" if member["width"] else ""
+    return f"{size} {member['duration_s']:.1f}s".strip() if member["duration_s"] is not None else size
+
+
 def main() -> None:
     """Entry point: turns qvlsearch errors into one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

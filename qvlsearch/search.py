@@ -186,9 +186,13 @@ class SearchIndex:
     @cached_property
     def metadata(self):
         """The items' date taken, mtime, place and camera (an Arrow table in the order of `items`)."""
+        return self.item_columns(METADATA_COLUMNS)
+
+    def item_columns(self, names: list[str]):
+        """Some columns of the item table (an Arrow table, rows in the order of `items`), read now."""
         files = self.manifest.get("files", {})
-        return (read_item_table(self.path / files["items"], METADATA_COLUMNS) if files.get("items")
-                else ITEM_SCHEMA.empty_table().select(METADATA_COLUMNS))
+        return (read_item_table(self.path / files["items"], names) if files.get("items")
+                else ITEM_SCHEMA.empty_table().select(names))
 
     @cached_property
     def stored_vectors(self):
