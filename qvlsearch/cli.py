@@ -543,6 +543,69 @@ def dupe_extent(member: dict) -> str:
     return f"{size} {member['duration_s']:.1f}s".strip() if member["duration_s"] is not None else size
 
 
+@app.command("eval")
+def eval_command(
+    queries: Annotated[Path, typer.Argument(help="JSON lines of queries: {\"id\": \"q1\", \"text\": \"...\"}.")],
+    qrels: Annotated[Path, typer.Option(
+        help="BEIR-style TSV: query-id, corpus-id (a file path, relative to this file's folder), score.")],
+    index_dir: IndexOption = None,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Cut for nDCG and MRR.")] = 10,
+    dims: Annotated[str | None, typer.Option(
+        help="Dimensions to compare, e.g. 128,256,512,full (default: the index's).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="Quantizations to compare, e.g. none,int8,binary (default: the index's).")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank", help="Also the figures after reranking.")] = False,
+    rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
+    reranker: RerankerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Measure search quality on your own labelled queries: recall@1/5/10, nDCG@10, MRR and latency for each
+    dim and quantization, from the stored vectors (files are not embedded again); --rerank adds the reranked
+    figures."""
+    from .evaluate import evaluate, parse_settings, read_qrels, read_queries
+    from .search import open_index
+
+    target = index_dir or default_index_dir()
+    query_list, judgements = read_queries(queries), read_qrels(qrels)
+    index = open_index(target, device=None if device == "auto" else device, reranker_model=reranker)
+    settings = parse_settings(dims, quantize, index.manifest)
+    report = evaluate(index, query_list, judgements, k=top_k, settings=settings, rerank=rerank,
+                      rerank_top=rerank_top)
+    if report.missing_files:
+        shown = ", ".join(report.missing_files[:3]) + (", ..." if len(report.missing_files) > 3 else "")
+        typer.echo(f"qvlsearch: {len(report.missing_files)} files named in {qrels} are not in the index "
+                   f"(not counted): {shown}", err=True)
+    if report.unknown_queries:
+        typer.echo(f"qvlsearch: {len(report.unknown_queries)} query ids in {qrels} are not in {queries}: "
+                   + ", ".join(report.unknown_queries[:5]), err=True)
+    for query_id, error in report.failed_queries:
+        typer.echo(f"qvlsearch: query {query_id}: {error}", err=True)
+    typer.echo(f"qvlsearch: {report.evaluated} of {report.queries} queries evaluated (the others have no relevant "
+               f"file in the index or failed); query embedding {report.embed_ms:.1f} ms"
+               + (f", reranking {report.rerank_ms:.0f} ms a query" if report.rerank_ms is not None else ""), err=True)
+    if as_json:
+        write_stdout(json.dumps(report.to_json()) + "\n")
+    else:
+        records = [s.to_json() for s in report.settings]
+        names = ["dim", "quantize", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
+            "latency_ms"]
+        rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(box=None, header_style="bold")
+            for n in names:
+                table.add_column(n, justify="left" if n == "quantize" else "right")
+            for row in rows[1:]:
+                table.add_row(*row)
+            Console().print(table)
+        else:
+            write_stdout("".join("\t".join(row) + "\n" for row in rows))
+    raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)
+
+
 def main() -> None:
     """Entry point: turns qvlsearch errors into one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
