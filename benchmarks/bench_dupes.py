@@ -72,10 +72,10 @@ def write_index(path: Path, items: int, dim: int, seed: int = 0) -> tuple[np.nda
 
 def run(workdir: Path, items: int = 100_000, dim: int = 2048) -> list[Figure]:
     started = time.perf_counter()
-    vectors, planted = write_index(workdir / "index", items, dim)
+    vectors, planted = write_index(workdir / "dupes-index", items, dim)
     print(f"[wrote {items}×{dim} in {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    groups = find_duplicates(open_index(workdir / "index"), DEFAULT_THRESHOLD)
+    groups = find_duplicates(open_index(workdir / "dupes-index"), DEFAULT_THRESHOLD)
     elapsed = time.perf_counter() - started
     group_of = {m.id - 1: n for n, g in enumerate(groups) for m in g.members}  # ids are rows + 1
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -107,7 +107,7 @@ def calibration(workdir: Path, model: Path) -> list[Figure]:
 
     from qvlsearch.indexer import Indexer, IndexOptions
 
-    photos = workdir / "photos"
+    photos = workdir / "calibration-photos"
     photos.mkdir()
     originals = sorted(p for p in (REPO / "sample_data" / "photos").iterdir() if p.suffix.lower() != ".gif")
     for original in originals:
@@ -116,8 +116,8 @@ def calibration(workdir: Path, model: Path) -> list[Figure]:
         for copy, make in enumerate(COPIES.values()):
             changed, options = make(image)
             changed.save(photos / f"{original.stem}.copy{copy}.jpg", **options)
-    Indexer(workdir / "calibration", IndexOptions(model=str(model))).run([photos])
-    index = open_index(workdir / "calibration")
+    Indexer(workdir / "calibration-index", IndexOptions(model=str(model))).run([photos])
+    index = open_index(workdir / "calibration-index")
     vectors = index.stored_vectors.get(index.ids)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     stems = [Path(p).name.split(".")[0] for p in index.items["path"].to_pylist()]

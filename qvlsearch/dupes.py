@@ -127,12 +127,15 @@ def near_pairs(vectors: np.ndarray, threshold: float, prefix_dim: int = PREFIX_D
     n = len(vectors)
     prefix = np.ascontiguousarray(vectors[:, :prefix_dim], dtype=np.float32)
     prefix /= np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), 1e-12)
-    lists = 1 if n < FLAT_BELOW else int(4 * n ** 0.5)
-    candidates = faiss.index_factory(prefix.shape[1], f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
-    candidates.cp.max_points_per_centroid = IVF_TRAINING_PER_LIST
-    candidates.train(prefix)
+    if n < FLAT_BELOW:
+        candidates = faiss.IndexFlatIP(prefix.shape[1])
+    else:
+        lists = int(4 * n ** 0.5)
+        candidates = faiss.index_factory(prefix.shape[1], f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        candidates.cp.max_points_per_centroid = IVF_TRAINING_PER_LIST
+        candidates.train(prefix)
+        candidates.nprobe = nprobe
     candidates.add(prefix)
-    candidates.nprobe = min(lists, nprobe)
     limits, _, found = candidates.range_search(prefix, threshold - margin)
     query = np.repeat(np.arange(n, dtype=np.int64), np.diff(limits).astype(np.int64))
     pairs = np.unique(np.minimum(query, found) * n + np.maximum(query, found))  # each pair once, either way found

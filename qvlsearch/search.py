@@ -63,9 +63,10 @@ class SearchResult:
             record["duration_s"] = round(self.duration_s, 3)
         if self.taken_at is not None:
             record["taken_at"] = self.taken_at.isoformat()
-        for key in ("lat", "lon", "camera"):
-            if getattr(self, key) is not None:
-                record[key] = getattr(self, key)
+        if self.lat is not None and self.lon is not None:
+            record["lat"], record["lon"] = round(self.lat, 6), round(self.lon, 6)
+        if self.camera is not None:
+            record["camera"] = self.camera
         return record
 
     @property

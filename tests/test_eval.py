@@ -79,6 +79,11 @@ def test_known_answers_score_one_at_full_width_and_missing_files_are_reported(in
                                                   "ndcg@10": 1.0, "mrr@10": 1.0}
     for setting in report.settings:
         assert all(0 <= v <= 1 for v in setting.metrics.values()) and setting.latency_ms > 0
+    # a setting's figures do not depend on the settings before it (answers ranked below the top matter here)
+    cats = {q.id: {str(labelled / "photos" / "black kitty.jpeg"): 1, str(labelled / "notes" / "cats.txt"): 1}
+            for q in queries}
+    after_32 = evaluate(index, queries, cats, settings=[(32, "none"), (full, "none")]).settings[1]
+    assert after_32.metrics == evaluate(index, queries, cats, settings=[(full, "none")]).settings[0].metrics
 
 
 def figures_from_search(index, queries, qrels, **options) -> dict[str, float]:
