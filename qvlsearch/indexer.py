@@ -329,6 +329,7 @@ class Indexer:
         store.dirty = True
 
     def replace_metadata(self, store: Store, row: dict, metadata: dict) -> None:
+        """The row again with fresh metadata columns and the same vector."""
         store.put({**row, **metadata}, self.stored_vector(store, row["id"]))
 
     @staticmethod
