@@ -35,6 +35,8 @@ def read_metadata(path: str, kind: str | None) -> dict[str, Any]:
 
 def image_metadata(path: str) -> dict[str, Any]:
     with Image.open(path) as image:
+        if image.format == "PNG" and "exif" not in image.info:
+            return {}  # no eXIf chunk before the pixels: looking after them would decode the whole image
         exif = image.getexif()
     base, details = exif, exif.get_ifd(ExifTags.IFD.Exif)
     taken = (exif_date(details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.OffsetTimeOriginal))

@@ -58,7 +58,7 @@ def album(tmp_path_factory) -> Path:
     return root
 
 
-def test_read_metadata_from_exif_and_container_tags(album):
+def test_read_metadata_from_exif_and_container_tags(album, tmp_path):
     sydney = read_metadata(str(album / "sydney.jpg"), "image")
     assert sydney["taken_at"] == dt.datetime(2021, 7, 14, 0, 30, tzinfo=UTC)  # 10:30 at +10:00
     assert sydney["lat"] == pytest.approx(-33.8568, abs=1e-6) and sydney["lon"] == pytest.approx(151.2153, abs=1e-6)
@@ -75,6 +75,9 @@ def test_read_metadata_from_exif_and_container_tags(album):
     assert read_metadata(str(album / "note.txt"), "text") == NOTHING
     assert read_metadata(str(SAMPLE_DATA / "broken" / "corrupt.jpg"), "image") == NOTHING
     assert read_metadata(str(album / "note.txt"), "video") == NOTHING  # not a container: empty, no error
+    png = make_photo(tmp_path / "scan.png", taken="2020:01:02 03:04:05", camera=("Epson", "V600"))
+    assert read_metadata(str(png), "image") == {**NOTHING, "taken_at": dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC),
+                                                "camera": "Epson V600"}
 
 
 def rows_by_name(store: Store) -> dict[str, dict]:
