@@ -1,10 +1,11 @@
 """Duplicate files in an index, from the stored vectors: no model runs, nothing is deleted.
 
 Exact duplicates share a content hash; near duplicates (a re-encoded, resized or lightly
-edited copy) have cosine similarity >= a threshold. Candidates come from a FAISS range
-search over a Matryoshka prefix of the vectors (the first 256 values, renormalized) with a
-margin below the threshold, in an inverted-file index when there are many vectors; each
-candidate pair is then confirmed at full width. Only files of the same kind pair up, and two
+edited copy) have cosine similarity >= a threshold. Candidates are each vector's nearest
+neighbours (at most 63) in a FAISS search over a Matryoshka prefix of the vectors (the first
+256 values, renormalized) down to a margin below the threshold, in an inverted-file index when
+there are many vectors; each candidate pair is then confirmed at full width. A file with more
+than 63 near duplicates still joins their group through them. Only files of the same kind pair up, and two
 videos whose lengths differ are never duplicates. In each group the suggested keeper is the
 largest file (pixels, then bytes), then the oldest (date taken, else mtime).
 
@@ -29,6 +30,7 @@ PREFIX_MARGIN = 0.05  # ... down to this much below the threshold
 FLAT_BELOW = 20_000  # fewer vectors: the candidate search is exhaustive; more: an IVF index
 IVF_NPROBE = 4  # inverted lists (4·sqrt(n) of them) visited per vector
 IVF_TRAINING_PER_LIST = 32  # k-means trains on this many vectors per list (at most)
+NEIGHBOURS = 64  # candidates per vector, itself included: memory stays n × 64 at any threshold
 DURATION_TOLERANCE_S, DURATION_TOLERANCE = 0.5, 0.02  # videos: lengths within the larger of these
 COLUMNS = ["id", "path", "path_bytes", "kind", "status", "size", "width", "height", "duration_s", "content_hash",
            "taken_at", "mtime_ns"]
@@ -118,9 +120,9 @@ def near_pairs(vectors: np.ndarray, threshold: float, prefix_dim: int = PREFIX_D
                nprobe: int = IVF_NPROBE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row pairs (i < j) of unit `vectors` whose cosine is >= `threshold`, and that cosine.
 
-    A FAISS range search over the renormalized first `prefix_dim` values at `threshold - margin`
-    (exhaustive below FLAT_BELOW rows, else IVF with 4·sqrt(n) lists and `nprobe` probes) finds the
-    candidates in both directions; each pair is confirmed with the full vectors.
+    The NEIGHBOURS nearest of each vector by the renormalized first `prefix_dim` values, kept down to
+    `threshold - margin` (exhaustive below FLAT_BELOW rows, else IVF with 4·sqrt(n) lists and `nprobe`
+    probes), are the candidates, found in both directions; each pair is confirmed with the full vectors.
     """
     import faiss
 
@@ -136,8 +138,10 @@ def near_pairs(vectors: np.ndarray, threshold: float, prefix_dim: int = PREFIX_D
         candidates.train(prefix)
         candidates.nprobe = nprobe
     candidates.add(prefix)
-    limits, _, found = candidates.range_search(prefix, threshold - margin)
-    query = np.repeat(np.arange(n, dtype=np.int64), np.diff(limits).astype(np.int64))
+    scores, found = candidates.search(prefix, min(n, NEIGHBOURS))
+    query = np.repeat(np.arange(n, dtype=np.int64), found.shape[1]).reshape(found.shape)
+    close = (scores >= threshold - margin) & (found >= 0)
+    query, found = query[close], found[close]
     pairs = np.unique(np.minimum(query, found) * n + np.maximum(query, found))  # each pair once, either way found
     first, second = pairs // n, pairs % n
     other = first != second
