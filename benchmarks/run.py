@@ -1,7 +1,7 @@
 """`make bench`: the CPU benchmark suite. Prints each figure beside its goal and writes
 benchmarks/results/<machine>-<date>-cpu.json.
 
-    python benchmarks/run.py [index] [models] [search] [scale] [server]     (default: all five)
+    python benchmarks/run.py [index] [models] [search] [scale] [server] [dupes]   (default: all)
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from common import report, save  # noqa: E402
 
-SUITES = ("index", "models", "search", "scale", "server")
+SUITES = ("index", "models", "search", "scale", "server", "dupes")
 
 
 def main(argv: list[str]) -> int:
+    import bench_dupes
     import bench_index
     import bench_models
     import bench_scale
@@ -43,7 +44,8 @@ def main(argv: list[str]) -> int:
                 "models": lambda: bench_models.run(work, build_checkpoints(work / "small", preset="small")),
                 "search": lambda: bench_search.run(work, tiny),
                 "scale": lambda: bench_scale.run(work, tiny),
-                "server": lambda: bench_server.run(work, tiny)}
+                "server": lambda: bench_server.run(work, tiny),
+                "dupes": lambda: bench_dupes.calibration(work, tiny["embedder"]) + bench_dupes.run(work)}
         for name in chosen:
             begun = time.monotonic()
             figures += runs[name]()

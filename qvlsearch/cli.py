@@ -454,6 +454,14 @@ def search(
         "--kind", help="Only image, video, text or pdf (repeatable).")] = None,
     under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results with at least this score.")] = None,
+    after: Annotated[str | None, typer.Option(
+        help="Only files taken (else modified) at or after this ISO date, e.g. 2024-05-31.")] = None,
+    before: Annotated[str | None, typer.Option(
+        help="Only files taken (else modified) before this ISO date, e.g. 2024-06-01.")] = None,
+    near: Annotated[str | None, typer.Option(
+        help="Only files whose GPS position is within KM of LAT,LON, e.g. 48.8584,2.2945,5.")] = None,
+    camera: Annotated[str | None, typer.Option(help="Only files whose camera name contains this text.")] = None,
+    sort: Annotated[str, typer.Option(help="score, or date: the same hits, newest first.")] = "score",
     rerank: Annotated[bool, typer.Option("--rerank", help="Re-score the best candidates with the reranker.")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
     reranker: RerankerOption = None,
@@ -471,14 +479,19 @@ def search(
     no_server: NoServerFlag = False,
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
+    from .search import SORTS, as_near, as_utc
+
     fmt = output_format(as_json, as_jsonl, paths, null)
+    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)  # before any model or server work
+    if sort not in SORTS:
+        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):
         raise typer.BadParameter("give a query: TEXT, '-', --image, --video or --queries FILE")
     target = index_dir or default_index_dir()
     options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
-                   instruction=instruction)
+                   instruction=instruction, after=after, before=before, near=near, camera=camera, sort=sort)
     server = None
     if not (no_server or contact_sheet):
         server = find_server(target, model=model, reranker=(reranker or DEFAULT_RERANKER) if rerank else None,
@@ -730,6 +743,122 @@ def parse_item_line(number: int, line: str) -> dict:
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"stdin line {number} is not JSON: {exc.msg}") from None
     return item if isinstance(item, dict) else {"text": str(item)}
+
+
+@app.command()
+def dupes(
+    index_dir: IndexOption = None,
+    threshold: Annotated[float | None, typer.Option(
+        min=-1.0, max=1.0, help="Cosine similarity at which two files are near duplicates (default 0.95).")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
+    under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
+    as_json: JsonFlag = False,
+    as_jsonl: JsonlFlag = False,
+    paths: Annotated[bool, typer.Option(
+        "--paths", help="Only the paths of all but the suggested keeper of each group, one per line.")] = False,
+    null: NullFlag = False,
+) -> None:
+    """Print groups of duplicate files from the stored vectors, without the model: exact (same content) and
+    near (cosine >= --threshold), each with a suggested keeper (the largest, then the oldest). Nothing is
+    deleted or moved; `--paths -0 | xargs -0 ...` acts on the others. Exit 1 when there are none."""
+    from .dupes import DEFAULT_THRESHOLD, find_duplicates
+    from .search import kinds_of, open_index
+
+    fmt = output_format(as_json, as_jsonl, paths, null)
+    kinds_of(kind)
+    groups = find_duplicates(open_index(index_dir or default_index_dir()),
+                             DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
+    records = [g.to_json(n) for n, g in enumerate(groups, 1)]
+    if fmt in ("json", "jsonl"):
+        emit(records, fmt)
+    elif fmt == "paths":
+        emit([m for g in records for m in g["members"] if not m["keep"]], fmt, null)
+    else:
+        rows = [(str(g["group"]), g["type"], "keep" if m["keep"] else "", f"{m['similarity']:.4f}", str(m["size"]),
+                 dupe_extent(m), (m["taken_at"] or m["modified_at"] or "")[:19], m["path"])
+                for g in records for m in g["members"]]
+        if fmt == "tsv":
+            write_stdout("".join("\t".join(row) + "\n" for row in rows))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(box=None, header_style="bold")
+            for title in ("group", "type", "", "similarity", "bytes", "size", "date", "path"):
+                table.add_column(title, justify="right" if title in ("group", "similarity", "bytes") else "left")
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+    raise typer.Exit(EXIT_OK if groups else EXIT_FAILED)
+
+
+def dupe_extent(member: dict) -> str:
+    """'4000x3000', '4000x3000 12.5s' for a video, or '' for a text."""
+    size = f"{member['width']}x{member['height']}" if member["width"] else ""
+    return f"{size} {member['duration_s']:.1f}s".strip() if member["duration_s"] is not None else size
+
+
+@app.command("eval")
+def eval_command(
+    queries: Annotated[Path, typer.Argument(help="JSON lines of queries: {\"id\": \"q1\", \"text\": \"...\"}.")],
+    qrels: Annotated[Path, typer.Option(
+        help="BEIR-style TSV: query-id, corpus-id (a file path, relative to this file's folder), score.")],
+    index_dir: IndexOption = None,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Cut for nDCG and MRR.")] = 10,
+    dims: Annotated[str | None, typer.Option(
+        help="Dimensions to compare, e.g. 128,256,512,full (default: the index's).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="Quantizations to compare, e.g. none,int8,binary (default: the index's).")] = None,
+    rerank: Annotated[bool, typer.Option("--rerank", help="Also the figures after reranking.")] = False,
+    rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
+    reranker: RerankerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Measure search quality on your own labelled queries: recall@1/5/10, nDCG@10, MRR and latency for each
+    dim and quantization, from the stored vectors (files are not embedded again); --rerank adds the reranked
+    figures."""
+    from .evaluate import evaluate, parse_settings, read_qrels, read_queries
+    from .search import open_index
+
+    target = index_dir or default_index_dir()
+    query_list, judgements = read_queries(queries), read_qrels(qrels)
+    index = open_index(target, device=None if device == "auto" else device, reranker_model=reranker)
+    settings = parse_settings(dims, quantize, index.manifest)
+    report = evaluate(index, query_list, judgements, k=top_k, settings=settings, rerank=rerank,
+                      rerank_top=rerank_top)
+    if report.missing_files:
+        shown = ", ".join(report.missing_files[:3]) + (", ..." if len(report.missing_files) > 3 else "")
+        typer.echo(f"qvlsearch: {len(report.missing_files)} files named in {qrels} are not in the index "
+                   f"(not counted): {shown}", err=True)
+    if report.unknown_queries:
+        typer.echo(f"qvlsearch: {len(report.unknown_queries)} query ids in {qrels} are not in {queries}: "
+                   + ", ".join(report.unknown_queries[:5]), err=True)
+    for query_id, error in report.failed_queries:
+        typer.echo(f"qvlsearch: query {query_id}: {error}", err=True)
+    typer.echo(f"qvlsearch: {report.evaluated} of {report.queries} queries evaluated (the others have no relevant "
+               f"file in the index or failed); query embedding {report.embed_ms:.1f} ms"
+               + (f", reranking {report.rerank_ms:.0f} ms a query" if report.rerank_ms is not None else ""), err=True)
+    if as_json:
+        write_stdout(json.dumps(report.to_json()) + "\n")
+    else:
+        records = [s.to_json() for s in report.settings]
+        names = ["dim", "quantize", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
+            "latency_ms"]
+        rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(box=None, header_style="bold")
+            for n in names:
+                table.add_column(n, justify="left" if n == "quantize" else "right")
+            for row in rows[1:]:
+                table.add_row(*row)
+            Console().print(table)
+        else:
+            write_stdout("".join("\t".join(row) + "\n" for row in rows))
+    raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 A file becomes one row per searchable unit: the whole file, each page of a PDF, each moment
 of a video. Only what changed is done again, file by file: files with the same size and mtime
 are not opened, a moved or copied file reuses its stored vectors by content hash, and deleted
-files leave the index with all their rows. Work is committed every `commit_every` files or
+files leave the index with all their rows. The sniff step also reads each file's date taken, GPS
+position and camera (`metadata.read_metadata`); an index written before those columns existed
+gets them on its next run, without the model. Work is committed every `commit_every` files or
 `commit_seconds` seconds; a file's rows are always committed together.
 """
 
@@ -23,10 +25,13 @@ from filelock import FileLock, Timeout
 
 from .errors import MediaError
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
+from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, now
+
+METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
 
 
 @dataclass
@@ -98,6 +103,7 @@ class Sniffed:
     units: list[Unit]
     error: str | None
     warning: str | None = None
+    metadata: dict = field(default_factory=dict)  # taken_at, lat, lon, camera
 
 
 @dataclass
@@ -148,7 +154,7 @@ def sniff(found: Found, options: IndexOptions) -> Sniffed:
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
         units, warning = plan_units(found.path, kind, options)
-        return Sniffed(found, kind, digest, units, None, warning)
+        return Sniffed(found, kind, digest, units, None, warning, read_metadata(found.path, kind))
     except KindError as exc:
         return Sniffed(found, None, None, [], str(exc))
     except MediaError as exc:
@@ -309,7 +315,9 @@ class Indexer:
             raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
         settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
         settings["model_revision"] = model_revision(self.options.model)
-        return Store.create(self.index_dir, settings, full_dim)
+        store = Store.create(self.index_dir, settings, full_dim)
+        store.manifest["metadata_version"] = METADATA_VERSION
+        return store
 
     def update(self, store: Store, roots: list[str]) -> None:
         files = rows_by_file(store.rows.values())
@@ -327,6 +335,7 @@ class Indexer:
         live_by_hash = {rows[0]["content_hash"]: rows for path, rows in files.items()
                         if path not in gone and reusable(rows)}
         todo: list[tuple[Found, list[dict]]] = []
+        unchanged_ok: list[dict] = []
         for f in found:
             rows = files.get(os.fsencode(f.path), [])
             if rows and rows[0]["size"] == f.size and rows[0]["mtime_ns"] == f.mtime_ns and not f.error:
@@ -337,6 +346,7 @@ class Indexer:
                                               for label, e in errors]
                 else:
                     self.summary.unchanged += 1
+                    unchanged_ok += rows
                 self.advance()
             elif f.error:
                 self.record_error(store, f, rows, None, f.error)
@@ -394,6 +404,34 @@ class Indexer:
             if any(r["id"] in store.rows for r in rows):
                 store.remove([r["id"] for r in rows])
                 self.summary.removed += 1
+        if store.manifest.get("metadata_version") != METADATA_VERSION:
+            elsewhere = [row for row in store.rows.values() if row["status"] == "ok" and row["path_bytes"] not in seen]
+            self.add_metadata(store, unchanged_ok + elsewhere)
+
+    def add_metadata(self, store: Store, rows: list[dict]) -> None:
+        """Give an index written before the metadata columns existed those columns: each unchanged file's
+        metadata is read again, its vectors kept (no model). A file changed since it was indexed is left to
+        the run that embeds it again."""
+
+        def read_if_unchanged(unit_rows: list[dict]) -> dict | None:
+            path, row = os.fsdecode(unit_rows[0]["path_bytes"]), unit_rows[0]
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return None
+            if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+                return None
+            return read_metadata(path, row["kind"])
+
+        workers = self.options.workers or min(8, os.cpu_count() or 1)
+        by_file = list(rows_by_file(rows).values())
+        for unit_rows, metadata in prefetch(lambda i, unit_rows: (unit_rows, read_if_unchanged(unit_rows)), by_file,
+                                            workers=workers, ahead=64):
+            if metadata is not None:
+                for row in unit_rows:  # the rows again, with fresh metadata columns and the same vectors
+                    store.put({**row, **metadata}, store.vector(row["id"]))
+        store.manifest["metadata_version"] = METADATA_VERSION
+        store.dirty = True
 
     def get_embedder(self):
         if self.embedder is None:
@@ -410,7 +448,8 @@ class Indexer:
         return {"id": self.store.new_id(), "path": display_path(f.path), "path_bytes": os.fsencode(f.path),
                 "root": display_path(f.root), "size": f.size, "mtime_ns": f.mtime_ns, "content_hash": None,
                 "width": None, "height": None, "duration_s": None, "frames": None, "tokens": None, "error": None,
-                "indexed_at": now(), "page": None, "start_s": None, "end_s": None, **values}
+                "indexed_at": now(), "page": None, "start_s": None, "end_s": None, **dict.fromkeys(FIELDS),
+                **values}
 
     def record_error(self, store: Store, f: Found, old: list[dict], kind: str | None, error: str) -> None:
         """The whole file failed: its old rows go, one error row stands for it."""
@@ -443,7 +482,7 @@ class Indexer:
               gone: dict[bytes, list[dict]]) -> None:
         """A moved, copied or merely touched file: its rows and stored vectors again, no model."""
         moved = gone.pop(source[0]["path_bytes"], None) is not None  # the old path's rows go, vectors move along
-        rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}),
+        rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}, **s.metadata),
                  store.vector(row["id"]) if row["status"] == "ok" else None) for row in source]
         store.remove([r["id"] for r in old] + ([r["id"] for r in source] if moved else []))
         for row, vector in rows:  # ids are never reused: these are the vectors of this content

@@ -4,12 +4,15 @@ reranker (optional) re-scores the best of them.
     index = qvlsearch.open_index("~/.local/share/qvlsearch/index")
     for hit in index.search("dog on a beach", k=10, kind="image", rerank=True):
         print(hit.rank, hit.rerank_score, hit.path)
+
+Filters (kind, folder, date taken, place, camera) apply before the top-k cut.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +30,9 @@ from .store import Snapshot, StoreError, read_manifest
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
 RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status", "page", "start_s", "end_s"]
+METADATA_COLUMNS = ["taken_at", "mtime_ns", "lat", "lon", "camera"]  # read on first use, not at open
+SORTS = ("score", "date")
+EARTH_RADIUS_KM = 6371.0088
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
@@ -46,9 +52,15 @@ class SearchResult:
     page: int | None = None  # a PDF page's number, from 1
     start_s: float | None = None  # a video moment's window, in seconds
     end_s: float | None = None
+    taken_at: dt.datetime | None = None  # UTC
+    lat: float | None = None
+    lon: float | None = None
+    camera: str | None = None
+    modified_at: dt.datetime | None = None  # the file's mtime, for --sort date when taken_at is unknown; not in JSON
 
     def to_json(self) -> dict[str, Any]:
-        """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id."""
+        """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id, then
+        duration_s, taken_at (ISO 8601, UTC), lat, lon and camera, each only when known."""
         record = {"rank": self.rank, "path": self.path, "kind": self.kind, "score": rounded(self.score)}
         if self.reranked:
             record["rerank_score"] = rounded(self.rerank_score)
@@ -59,7 +71,18 @@ class SearchResult:
             record["page"] = self.page
         if self.start_s is not None:
             record["start_s"], record["end_s"] = round(self.start_s, 3), round(self.end_s, 3)
+        if self.taken_at is not None:
+            record["taken_at"] = self.taken_at.isoformat()
+        if self.lat is not None and self.lon is not None:
+            record["lat"], record["lon"] = round(self.lat, 6), round(self.lon, 6)
+        if self.camera is not None:
+            record["camera"] = self.camera
         return record
+
+    @property
+    def date(self) -> dt.datetime | None:
+        """When the file was taken, else when it was last modified."""
+        return self.taken_at or self.modified_at
 
 
 def rounded(value: float | None) -> float | None:
@@ -97,6 +120,44 @@ def kinds_of(kind: str | Iterable[str] | None) -> set[str]:
     if kinds - set(KINDS):
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
     return kinds
+
+
+def as_utc(value: str | dt.date | None, option: str) -> dt.datetime | None:
+    """An ISO date or date-time (a date is its midnight; no zone is UTC); raises InputError for anything else."""
+    if value is None or isinstance(value, dt.datetime):
+        when = value
+    elif isinstance(value, dt.date):
+        when = dt.datetime(value.year, value.month, value.day)
+    else:
+        try:
+            when = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise InputError(f"{option}: {value!r} is not a date; give an ISO date such as 2024-05-31 "
+                             "or 2024-05-31T18:30") from None
+    if when is None:
+        return None
+    return when.astimezone(dt.timezone.utc) if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def as_near(value: str | Sequence[float] | None) -> tuple[float, float, float] | None:
+    """LAT,LON,KM as three numbers; raises InputError with an example for anything else."""
+    if value is None:
+        return None
+    try:
+        lat, lon, km = (float(part) for part in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        lat = lon = km = float("nan")
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180 and km >= 0):
+        raise InputError(f"--near: {value!r} is not LAT,LON,KM; give degrees and a radius such as "
+                         "48.8584,2.2945,5 (latitude -90..90, longitude -180..180, km >= 0)")
+    return lat, lon, km
+
+
+def distance_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
+    """Great-circle (haversine) distances from (lat0, lon0), in km."""
+    lat, lon, lat0, lon0 = map(np.radians, (lat, lon, lat0, lon0))
+    h = np.sin((lat - lat0) / 2) ** 2 + np.cos(lat) * np.cos(lat0) * np.sin((lon - lon0) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
 
 
 def query_item(query: str | Mapping | None, images: Iterable[str] = (), video: str | None = None) -> dict[str, Any]:
@@ -149,6 +210,15 @@ class SearchIndex:
         return True
 
     @cached_property
+    def metadata(self):
+        """The items' date taken, mtime, place and camera (an Arrow table in the order of `items`)."""
+        return self.item_columns(METADATA_COLUMNS)
+
+    def item_columns(self, names: list[str]):
+        """Some columns of the item table (an Arrow table, rows in the order of `items`), read now."""
+        return self.snapshot.columns(names)
+
+    @cached_property
     def stored_vectors(self):
         """The float vectors by id, memory-mapped from the segments."""
         from .store import StoredVectors
@@ -193,13 +263,22 @@ class SearchIndex:
 
     def search(self, query: str | Mapping, k: int = 10, *, kind: str | Iterable[str] | None = None,
                under: str | os.PathLike | None = None, min_score: float | None = None, rerank: bool = False,
-               rerank_top: int = 50, reranker: str | None = None, instruction: str | None = None
+               rerank_top: int = 50, reranker: str | None = None, instruction: str | None = None,
+               after: str | dt.date | None = None, before: str | dt.date | None = None,
+               near: str | Sequence[float] | None = None, camera: str | None = None, sort: str = "score"
                ) -> list[SearchResult]:
-        """The `k` best files for `query`; filters apply before the cut, so `k` hits come back when there are `k`."""
+        """The `k` best files for `query`; filters apply before the cut, so `k` hits come back when there are `k`.
+
+        `after`/`before`: ISO dates or datetimes, on the date taken or else the file's mtime (`after` keeps
+        that instant and later, `before` what is earlier); `near`: (lat, lon, km) or "LAT,LON,KM"; `camera`:
+        text found in the camera name, any case. `sort="date"` gives the same hits newest first.
+        """
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
+        if sort not in SORTS:
+            raise InputError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
         query = query_item(query)
-        keep = self.filter(kind, under)
+        keep = self.filter(kind, under, after=after, before=before, near=near, camera=camera)
         if len(self) == 0:
             return []
         vector, wanted = self.query_vector(query, instruction), max(k, rerank_top if rerank else k)
@@ -214,14 +293,22 @@ class SearchIndex:
         results = results[:wanted]
         if rerank and results:
             results = self.rerank_results(query, results, reranker)
-        return results[:k]
+        results = results[:k]
+        if sort == "date":
+            results.sort(key=lambda r: r.date.timestamp() if r.date else float("-inf"), reverse=True)
+            for rank, r in enumerate(results, 1):
+                r.rank = rank
+        return results
 
-    def filter(self, kind: str | Iterable[str] | None, under: str | os.PathLike | None) -> Callable[[int], bool]:
-        """Which item ids pass the kind and folder filters."""
+    def filter(self, kind: str | Iterable[str] | None, under: str | os.PathLike | None, *,
+               after: str | dt.date | None = None, before: str | dt.date | None = None,
+               near: str | Sequence[float] | None = None, camera: str | None = None) -> Callable[[int], bool]:
+        """Which item ids pass the kind, folder, date, place and camera filters (see `search`)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         kinds = kinds_of(kind)
+        after, before, near = as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
         allowed = np.ones(len(self.ids), dtype=bool)
         if kinds:
             in_kinds = pc.is_in(self.items["kind"], value_set=pa.array(sorted(kinds)))
@@ -230,6 +317,22 @@ class SearchIndex:
             prefix = os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep)
             paths = self.items["path_bytes"].to_pylist()
             allowed &= np.fromiter((p.startswith(prefix) for p in paths), dtype=bool, count=len(paths))
+        if after is not None or before is not None:
+            taken_us = self.metadata["taken_at"].cast(pa.int64())
+            mtime_us = pc.divide(self.metadata["mtime_ns"], 1000)
+            when_us = pc.coalesce(taken_us, mtime_us, pa.scalar(np.iinfo(np.int64).min)).to_numpy()
+            if after is not None:
+                allowed &= when_us >= epoch_us(after)
+            if before is not None:
+                allowed &= when_us < epoch_us(before)
+        if near is not None:
+            lat = pc.fill_null(self.metadata["lat"], np.nan).to_numpy(zero_copy_only=False)
+            lon = pc.fill_null(self.metadata["lon"], np.nan).to_numpy(zero_copy_only=False)
+            with np.errstate(invalid="ignore"):
+                allowed &= distance_km(lat, lon, near[0], near[1]) <= near[2]  # NaN (no position) is never near
+        if camera is not None:
+            found = pc.match_substring(self.metadata["camera"], camera, ignore_case=True)
+            allowed &= pc.fill_null(found, False).to_numpy(zero_copy_only=False)
 
         def keep(item_id: int) -> bool:
             position = self.position(item_id)
@@ -297,10 +400,14 @@ class SearchIndex:
         return scores[best], segment.ok_ids[rows[best]]
 
     def result(self, rank: int, item_id: int, score: float) -> SearchResult:
-        row = self.items.slice(self.position(item_id), 1).to_pylist()[0]
+        position = self.position(item_id)
+        row = self.items.slice(position, 1).to_pylist()[0]
+        meta = self.metadata.slice(position, 1).to_pylist()[0]
+        modified = dt.datetime.fromtimestamp(meta["mtime_ns"] / 1e9, dt.timezone.utc) if meta["mtime_ns"] else None
         return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
                             duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]), page=row["page"],
-                            start_s=row["start_s"], end_s=row["end_s"])
+                            start_s=row["start_s"], end_s=row["end_s"], taken_at=meta["taken_at"], lat=meta["lat"],
+                            lon=meta["lon"], camera=meta["camera"], modified_at=modified)
 
     def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
         """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""
@@ -309,6 +416,10 @@ class SearchIndex:
             self._loading.pop("reranker", None)
         scores = self.reranker.rerank(query, [document_item(r) for r in results], on_error="skip")
         return ranked_by_rerank(results, scores)
+
+
+def epoch_us(when: dt.datetime) -> int:
+    return int((when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) / dt.timedelta(microseconds=1))
 
 
 def document_item(result: SearchResult) -> dict[str, Any]:

@@ -271,6 +271,11 @@ class SearchRequest(BaseModel):
     rerank: bool = False
     rerank_top: int = Field(default=50, ge=1)
     instruction: str | None = None
+    after: str | None = None
+    before: str | None = None
+    near: str | None = None
+    camera: str | None = None
+    sort: str = "score"
 
 
 def named(requested: str | None, served: str, what: str) -> None:
@@ -419,7 +424,9 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                                "empty_index")
             results = index.search(query, request.k, kind=request.kind, under=request.under,
                                    min_score=request.min_score, rerank=request.rerank,
-                                   rerank_top=request.rerank_top, instruction=request.instruction)
+                                   rerank_top=request.rerank_top, instruction=request.instruction,
+                                   after=request.after, before=request.before, near=request.near,
+                                   camera=request.camera, sort=request.sort)
         return [r.to_json() for r in results]
 
     return app

@@ -15,7 +15,7 @@ def make_video(
     codec: str = "libx264",
 ) -> Path:
     """Write a clip of a white square sliding over a scrolling gradient, in yuv420p; `size` must be even."""
-    import av  # a dev-only dependency: imported here so that make_image works without it
+    import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,4 +102,60 @@ def make_color_video(path: str | PathLike[str], rgb: tuple[int, int, int], secon
         for _ in range(seconds * fps):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    return path
+
+
+def make_photo(
+    path: str | PathLike[str],
+    *,
+    taken: str | None = None,
+    offset: str | None = None,
+    gps: tuple[float, float] | None = None,
+    camera: tuple[str, str] | None = None,
+    source: str | PathLike[str] | None = None,
+    size: tuple[int, int] = (64, 48),
+    quality: int = 90,
+) -> Path:
+    """Write a JPEG with EXIF as a camera writes it: DateTimeOriginal ('2021:07:14 10:30:00') and its offset,
+    GPS as degrees/minutes/seconds with N/S and E/W, Make and Model. `source`: an image to copy (resized)."""
+    from PIL import ExifTags
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.open(source).convert("RGB").resize(size) if source else Image.new("RGB", size, (120, 60, 30))
+    exif = Image.Exif()
+    if camera:
+        exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = camera
+    if taken:
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = taken
+    if offset:
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.OffsetTimeOriginal] = offset
+    if gps:
+        info = exif.get_ifd(ExifTags.IFD.GPSInfo)
+        for value, ref_tag, tag, refs in ((gps[0], ExifTags.GPS.GPSLatitudeRef, ExifTags.GPS.GPSLatitude, "NS"),
+                                          (gps[1], ExifTags.GPS.GPSLongitudeRef, ExifTags.GPS.GPSLongitude, "EW")):
+            degrees = abs(value)
+            minutes = (degrees - int(degrees)) * 60
+            info[ref_tag] = refs[value < 0]
+            info[tag] = (float(int(degrees)), float(int(minutes)), round((minutes - int(minutes)) * 60, 4))
+    image.save(path, exif=exif, quality=quality)
+    return path
+
+
+def set_creation_time(source: str | PathLike[str], path: str | PathLike[str], when: str,
+                      location: str | None = None) -> Path:
+    """Copy a video's packets into `path` with the container tags a phone writes: creation_time
+    ('2022-03-04T05:06:07.000000Z') and an ISO 6709 location ('+48.8577+002.2950/')."""
+    import av
+
+    path = Path(path)
+    with av.open(str(source)) as src, av.open(str(path), "w") as dst:
+        dst.metadata["creation_time"] = when
+        if location:
+            dst.metadata["location"] = location
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
     return path

@@ -122,7 +122,8 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     array = json.loads(cli(*base, "--json").stdout)
     assert [r["rank"] for r in array] == [1, 2, 3, 4]
     for record in array:
-        assert [key for key in record if key != "duration_s"] == ["rank", "path", "kind", "score", "id"]
+        optional = ("duration_s", "taken_at", "lat", "lon", "camera")  # only when known
+        assert [key for key in record if key not in optional] == ["rank", "path", "kind", "score", "id"]
     lines = [json.loads(line) for line in cli(*base, "--jsonl").stdout.splitlines()]
     assert lines == array
     assert cli(*base, "--paths").stdout.splitlines() == [r["path"] for r in array]

@@ -46,6 +46,10 @@ ITEM_SCHEMA = pa.schema([
     ("page", pa.int32()),  # a PDF page's number (from 1); null for other rows
     ("start_s", pa.float64()),  # a video moment's window, in seconds; null for whole files
     ("end_s", pa.float64()),
+    ("taken_at", pa.timestamp("us", tz="UTC")),  # EXIF or container date taken; None when unknown
+    ("lat", pa.float64()),
+    ("lon", pa.float64()),
+    ("camera", pa.string()),
 ])
 DELETED_SCHEMA = pa.schema([("id", pa.int64())])
 SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",

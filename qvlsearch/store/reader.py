@@ -56,6 +56,7 @@ class Snapshot:
     def load(self, columns: list[str], with_index: bool) -> None:
         m = self.manifest
         wanted = list(dict.fromkeys(["id", "status", *columns]))
+        self.deleted = np.zeros(0, dtype=np.int64)
         if m["schema_version"] == 1:
             from .legacy import legacy_segment
 
@@ -66,23 +67,35 @@ class Snapshot:
             self.segments = [OpenSegment("legacy", ok_ids, vectors, index, np.zeros(0, dtype=np.int64))]
             self.items = table.select(columns)
             return
-        deleted = np.zeros(0, dtype=np.int64)
         for name in m["deletes"]:
-            deleted = np.union1d(deleted, read_deleted(self.path / SEGMENTS / name))
+            self.deleted = np.union1d(self.deleted, read_deleted(self.path / SEGMENTS / name))
         tables, self.segments = [], []
         for segment in m["segments"]:
             stem = self.path / SEGMENTS / segment["name"]
             table = read_items(stem.with_suffix(".parquet"), wanted)
             ok_ids = table["id"].to_numpy()[ok_positions(table)]
-            deleted_rows = np.flatnonzero(np.isin(ok_ids, deleted)) if segment["deleted"] else np.zeros(0, np.int64)
+            deleted_rows = (np.flatnonzero(np.isin(ok_ids, self.deleted)) if segment["deleted"]
+                            else np.zeros(0, np.int64))
             index = read_segment_index(stem.with_suffix(".faiss"), m["quantize"]) if with_index else None
             self.segments.append(OpenSegment(segment["name"], ok_ids, read_vectors(stem.with_suffix(".npy")), index,
                                              deleted_rows))
             tables.append(table)
-        items = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table().select(wanted)
-        if len(deleted):
-            items = items.filter(pc.invert(pc.is_in(items["id"], value_set=pa.array(deleted))))
-        self.items = items.sort_by("id").select(columns)
+        self.items = self.live(tables, wanted).select(columns)
+
+    def live(self, tables: list[pa.Table], columns: list[str]) -> pa.Table:
+        """The rows of `tables` (one per segment) that are not deleted, ascending id."""
+        items = pa.concat_tables(tables) if tables else ITEM_SCHEMA.empty_table().select(columns)
+        if len(self.deleted):
+            items = items.filter(pc.invert(pc.is_in(items["id"], value_set=pa.array(self.deleted))))
+        return items.sort_by("id")
+
+    def columns(self, names: list[str]) -> pa.Table:
+        """More columns of this generation's live rows, read now, in the order of `items`."""
+        wanted = list(dict.fromkeys(["id", *names]))
+        if self.manifest["schema_version"] == 1:
+            return read_items(self.path / self.manifest["files"]["items"], wanted).sort_by("id").select(names)
+        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", wanted) for s in self.manifest["segments"]]
+        return self.live(tables, wanted).select(names)
 
     def __len__(self) -> int:
         return sum(s.live for s in self.segments)

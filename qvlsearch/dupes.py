@@ -1,0 +1,191 @@
+"""Duplicate files in an index, from the stored vectors: no model runs, nothing is deleted.
+
+Exact duplicates share a content hash; near duplicates (a re-encoded, resized or lightly
+edited copy) have cosine similarity >= a threshold. Candidates are each vector's nearest
+neighbours (at most 63) in a FAISS search over a Matryoshka prefix of the vectors (the first
+256 values, renormalized) down to a margin below the threshold, in an inverted-file index when
+there are many vectors; each candidate pair is then confirmed at full width. A file with more
+than 63 near duplicates still joins their group through them. Only files of the same kind pair up, and two
+videos whose lengths differ are never duplicates. In each group the suggested keeper is the
+largest file (pixels, then bytes), then the oldest (date taken, else mtime).
+
+    groups = find_duplicates(open_index("~/.local/share/qvlsearch/index"), threshold=0.95)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+DEFAULT_THRESHOLD = 0.95
+PREFIX_DIM = 256  # candidates are searched on this many leading values of each vector
+PREFIX_MARGIN = 0.05  # ... down to this much below the threshold
+FLAT_BELOW = 20_000  # fewer vectors: the candidate search is exhaustive; more: an IVF index
+IVF_NPROBE = 4  # inverted lists (4·sqrt(n) of them) visited per vector
+IVF_TRAINING_PER_LIST = 32  # k-means trains on this many vectors per list (at most)
+NEIGHBOURS = 64  # candidates per vector, itself included: memory stays n × 64 at any threshold
+DURATION_TOLERANCE_S, DURATION_TOLERANCE = 0.5, 0.02  # videos: lengths within the larger of these
+COLUMNS = ["id", "path", "path_bytes", "kind", "status", "size", "width", "height", "duration_s", "content_hash",
+           "taken_at", "mtime_ns"]
+
+
+@dataclass
+class Member:
+    """One file of a duplicate group; `similarity` is its cosine with the group's keeper."""
+
+    id: int
+    path: str
+    kind: str
+    size: int | None
+    width: int | None
+    height: int | None
+    duration_s: float | None
+    taken_at: dt.datetime | None
+    modified_at: dt.datetime | None
+    content_hash: str | None
+    similarity: float = 1.0
+    keep: bool = False
+    fs_path: str = ""  # the path as the OS needs it; not in JSON
+
+    def keeper_order(self) -> tuple:
+        """Sort key: the largest first (pixels, then bytes), then the oldest, then by path."""
+        when = self.taken_at or self.modified_at
+        return (-(self.width or 0) * (self.height or 0), -(self.size or 0),
+                when.timestamp() if when else float("inf"), self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "id": self.id, "keep": self.keep, "similarity": round(self.similarity, 6),
+                "size": self.size, "width": self.width, "height": self.height,
+                "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
+                "taken_at": self.taken_at.isoformat() if self.taken_at else None,
+                "modified_at": self.modified_at.isoformat() if self.modified_at else None}
+
+
+@dataclass
+class Group:
+    """Files with the same content ("exact") or nearly the same ("near"); the keeper first."""
+
+    type: str
+    kind: str
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+    def to_json(self, number: int) -> dict[str, Any]:
+        return {"group": number, "type": self.type, "kind": self.kind, "keep": self.keeper.path,
+                "members": [m.to_json() for m in self.members]}
+
+
+def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, *, kind: str | Iterable[str] | None = None,
+                    under: str | os.PathLike | None = None) -> list[Group]:
+    """Groups of duplicates among an index's ok files (optionally of some kinds, under a folder):
+    exact groups first, then near ones, each ordered by its keeper's path."""
+    if not -1.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be a cosine similarity between -1 and 1, got {threshold}")
+    keep = index.filter(kind, under)
+    table = index.item_columns(COLUMNS)
+    ok = np.array([s == "ok" for s in table["status"].to_pylist()], dtype=bool)
+    ok &= np.fromiter((keep(int(i)) for i in table["id"].to_numpy()), dtype=bool, count=len(table))
+    rows = table.filter(ok).to_pylist()
+    if len(rows) < 2:
+        return []
+    vectors = index.stored_vectors.get(np.array([r["id"] for r in rows], dtype=np.int64))
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    first, second, _ = near_pairs(vectors, threshold)
+    by_hash: dict[str, int] = {}
+    links = [(by_hash.setdefault(r["content_hash"], i), i) for i, r in enumerate(rows) if r["content_hash"]]
+    links += [(int(a), int(b)) for a, b in zip(first, second, strict=True) if comparable(rows[a], rows[b])]
+    groups = []
+    for positions in components(links):
+        ordered = sorted(((p, member(rows[p])) for p in positions), key=lambda pm: pm[1].keeper_order())
+        for p, m in ordered:
+            m.similarity = float(vectors[p] @ vectors[ordered[0][0]])
+        members = [m for _, m in ordered]
+        members[0].keep = True
+        same = len({m.content_hash for m in members}) == 1 and members[0].content_hash is not None
+        groups.append(Group("exact" if same else "near", members[0].kind, members))
+    return sorted(groups, key=lambda g: (g.type != "exact", g.keeper.path))
+
+
+def near_pairs(vectors: np.ndarray, threshold: float, prefix_dim: int = PREFIX_DIM, margin: float = PREFIX_MARGIN,
+               nprobe: int = IVF_NPROBE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row pairs (i < j) of unit `vectors` whose cosine is >= `threshold`, and that cosine.
+
+    The NEIGHBOURS nearest of each vector by the renormalized first `prefix_dim` values, kept down to
+    `threshold - margin` (exhaustive below FLAT_BELOW rows, else IVF with 4·sqrt(n) lists and `nprobe`
+    probes), are the candidates, found in both directions; each pair is confirmed with the full vectors.
+    """
+    import faiss
+
+    n = len(vectors)
+    prefix = np.ascontiguousarray(vectors[:, :prefix_dim], dtype=np.float32)
+    prefix /= np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), 1e-12)
+    if n < FLAT_BELOW:
+        candidates = faiss.IndexFlatIP(prefix.shape[1])
+    else:
+        lists = int(4 * n ** 0.5)
+        candidates = faiss.index_factory(prefix.shape[1], f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        candidates.cp.max_points_per_centroid = IVF_TRAINING_PER_LIST
+        candidates.train(prefix)
+        candidates.nprobe = nprobe
+    candidates.add(prefix)
+    scores, found = candidates.search(prefix, min(n, NEIGHBOURS))
+    query = np.repeat(np.arange(n, dtype=np.int64), found.shape[1]).reshape(found.shape)
+    close = (scores >= threshold - margin) & (found >= 0)
+    query, found = query[close], found[close]
+    pairs = np.unique(np.minimum(query, found) * n + np.maximum(query, found))  # each pair once, either way found
+    first, second = pairs // n, pairs % n
+    other = first != second
+    first, second = first[other], second[other]
+    similarity = np.empty(len(first), dtype=np.float32)
+    for start in range(0, len(first), 65536):
+        a, b = first[start:start + 65536], second[start:start + 65536]
+        similarity[start:start + 65536] = np.einsum("ij,ij->i", vectors[a], vectors[b])
+    confirmed = similarity >= threshold
+    return first[confirmed], second[confirmed], similarity[confirmed]
+
+
+def comparable(a: dict, b: dict) -> bool:
+    """Files of one kind; for videos, also of the same length (within the tolerance)."""
+    if a["kind"] != b["kind"]:
+        return False
+    if a["kind"] != "video":
+        return True
+    da, db = a["duration_s"], b["duration_s"]
+    if da is None or db is None:
+        return da is db
+    return abs(da - db) <= max(DURATION_TOLERANCE_S, DURATION_TOLERANCE * max(da, db))
+
+
+def components(links: list[tuple[int, int]]) -> list[list[int]]:
+    """The connected groups (two or more nodes) of an undirected graph given by its edges (union-find)."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    groups: dict[int, list[int]] = {}
+    for x in parent:
+        groups.setdefault(root(x), []).append(x)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def member(row: dict) -> Member:
+    modified = dt.datetime.fromtimestamp(row["mtime_ns"] / 1e9, dt.timezone.utc) if row["mtime_ns"] else None
+    return Member(id=row["id"], path=row["path"], kind=row["kind"], size=row["size"], width=row["width"],
+                  height=row["height"], duration_s=row["duration_s"], taken_at=row["taken_at"],
+                  modified_at=modified, content_hash=row["content_hash"], fs_path=os.fsdecode(row["path_bytes"]))

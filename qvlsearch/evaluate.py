@@ -1,0 +1,262 @@
+"""Search quality on a user's own labelled queries, for choosing `--dim`, `--quantize` and `--rerank-top`.
+
+For each (dim, quantize) setting, an in-memory flat FAISS index is built from the index's stored
+float16 vectors (documents are not embedded again) and every query, embedded once at full width
+and cut, is searched as `qvlsearch search` searches; reported: recall@1/5/10, nDCG@10, MRR@10 and
+the mean search time per query, and with reranking the same after the reranker re-orders the
+best max(k, rerank_top) candidates (as `qvlsearch search --rerank` does).
+
+Queries are JSON lines: {"id": "q1", "text": "a cat on a sofa"} (also "image", "video",
+"instruction"). Qrels are BEIR-style TSV: query-id, corpus-id, score, one judgement a line (a
+header line is allowed); corpus-id is a file path, absolute or relative to the qrels file's
+folder; score > 0 is relevant, and its value is the gain in nDCG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QvlsearchError
+from .fs import display_path
+from .quantize import binary_encode
+from .search import QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
+from .store import QUANTIZATIONS, build_faiss
+
+QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
+QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
+
+
+class EvalInputError(QvlsearchError):
+    """A queries or qrels file, or a setting, that eval cannot use."""
+
+
+@dataclass
+class Query:
+    id: str
+    item: dict[str, Any]  # Embedder/Reranker input, with its instruction
+
+
+@dataclass
+class Setting:
+    """The figures of one (dim, quantize) setting, without or with reranking."""
+
+    dim: int
+    quantize: str
+    rerank_top: int | None
+    metrics: dict[str, float]
+    latency_ms: float  # mean vector search time per query (no query embedding, no reranking)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dim": self.dim, "quantize": self.quantize, "rerank_top": self.rerank_top,
+                **{k: round(v, 4) for k, v in self.metrics.items()}, "latency_ms": round(self.latency_ms, 3)}
+
+
+@dataclass
+class Report:
+    settings: list[Setting]
+    queries: int  # in the queries file
+    evaluated: int  # with at least one relevant file in the index
+    judgements: int  # qrels lines
+    missing_files: list[str]  # qrels paths not among the index's ok files
+    unknown_queries: list[str]  # qrels query ids not in the queries file
+    failed_queries: list[tuple[str, str]] = field(default_factory=list)  # (id, error)
+    embed_ms: float = 0.0  # mean query embedding time
+    rerank_ms: float | None = None  # mean reranker time for one query's max(k, rerank_top) candidates
+
+    def to_json(self) -> dict[str, Any]:
+        return {"queries": self.queries, "evaluated": self.evaluated, "judgements": self.judgements,
+                "missing_files": self.missing_files, "unknown_queries": self.unknown_queries,
+                "failed_queries": [{"id": i, "error": e} for i, e in self.failed_queries],
+                "query_embedding_ms": round(self.embed_ms, 3),
+                "rerank_ms": None if self.rerank_ms is None else round(self.rerank_ms, 3),
+                "settings": [s.to_json() for s in self.settings]}
+
+
+def read_queries(path: Path) -> list[Query]:
+    """The queries file; raises EvalInputError naming the line and showing the right form."""
+    queries: dict[str, Query] = {}
+    for number, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalInputError(f"{path}:{number}: not JSON ({exc.msg}); each line is a query such as "
+                                 f"{QUERY_EXAMPLE}") from None
+        if not (isinstance(record, dict) and isinstance(record.get("id"), (str, int))
+                and any(record.get(key) for key in ("text", "image", "video"))):
+            raise EvalInputError(f"{path}:{number}: a query needs an \"id\" and a \"text\", \"image\" or \"video\", "
+                                 f"such as {QUERY_EXAMPLE}")
+        query_id = str(record["id"])
+        if query_id in queries:
+            raise EvalInputError(f"{path}:{number}: query id {query_id!r} is used twice")
+        item = {k: record[k] for k in ("text", "image", "video") if record.get(k)}
+        queries[query_id] = Query(query_id, {**item, "instruction": record.get("instruction") or QUERY_INSTRUCTION})
+    return list(queries.values())
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """query id -> {absolute display path: relevance}; raises EvalInputError naming a malformed line."""
+    qrels: dict[str, dict[str, int]] = {}
+    base = os.path.dirname(os.path.abspath(path))
+    for number, line in enumerate(read_lines(path), 1):
+        if not line.strip() or (number == 1 and line.lower().startswith("query-id")):
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        try:
+            query_id, corpus_id, score = fields
+            relevance = int(score)
+        except ValueError:
+            raise EvalInputError(f"{path}:{number}: expected query-id, corpus-id and an integer score separated "
+                                 f"by tabs, such as {QRELS_EXAMPLE}") from None
+        if not (query_id and corpus_id):
+            raise EvalInputError(f"{path}:{number}: empty query-id or corpus-id; expected e.g. {QRELS_EXAMPLE}")
+        file = display_path(os.path.normpath(os.path.join(base, os.path.expanduser(corpus_id))))
+        qrels.setdefault(query_id, {})[file] = relevance
+    return qrels
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalInputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def parse_settings(dims: str | Sequence[int | str] | None, quantize: str | Sequence[str] | None,
+                   manifest: dict[str, Any]) -> list[tuple[int, str]]:
+    """(dim, quantize) pairs from '128,256,full' and 'none,int8,binary' (default: the index's own)."""
+    def items(value: Any) -> list[str]:
+        return [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+
+    full = manifest["full_dim"]
+    dim_list = []
+    for value in items(dims) if dims is not None else [str(manifest["dim"])]:
+        dim = full if value == "full" else int(value) if value.isdigit() else 0
+        if not 1 <= dim <= full:
+            raise EvalInputError(f"--dims: {value!r} is not a dimension; give numbers up to {full} or 'full', "
+                                 "such as 128,256,full")
+        dim_list.append(dim)
+    quantizations = items(quantize) if quantize is not None else [manifest["quantize"]]
+    for value in quantizations:
+        if value not in QUANTIZATIONS:
+            raise EvalInputError(f"--quantize: {value!r} is not one of {', '.join(QUANTIZATIONS)}; "
+                                 "such as none,int8,binary")
+    for dim in dim_list:
+        if "binary" in quantizations and dim % 8:
+            raise EvalInputError(f"--dims: binary vectors need a dimension that is a multiple of 8, got {dim}")
+    return [(d, q) for d in dict.fromkeys(dim_list) for q in dict.fromkeys(quantizations)]
+
+
+def metrics(ranked: Sequence[int], relevant: dict[int, int], k: int) -> dict[str, float]:
+    """recall@1, @5, @10 (and @k), nDCG@k (linear gains) and MRR@k of one ranked list of item ids."""
+    hits = [relevant.get(item_id, 0) for item_id in ranked[:k]]
+    total = sum(1 for grade in relevant.values() if grade > 0)
+    cuts = sorted({c for c in (1, 5, 10, k) if c <= k})
+    figures = {f"recall@{c}": sum(1 for grade in hits[:c] if grade > 0) / total for c in cuts}
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    dcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(hits))
+    figures[f"ndcg@{k}"] = dcg / sum(grade / math.log2(rank + 2) for rank, grade in enumerate(ideal))
+    figures[f"mrr@{k}"] = next((1 / (rank + 1) for rank, grade in enumerate(hits) if grade > 0), 0.0)
+    return figures
+
+
+def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str, int]], *, k: int = 10,
+             settings: Iterable[tuple[int, str]] = (), rerank: bool = False, rerank_top: int = 50) -> Report:
+    """Figures for each (dim, quantize) setting over the queries that have a relevant file in the index."""
+    if k < 1 or rerank_top < 1:
+        raise EvalInputError(f"-k and --rerank-top must be at least 1, got {k} and {rerank_top}")
+    ok = index.items["status"].to_numpy(zero_copy_only=False) == "ok"
+    ids = index.ids[ok]
+    id_of = dict(zip(index.items["path"].to_pylist(), index.ids.tolist(), strict=True))
+    ok_ids = set(ids.tolist())
+    known = {q.id for q in queries}
+    missing = sorted({path for judged in qrels.values() for path in judged if id_of.get(path) not in ok_ids})
+    relevant = {q.id: {id_of[p]: g for p, g in qrels.get(q.id, {}).items() if id_of.get(p) in ok_ids}
+                for q in queries}
+    scored = [q for q in queries if any(g > 0 for g in relevant[q.id].values())]
+    report = Report([], len(queries), 0, sum(len(j) for j in qrels.values()), missing,
+                    sorted(set(qrels) - known))
+    started = time.perf_counter()
+    vectors_of: dict[str, np.ndarray] = {}
+    for result in index.embedder.embed_iter([q.item for q in scored]):
+        if result.error is None:
+            vectors_of[scored[result.index].id] = result.vector
+        else:
+            report.failed_queries.append((scored[result.index].id, str(result.error)))
+    report.embed_ms = 1000 * (time.perf_counter() - started) / max(len(scored), 1)
+    scored = [q for q in scored if q.id in vectors_of]
+    report.evaluated = len(scored)
+    if not scored or not len(ids):
+        return report
+    documents = index.stored_vectors.get(ids)
+    depth = max(k, 10, rerank_top if rerank else 0)
+    rerank_cache: dict[tuple[str, int], float | None] = {}
+    rerank_seconds, reranked_docs = 0.0, 0
+    for dim, quantize in settings:
+        searcher = Searcher(documents, ids, dim, quantize)
+        searcher.search(vectors_of[scored[0].id], depth)  # untimed: FAISS's first call sets up threads
+        ranked, seconds = {}, 0.0
+        for q in scored:
+            started = time.perf_counter()
+            ranked[q.id] = searcher.search(vectors_of[q.id], depth)
+            seconds += time.perf_counter() - started
+        latency = 1000 * seconds / len(scored)
+        report.settings.append(Setting(dim, quantize, None, mean_metrics(ranked, relevant, k), latency))
+        if rerank:
+            for q in scored:
+                candidates = ranked[q.id][:max(k, rerank_top)]  # what `search -k K --rerank-top R` reranks
+                fresh = [i for i in candidates if (q.id, i) not in rerank_cache]
+                if fresh:
+                    started = time.perf_counter()
+                    scores = index.reranker.rerank(q.item, [document_item(index.result(0, i, 0.0)) for i in fresh],
+                                                   on_error="skip")
+                    rerank_seconds += time.perf_counter() - started
+                    reranked_docs += len(fresh)
+                    rerank_cache.update({(q.id, i): s for i, s in zip(fresh, scores, strict=True)})
+                ranked[q.id] = sorted(candidates, key=lambda i, q=q: (rerank_cache[(q.id, i)] is None,
+                                                                      -(rerank_cache[(q.id, i)] or 0.0)))
+            report.settings.append(Setting(dim, quantize, rerank_top, mean_metrics(ranked, relevant, k), latency))
+    if reranked_docs:
+        report.rerank_ms = 1000 * rerank_seconds / reranked_docs * max(k, rerank_top)
+    return report
+
+
+def mean_metrics(ranked: dict[str, list[int]], relevant: dict[str, dict[int, int]], k: int) -> dict[str, float]:
+    per_query = [metrics(ranking, relevant[query_id], k) for query_id, ranking in ranked.items()]
+    return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]}
+
+
+class Searcher:
+    """An in-memory flat index of the documents at one (dim, quantize) setting, searched as `search` does:
+    binary codes by Hamming distance, their best candidates re-scored by cosine."""
+
+    def __init__(self, documents: np.ndarray, ids: np.ndarray, dim: int, quantize: str):
+        self.ids, self.dim, self.quantize = ids, dim, quantize
+        self.index = build_faiss(documents, dim, quantize, "flat")
+        if quantize == "binary":
+            self.rescore = documents[:, :dim] / np.maximum(np.linalg.norm(documents[:, :dim], axis=1,
+                                                                          keepdims=True), 1e-12)
+
+    def search(self, vector: np.ndarray, depth: int) -> list[int]:
+        query = np.array(vector[: self.dim], dtype=np.float32)[None]  # a copy: the caller's vector stays
+        query /= max(float(np.linalg.norm(query)), 1e-12)
+        depth = min(depth, len(self.ids))
+        if self.quantize == "binary":
+            _, rows = self.index.search(binary_encode(query), min(len(self.ids), binary_candidates(depth)))
+            rows = rows[0][rows[0] >= 0]
+            scores = self.rescore[rows] @ query[0]
+            rows = rows[np.argsort(-scores, kind="stable")[:depth]]
+        else:
+            _, rows = self.index.search(query, depth)
+            rows = rows[0][rows[0] >= 0]
+        return self.ids[rows].tolist()

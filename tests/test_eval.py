@@ -1,0 +1,149 @@
+"""`qvlsearch eval`: a labelled query set whose answers are known (queries that are indexed files), the
+stored vectors of a real index, the tiny embedder and reranker."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHOTOS, SAMPLE_DATA
+
+from qvlsearch.evaluate import EvalInputError, evaluate, metrics, parse_settings, read_qrels, read_queries
+from qvlsearch.indexer import Indexer, IndexOptions
+from qvlsearch.search import SearchIndex
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+INDEX_INSTRUCTION = "Represent the user's input."
+IMAGES = ["cat.jpg", "cake.jpg", "bee.jpg", "books.jpg", "tree.webp", "camera.jpg"]
+NOTES = ["cats.txt", "chess.txt", "bees and flowers.txt"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A folder of files, and queries.jsonl + qrels.tsv beside it: each query is one of the files (embedded
+    with the index's instruction, so that the file itself is its one right answer at full width)."""
+    root = tmp_path_factory.mktemp("labelled")
+    shutil.copytree(PHOTOS, root / "photos")
+    shutil.copytree(SAMPLE_DATA / "notes", root / "notes")
+    queries = [{"id": f"img-{name}", "image": str(root / "photos" / name), "instruction": INDEX_INSTRUCTION}
+               for name in IMAGES]
+    queries += [{"id": f"note-{name}", "text": (root / "notes" / name).read_text(), "instruction": INDEX_INSTRUCTION}
+                for name in NOTES]
+    queries.append({"id": "lost", "text": "a photo that was deleted"})
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    qrels = ["query-id\tcorpus-id\tscore"] + [f"img-{name}\tphotos/{name}\t1" for name in IMAGES]
+    qrels += [f"note-{name}\tnotes/{name}\t1" for name in NOTES]
+    qrels += ["img-cat.jpg\tphotos/gone.jpg\t1",  # a file not in the index: counted, reported
+              "lost\tphotos/deleted.jpg\t1",  # the only answer of "lost" is not in the index: not evaluated
+              "nobody\tphotos/cat.jpg\t1"]  # a query id not in the queries file
+    (root / "qrels.tsv").write_text("\n".join(qrels) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, labelled, checkpoints, embedder, reranker) -> SearchIndex:
+    path = tmp_path_factory.mktemp("eval") / "index"
+    Indexer(path, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run(
+        [labelled / "photos", labelled / "notes"])
+    return SearchIndex(path, embedder=embedder, reranker=reranker)
+
+
+def test_metrics_of_one_ranking_by_hand():
+    figures = metrics([5, 3, 9, 4], {3: 2, 9: 1, 7: 1}, k=10)
+    assert figures["recall@1"] == 0 and figures["recall@5"] == pytest.approx(2 / 3)
+    dcg = 2 / math.log2(3) + 1 / math.log2(4)
+    ideal = 2 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert figures["ndcg@10"] == pytest.approx(dcg / ideal) and figures["mrr@10"] == 0.5
+    assert set(metrics([1], {1: 1}, k=3)) == {"recall@1", "recall@3", "ndcg@3", "mrr@3"}
+
+
+def test_known_answers_score_one_at_full_width_and_missing_files_are_reported(index, labelled):
+    queries, qrels = read_queries(labelled / "queries.jsonl"), read_qrels(labelled / "qrels.tsv")
+    full = index.manifest["full_dim"]
+    report = evaluate(index, queries, qrels, settings=parse_settings("32,full", "none,int8,binary", index.manifest))
+    assert report.queries == 10 and report.evaluated == 9 and report.judgements == 12
+    assert report.missing_files == [str(labelled / "photos" / "deleted.jpg"), str(labelled / "photos" / "gone.jpg")]
+    assert report.unknown_queries == ["nobody"]
+    rows = {(s.dim, s.quantize): s for s in report.settings}
+    assert list(rows) == [(32, "none"), (32, "int8"), (32, "binary"), (full, "none"), (full, "int8"),
+                          (full, "binary")]
+    for quantize in ("none", "int8", "binary"):  # each query's own file first, at full width
+        assert rows[(full, quantize)].metrics == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0,
+                                                  "ndcg@10": 1.0, "mrr@10": 1.0}
+    for setting in report.settings:
+        assert all(0 <= v <= 1 for v in setting.metrics.values()) and setting.latency_ms > 0
+    # a setting's figures do not depend on the settings before it (answers ranked below the top matter here)
+    cats = {q.id: {str(labelled / "photos" / "black kitty.jpeg"): 1, str(labelled / "notes" / "cats.txt"): 1}
+            for q in queries}
+    after_32 = evaluate(index, queries, cats, settings=[(32, "none"), (full, "none")]).settings[1]
+    assert after_32.metrics == evaluate(index, queries, cats, settings=[(full, "none")]).settings[0].metrics
+
+
+def figures_from_search(index, queries, qrels, **options) -> dict[str, float]:
+    """The same figures computed from `SearchIndex.search`, the way a user's searches rank."""
+    id_of = dict(zip(index.items["path"].to_pylist(), index.ids.tolist(), strict=True))
+    per_query = []
+    for q in queries:
+        relevant = {id_of[p]: g for p, g in qrels.get(q.id, {}).items() if p in id_of}
+        if relevant:
+            hits = index.search(q.item, k=10, instruction=q.item["instruction"], **options)
+            per_query.append(metrics([h.id for h in hits], relevant, 10))
+    return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]}
+
+
+def test_figures_match_what_search_finds_with_and_without_reranking(index, labelled):
+    queries = [q for q in read_queries(labelled / "queries.jsonl") if q.id != "lost"]
+    # other answers than the query's own file, so that the ranking below the top matters
+    qrels = {q.id: {str(labelled / "photos" / "cat.jpg"): 1, str(labelled / "photos" / "black kitty.jpeg"): 2,
+                    str(labelled / "notes" / "cats.txt"): 1} for q in queries}
+    report = evaluate(index, queries, qrels, settings=[(index.manifest["dim"], "none")], rerank=True, rerank_top=6)
+    plain, reranked = report.settings
+    assert plain.rerank_top is None and reranked.rerank_top == 6
+    assert plain.metrics == pytest.approx(figures_from_search(index, queries, qrels))
+    assert reranked.metrics == pytest.approx(figures_from_search(index, queries, qrels, rerank=True, rerank_top=6))
+    assert report.rerank_ms > 0
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvlsearch", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+def test_cli_table_json_and_malformed_input(index, labelled, tmp_path):
+    base = ["eval", str(labelled / "queries.jsonl"), "--qrels", str(labelled / "qrels.tsv"), "--index",
+            str(index.path), "--dims", "64,32", "--quantize", "none,binary"]
+    tsv = cli(*base)
+    assert tsv.returncode == 0, tsv.stderr
+    lines = [line.split("\t") for line in tsv.stdout.splitlines()]
+    assert lines[0] == ["dim", "quantize", "rerank_top", "recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10",
+                        "latency_ms"]
+    assert [row[:3] for row in lines[1:]] == [["64", "none", "-"], ["64", "binary", "-"], ["32", "none", "-"],
+                                              ["32", "binary", "-"]]
+    assert "2 files named in" in tsv.stderr and "9 of 10 queries evaluated" in tsv.stderr
+    report = json.loads(cli(*base, "--json").stdout)
+    assert report["evaluated"] == 9 and len(report["missing_files"]) == 2 and len(report["settings"]) == 4
+
+    bad_queries = tmp_path / "queries.jsonl"
+    bad_queries.write_text('{"id": "q1", "text": "cat"}\n{"text": "no id"}\n')
+    bad_qrels = tmp_path / "qrels.tsv"
+    bad_qrels.write_text("q1\tphotos/cat.jpg\t1\nq1 photos/cake.jpg 1\n")
+    for args, expected in (
+            (["eval", str(bad_queries), "--qrels", str(labelled / "qrels.tsv")], f"{bad_queries}:2:"),
+            (["eval", str(labelled / "queries.jsonl"), "--qrels", str(bad_qrels)], f"{bad_qrels}:2:"),
+            (base[:-4] + ["--dims", "64,huge"], "--dims: 'huge'"),
+            (base[:-4] + ["--quantize", "pq"], "--quantize: 'pq'")):
+        result = cli(*args, "--index", str(index.path))
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert '{"id": "q1", "text":' in cli("eval", str(bad_queries), "--qrels", str(labelled / "qrels.tsv"),
+                                         "--index", str(index.path)).stderr
+    assert "q1<TAB>photos/cat.jpg<TAB>1" in cli("eval", str(labelled / "queries.jsonl"), "--qrels", str(bad_qrels),
+                                                "--index", str(index.path)).stderr
+    with pytest.raises(EvalInputError, match="multiple of 8"):
+        parse_settings("36", "binary", index.manifest)
