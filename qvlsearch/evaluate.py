@@ -29,7 +29,7 @@ from .errors import QvlsearchError
 from .fs import display_path
 from .quantize import binary_encode
 from .search import QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
-from .store import QUANTIZATIONS, build_faiss
+from .store import QUANTIZATIONS, build_faiss, faiss_factory
 
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
 QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
@@ -242,7 +242,7 @@ class Searcher:
 
     def __init__(self, documents: np.ndarray, ids: np.ndarray, dim: int, quantize: str):
         self.ids, self.dim, self.quantize = ids, dim, quantize
-        self.index = build_faiss(documents, dim, quantize, "flat")
+        self.index = build_faiss(documents, dim, quantize, faiss_factory("flat", quantize, len(documents)))
         if quantize == "binary":
             self.rescore = documents[:, :dim] / np.maximum(np.linalg.norm(documents[:, :dim], axis=1,
                                                                           keepdims=True), 1e-12)

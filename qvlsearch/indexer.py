@@ -389,12 +389,12 @@ class Indexer:
                 job, unit = jobs.pop(result.index)
                 if result.error is not None:
                     reason = getattr(result.error, "reason", str(result.error))
-                    row = self.row(job.sniffed.found, **unit.fields, status="error", error=reason,
-                                   content_hash=job.sniffed.content_hash)
+                    row = self.row(job.sniffed.found, **job.sniffed.metadata, **unit.fields, status="error",
+                                   error=reason, content_hash=job.sniffed.content_hash)
                     job.rows.append((row, None))
                 else:
-                    row = self.row(job.sniffed.found, **{**result.facts, **unit.fields}, status="ok",
-                                   content_hash=job.sniffed.content_hash)
+                    row = self.row(job.sniffed.found, **{**job.sniffed.metadata, **result.facts, **unit.fields},
+                                   status="ok", content_hash=job.sniffed.content_hash)
                     job.rows.append((row, result.vector))
                 job.left -= 1
                 if job.left == 0:

@@ -17,10 +17,12 @@ import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from make_media import make_photo, set_creation_time
 from PIL import ExifTags, Image
+from test_index import vectors_by_path
 
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.metadata import read_metadata
-from qvlsearch.store import ITEM_SCHEMA, Store, read_item_table
+from qvlsearch.store import ITEM_SCHEMA, Store
+from qvlsearch.store.segments import read_items
 
 UTC = dt.timezone.utc
 NOTHING = {"taken_at": None, "lat": None, "lon": None, "camera": None}
@@ -87,7 +89,7 @@ def rows_by_name(store: Store) -> dict[str, dict]:
 def test_index_stores_metadata_and_odd_exif_fails_nothing(tmp_path, album, checkpoints, embedder):
     summary = Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([album])
     assert summary.failed == 0 and summary.added == 7
-    rows = rows_by_name(Store.open(tmp_path / "i", with_vectors=False))
+    rows = rows_by_name(Store.open(tmp_path / "i"))
     assert rows["sydney.jpg"]["taken_at"] == dt.datetime(2021, 7, 14, 0, 30, tzinfo=UTC)
     assert (rows["paris.jpg"]["lat"], rows["paris.jpg"]["camera"]) == (pytest.approx(48.8584, abs=1e-6), "NIKON Z 6")
     assert rows["clip.mp4"]["taken_at"] == dt.datetime(2022, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -99,12 +101,12 @@ def test_an_older_index_gains_the_columns_on_its_next_run_without_the_model(tmp_
     options = IndexOptions(model=str(checkpoints["embedder"]))
     Indexer(tmp_path / "i", options, embedder=embedder).run([album])
     store = Store.open(tmp_path / "i")
-    vectors = dict(store.vectors)
+    vectors = vectors_by_path(tmp_path / "i")
     for row in list(store.rows.values()):  # what an index written before the columns existed holds
-        store.put({**row, **NOTHING})
+        store.put({**row, **NOTHING}, store.vector(row["id"]))
     store.manifest.pop("metadata_version")
     store.commit()
-    assert all(r["taken_at"] is None for r in Store.open(tmp_path / "i", with_vectors=False).rows.values())
+    assert all(r["taken_at"] is None for r in Store.open(tmp_path / "i").rows.values())
 
     again = Indexer(tmp_path / "i", options)  # no embedder: it would load the model if it needed one
     summary = again.run([album / "sydney.jpg"])  # one root of several: the other files are read too
@@ -113,13 +115,13 @@ def test_an_older_index_gains_the_columns_on_its_next_run_without_the_model(tmp_
     rows = rows_by_name(store)
     assert rows["sydney.jpg"]["camera"] == "Canon EOS R5" and rows["paris.jpg"]["camera"] == "NIKON Z 6"
     assert rows["clip.mp4"]["lat"] == 48.8577
-    assert store.vectors.keys() == vectors.keys()
-    for item_id, vector in vectors.items():
-        np.testing.assert_array_equal(store.vectors[item_id], vector)
+    assert vectors_by_path(tmp_path / "i").keys() == vectors.keys()
+    for path, vector in vectors_by_path(tmp_path / "i").items():
+        np.testing.assert_array_equal(vector, vectors[path])
     assert store.manifest["metadata_version"] == 1
     generation = store.manifest["generation"]
     Indexer(tmp_path / "i", options).run([album])  # marked: not read again
-    assert Store.open(tmp_path / "i", with_vectors=False).manifest["generation"] == generation
+    assert Store.open(tmp_path / "i").manifest["generation"] == generation
 
 
 def test_an_item_table_without_the_new_columns_reads_them_as_nulls(tmp_path):
@@ -127,10 +129,10 @@ def test_an_item_table_without_the_new_columns_reads_them_as_nulls(tmp_path):
     row = {"id": 1, "path": "/a.jpg", "path_bytes": b"/a.jpg", "root": "/", "kind": "image", "size": 1,
            "mtime_ns": 1, "status": "ok"}
     pq.write_table(pa.Table.from_pylist([row], schema=old_schema), tmp_path / "old.parquet")
-    table = read_item_table(tmp_path / "old.parquet")
+    table = read_items(tmp_path / "old.parquet")
     assert table.schema == ITEM_SCHEMA
     assert {k: table.to_pylist()[0][k] for k in NOTHING} == NOTHING
-    assert read_item_table(tmp_path / "old.parquet", ["id", "camera"]).to_pylist() == [{"id": 1, "camera": None}]
+    assert read_items(tmp_path / "old.parquet", ["id", "camera"]).to_pylist() == [{"id": 1, "camera": None}]
 
 
 @pytest.fixture(scope="module")
