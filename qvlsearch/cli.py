@@ -27,11 +27,16 @@ class OutputClosed(Exception):
     """The reader of stdout went away early (`| head -1`): the run ends quietly, with exit 0."""
 
 
-def write_stdout(text: str) -> None:
-    """Write results to stdout now, so that a closed pipe shows here and not at exit."""
+def write_stdout(text: str | bytes) -> None:
+    """Write results (text, or bytes such as file names) to stdout now, so that a closed pipe shows here."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if isinstance(text, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text)
+            sys.stdout.buffer.flush()
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
     except BrokenPipeError:
         raise OutputClosed from None
 
@@ -85,6 +90,7 @@ def embed(
     """
     from .embedder import Embedder
 
+    check_device(device)
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
     else:
@@ -130,7 +136,8 @@ IndexOption = Annotated[
 
 @app.command()
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="Folders or files to index.", readable=False)],  # an unreadable one is reported by the run
     index_dir: IndexOption = None,
     model: ModelOption = "Qwen/Qwen3-VL-Embedding-2B",
     dim: Annotated[int | None, typer.Option(
@@ -255,9 +262,10 @@ def reindex(
 ) -> None:
     """Rebuild the search structure from the stored full vectors, without the model."""
     from .indexer import lock_index
-    from .store import QUANTIZATIONS, Store, StoreError
+    from .store import QUANTIZATIONS, Store, StoreError, check_index_type, read_manifest
 
     target = index_dir or default_index_dir()
+    read_manifest(target)  # no index there: say so, and create no lock in that folder
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)
@@ -265,6 +273,8 @@ def reindex(
             raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+        check_index_type(index_type or store.manifest["index_type"], quantize or store.manifest["quantize"],
+                         dim or store.manifest["dim"])
         for key, value in (("dim", dim), ("quantize", quantize), ("index_type", index_type)):
             if value is not None:
                 store.manifest[key] = value
@@ -298,14 +308,19 @@ def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str
     return "table" if sys.stdout.isatty() else "tsv"
 
 
-def emit(records: list[dict], fmt: str, null: bool = False) -> None:
-    """Write result records to stdout in the chosen format."""
+def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] | None = None) -> None:
+    """Write result records to stdout in the chosen format.
+
+    `--paths` writes the exact bytes of each file name (`fs_paths`, as the OS gives them, else the records'
+    paths), so that `xargs -0` opens a non-UTF-8 name too; tables and JSON show it with \\xNN escapes.
+    """
     if fmt == "json":
         write_stdout(json.dumps(records) + "\n")
     elif fmt == "jsonl":
         write_stdout("".join(json.dumps(r) + "\n" for r in records))
     elif fmt == "paths":
-        write_stdout("".join(r["path"] + ("\0" if null else "\n") for r in records))
+        names = fs_paths if fs_paths is not None else [r["path"] for r in records]
+        write_stdout(b"".join(os.fsencode(name) + (b"\0" if null else b"\n") for name in names))
     elif fmt == "tsv":
         rows = ([r["rank"], fmt_score(r.get("score"))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
                 else []) + [r.get("kind", ""), r["path"]] for r in records)
@@ -357,11 +372,18 @@ def search(
     device: DeviceOption = "auto",
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
+    from .indexer import model_setting
     from .search import kinds_of, open_index, query_item
     from .store import StoreError
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     kinds_of(kind)  # a bad --kind fails before the models load
+    check_device(device)
+    if contact_sheet is not None:
+        from .contact_sheet import check_sheet_path
+
+        check_sheet_path(contact_sheet)
+    query_lines = read_queries(queries) if queries is not None else None
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):
@@ -372,14 +394,14 @@ def search(
     if len(index) == 0:
         typer.echo(f"qvlsearch: index {target} is empty; add files with `qvlsearch index PATH`", err=True)
         raise typer.Exit(EXIT_FAILED)
-    if model and model != index.manifest["model"]:
+    if model and model_setting(model) != index.manifest["model"]:
         raise StoreError(f"index {target} was built with model {index.manifest['model']!r}, not {model!r}; "
                          "search it with that model, or index again with --model")
     options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
                    reranker=reranker, instruction=instruction)
-    if queries is not None:
+    if query_lines is not None:
         found = 0
-        for number, line in enumerate(queries.read_text().splitlines(), 1):
+        for number, line in enumerate(query_lines, 1):
             if line.strip():
                 item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
                 results = index.search(item, **options)
@@ -387,7 +409,7 @@ def search(
                 emit([{"query": item.get("text", item), **r.to_json()} for r in results], "jsonl")
         raise typer.Exit(EXIT_OK if found else EXIT_FAILED)
     results = index.search(query_item(query, image or (), video), **options)
-    emit([r.to_json() for r in results], fmt, null)
+    emit([r.to_json() for r in results], fmt, null, [r.fs_path or r.path for r in results])
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -395,15 +417,35 @@ def search(
     raise typer.Exit(EXIT_OK if results else EXIT_FAILED)
 
 
+def check_device(device: str) -> None:
+    """A bad --device fails at once, before any index is read or model loaded."""
+    if device != "auto":
+        from .qwen import pick_device
+
+        pick_device(device)
+
+
+def read_queries(path: Path) -> list[str]:
+    """The lines of a --queries file; one that cannot be read is a one-line error before any model work."""
+    from .errors import InputError
+
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read --queries file {path}: {reason}") from None
+
+
 def preloads(target: Path, model: str | None, rerank: bool) -> list[str]:
     """The models to load while the index is read: none when the search cannot go on anyway."""
+    from .indexer import model_setting
     from .store import read_manifest
 
     try:
         manifest = read_manifest(target)
     except QvlsearchError:
         return []  # open_index reports it
-    if not manifest.get("counts", {}).get("ok") or (model and model != manifest["model"]):
+    if not manifest.get("counts", {}).get("ok") or (model and model_setting(model) != manifest["model"]):
         return []
     return ["embedder", "reranker"] if rerank else ["embedder"]
 
@@ -428,6 +470,7 @@ def rerank(
     from .search import SearchResult, document_item, query_item, ranked_by_rerank
 
     fmt = output_format(as_json, as_jsonl, paths, null)
+    check_device(device)
     rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")

@@ -7,11 +7,13 @@ the index. Work is committed every `commit_every` items or `commit_seconds` seco
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,14 +23,16 @@ from filelock import FileLock, Timeout
 
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .parallel import prefetch
-from .store import INDEX_TYPES, QUANTIZATIONS, Store, StoreError, now
+from .store import QUANTIZATIONS, Store, StoreError, check_index_folder, check_index_type, now
+
+log = logging.getLogger("qvlsearch")
 
 
 @dataclass
 class IndexOptions:
     """Everything `qvlsearch index` can be told; the first block must match an existing index."""
 
-    model: str = "Qwen/Qwen3-VL-Embedding-2B"
+    model: str | os.PathLike = "Qwen/Qwen3-VL-Embedding-2B"  # a local folder is stored as its resolved path
     dim: int | None = None  # None: the existing index's, else the model's hidden size
     quantize: str | None = None  # None: the existing index's, else "none"
     index_type: str | None = None  # None: the existing index's, else "flat"
@@ -102,6 +106,19 @@ def sniff(found: Found, instruction: str) -> Sniffed:
         return Sniffed(found, None, None, None, exc.strerror or str(exc))
 
 
+def model_setting(model: str | os.PathLike) -> str:
+    """How an index names its model: a local folder by its resolved path (loadable from any folder), else the Hub id."""
+    model = os.fspath(model)
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
+
+
+def path_filter(files: Iterable[str], folders: Iterable[str]) -> Callable[[bytes], bool]:
+    """Whether a stored `path_bytes` is one of `files` or lies below one of `folders` (never a mere string prefix)."""
+    exact = {os.fsencode(f) for f in files}
+    prefixes = tuple(os.fsencode(folder.rstrip(os.sep) + os.sep) for folder in folders)
+    return lambda path: path in exact or path.startswith(prefixes)
+
+
 def settings_of(options: IndexOptions, dim: int, quantize: str, index_type: str) -> dict[str, Any]:
     """What must be the same for vectors to be comparable (the model revision is recorded, not compared)."""
     return {"model": options.model, "dim": dim,
@@ -147,23 +164,28 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
 
 
 def validate(options: IndexOptions) -> None:
+    """Options that are wrong whatever the index holds; the index type is checked once the dimension is known."""
     if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {options.quantize!r}")
-    kind = options.index_type
-    if kind is not None and kind not in INDEX_TYPES and "," not in kind and not kind[:1].isupper():
-        raise StoreError(f"--index-type must be flat, hnsw, ivf or a FAISS factory string, got {kind!r}")
+    if options.device not in (None, "auto"):
+        from .qwen import pick_device
+
+        pick_device(options.device)
 
 
 def lock_index(index_dir: Path, wait: bool) -> FileLock:
     """The one-writer lock; the OS releases it when its process dies, so a stale lock is never a problem."""
     index_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(index_dir / "lock", timeout=-1 if wait else 0)
+    lock = FileLock(index_dir / "lock", timeout=0)
     try:
         lock.acquire()
     except Timeout:
         holder = (index_dir / "lock.pid").read_text().strip() if (index_dir / "lock.pid").exists() else "?"
-        raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
-                         "wait for it to finish or pass --wait") from None
+        if not wait:
+            raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
+                             "wait for it to finish or pass --wait") from None
+        log.warning("waiting for another qvlsearch index (pid %s) writing to %s", holder, index_dir)
+        lock.acquire(timeout=-1)
     (index_dir / "lock.pid").write_text(f"{os.getpid()}\n")
     return lock
 
@@ -176,7 +198,7 @@ class Indexer:
         """`embedder` may be a ready `Embedder` for `options.model` (loaded on first need otherwise)."""
         validate(options)
         self.index_dir = Path(index_dir)
-        self.options = options
+        self.options = dataclasses.replace(options, model=model_setting(options.model))
         self.wait = wait
         self.dry_run = dry_run
         self.progress = progress or (lambda done, total, failed: None)
@@ -191,24 +213,28 @@ class Indexer:
         for root in roots:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
-        lock = lock_index(self.index_dir, self.wait)
-        try:
-            store = self.store = self.open_store()
-            self.last_commit, self.since_commit = time.monotonic(), 0
+        self.last_commit, self.since_commit = time.monotonic(), 0
+        if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
+            self.update(self.open_store(), roots)
+        else:
+            check_index_folder(self.index_dir)
+            lock = lock_index(self.index_dir, self.wait)
             try:
-                self.update(store, roots)
-            finally:
-                if not self.dry_run:
+                store = self.open_store()
+                try:
+                    self.update(store, roots)
+                finally:
                     store.commit()  # also on Ctrl-C: keep what is done
-        finally:
-            lock.release()
+            finally:
+                lock.release()
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
     def open_store(self) -> Store:
         if (self.index_dir / "manifest.json").exists():
-            store = Store.open(self.index_dir)
-            store.remove_uncommitted_files()
+            store = self.store = Store.open(self.index_dir)
+            if not self.dry_run:
+                store.remove_uncommitted_files()
             m, o = store.manifest, self.options
             check_compatible(store, settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"],
                                                 o.index_type or m["index_type"]))
@@ -218,8 +244,10 @@ class Indexer:
         if not 32 <= dim <= full_dim:
             raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
         settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
+        check_index_type(settings["index_type"], settings["quantize"], dim)
         settings["model_revision"] = model_revision(self.options.model)
-        return Store.create(self.index_dir, settings, full_dim)
+        self.store = Store.create(self.index_dir, settings, full_dim)
+        return self.store
 
     def update(self, store: Store, roots: list[str]) -> None:
         by_path = {row["path_bytes"]: row for row in store.rows.values()}
@@ -227,14 +255,17 @@ class Indexer:
                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
         self.summary.total = len(found)
         seen = {os.fsencode(f.path) for f in found}
-        under_roots = [r if os.path.isfile(r) else r.rstrip(os.sep) + os.sep for r in roots]
-        gone = {row["content_hash"]: row for row in store.rows.values()
-                if row["path_bytes"] not in seen and row["status"] == "ok" and row["content_hash"]
-                and os.fsdecode(row["path_bytes"]).startswith(tuple(under_roots))}
-        gone_ids = {row["id"] for row in store.rows.values() if row["path_bytes"] not in seen
-                    and os.fsdecode(row["path_bytes"]).startswith(tuple(under_roots))}
-        live_by_hash = {row["content_hash"]: row for row in store.rows.values()
-                        if row["status"] == "ok" and row["id"] not in gone_ids}
+        in_roots = path_filter([r for r in roots if not os.path.isdir(r)], [r for r in roots if os.path.isdir(r)])
+        unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
+        gone_rows = [row for row in store.rows.values() if row["path_bytes"] not in seen
+                     and in_roots(row["path_bytes"]) and not unlisted(row["path_bytes"])]
+        gone_ids = {row["id"] for row in gone_rows}
+        # Reuse sources with their vectors as they are now: this run may change or drop a source's own row
+        # (an edited original of a copy) before a copy is reused from it.
+        gone = {row["content_hash"]: (row, store.vectors[row["id"]]) for row in gone_rows
+                if row["status"] == "ok" and row["content_hash"]}
+        live_by_hash = {row["content_hash"]: (row, store.vectors[row["id"]]) for row in store.rows.values()
+                        if row["status"] == "ok" and row["content_hash"] and row["id"] not in gone_ids}
         todo: list[tuple[Found, dict | None]] = []
         for f in found:
             row = by_path.get(os.fsencode(f.path))
@@ -268,7 +299,7 @@ class Indexer:
                 if s.error:
                     deferred.put(partial(self.record_error, store, s.found, row, s.kind, s.error))
                 elif (source := gone.pop(s.content_hash, None) or live_by_hash.get(s.content_hash)) is not None:
-                    deferred.put(partial(self.reuse, store, s, row, source, gone_ids))
+                    deferred.put(partial(self.reuse, store, s, row, *source, gone_ids))
                 else:
                     pending[self.model_runs] = (s, row)
                     self.model_runs += 1
@@ -326,10 +357,10 @@ class Indexer:
             self.summary.updated += 1
         self.advance()
 
-    def reuse(self, store: Store, s: Sniffed, old: dict | None, source: dict, gone_ids: set[int]) -> None:
-        """A moved, copied or merely touched file: take the stored vector, run no model."""
+    def reuse(self, store: Store, s: Sniffed, old: dict | None, source: dict, vector: Any, gone_ids: set[int]
+              ) -> None:
+        """A moved, copied or merely touched file: take the vector `source` had for this content, run no model."""
         facts = {k: source[k] for k in ("width", "height", "duration_s", "frames", "tokens")}
-        vector = store.vectors[source["id"]]
         if source["id"] in gone_ids:  # moved: the old path's row goes, its id and vector move along
             gone_ids.discard(source["id"])
             store.remove([source["id"]])

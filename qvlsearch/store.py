@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
+import shutil
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +54,11 @@ ITEM_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("indexed_at", pa.timestamp("us", tz="UTC")),
 ])
+# Every name the store writes in an index folder, and the only names its clean-up may delete:
+# a generation's files, their temporary names (".<name>.tmp"), and the items.parquet link being made.
+GENERATION_FILE = r"(?:items-\d{6,}\.parquet|index-\d{6,}\.faiss|vectors-\d{6,}\.npz)"
+LEFTOVER_NAME = re.compile(rf"{GENERATION_FILE}|\.(?:{GENERATION_FILE}|manifest\.json)\.tmp|\.items\.parquet\.link")
+STORE_NAMES = {"manifest.json", "items.parquet", "lock", "lock.pid"}
 SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
                  "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames")
 
@@ -102,12 +109,54 @@ def build_faiss(vectors: np.ndarray, dim: int, quantize: str, index_type: str) -
         if len(x):
             index.add(binary_encode(x))
         return index
-    index = faiss.index_factory(dim, faiss_factory(index_type, quantize, len(x)), faiss.METRIC_INNER_PRODUCT)
-    if len(x):
-        if not index.is_trained:
-            index.train(x)
-        index.add(x)
+    factory = faiss_factory(index_type, quantize, len(x))
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if len(x):
+            if not index.is_trained:
+                index.train(x)
+            index.add(x)
+    except RuntimeError as exc:
+        raise StoreError(f"FAISS cannot build index type {factory!r} over {len(x)} vectors of dim {dim}: "
+                         f"{faiss_reason(exc)}; choose another --index-type with `qvlsearch reindex`") from None
     return index
+
+
+def faiss_reason(exc: RuntimeError) -> str:
+    """The message of a FAISS exception without its C++ file and line."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\.(?:cpp|h):\d+: (?:Error: )?(.*)", text)
+    return found.group(1) if found else text
+
+
+def check_index_type(index_type: str, quantize: str, dim: int) -> None:
+    """Raise StoreError unless FAISS can make `index_type` (a name or a factory string) at `dim`."""
+    import faiss
+
+    if quantize == "binary":
+        return  # a binary index is always BinaryFlat
+    try:
+        faiss.index_factory(dim, faiss_factory(index_type, quantize, 1), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise StoreError(f"--index-type must be flat, hnsw, ivf or a FAISS factory string that works at dim {dim}, "
+                         f"got {index_type!r} ({faiss_reason(exc)})") from None
+
+
+def is_store_file(name: str) -> bool:
+    """Whether an index folder's entry `name` is one the store writes (no other name is ever deleted)."""
+    return name in STORE_NAMES or LEFTOVER_NAME.fullmatch(name) is not None
+
+
+def check_index_folder(path: Path) -> None:
+    """Refuse a folder that holds anything but an index: a new index goes into a new or empty folder."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--index {path} is a file, not a folder; pass a new or empty folder")
+    if path.is_dir() and not (path / "manifest.json").exists():
+        foreign = sorted(entry.name for entry in path.iterdir() if not is_store_file(entry.name))
+        if foreign:
+            raise StoreError(f"--index {path} is not an index and not empty (it holds {foreign[0]!r}"
+                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                             "pass a new or empty folder")
 
 
 def read_faiss(path: Path, quantize: str) -> Any:
@@ -142,7 +191,7 @@ class Store:
         store = cls(path, manifest)
         files = manifest.get("files", {})
         if files.get("items"):
-            table = pq.read_table(path / files["items"])
+            table = read_items(path / files["items"])
             store.rows = {row["id"]: row for row in table.to_pylist()}
         if with_vectors:
             for name in files.get("vectors", []):
@@ -227,22 +276,38 @@ class Store:
         """Point items.parquet at the current table (for pandas, DuckDB, Polars users)."""
         tmp = self.path / ".items.parquet.link"
         tmp.unlink(missing_ok=True)
-        os.link(self.path / self.manifest["files"]["items"], tmp)
+        try:
+            os.link(self.path / self.manifest["files"]["items"], tmp)
+        except OSError:  # a file system without hard links (exFAT, SMB): a copy does
+            shutil.copyfile(self.path / self.manifest["files"]["items"], tmp)
         os.replace(tmp, self.path / "items.parquet")
 
     def remove_uncommitted_files(self) -> None:
-        """Delete what a killed writer left behind: files no generation refers to."""
+        """Delete what a killed writer left behind: files of the store's own names that no generation refers to.
+
+        Only regular files whose whole name is one the store writes (`is_store_file`) are deleted; any
+        other file, and every folder and link, stays.
+        """
         files = self.manifest.get("files", {})
-        keep = {"manifest.json", "items.parquet", "lock", "lock.pid", files.get("items"), files.get("faiss"),
-                *files.get("vectors", [])}
-        for entry in self.path.iterdir():
-            if entry.name not in keep and (entry.name.startswith((".", "items-", "index-", "vectors-"))):
-                entry.unlink(missing_ok=True)
+        keep = {files.get("items"), files.get("faiss"), *files.get("vectors", [])}
+        for entry in os.scandir(self.path):
+            if (entry.name not in keep and LEFTOVER_NAME.fullmatch(entry.name)
+                    and entry.is_file(follow_symlinks=False)):
+                os.unlink(entry.path)
         if files.get("items"):
             self.link_items_table()
 
     def faiss_index(self) -> Any:
         return read_faiss(self.path / self.manifest["files"]["faiss"], self.manifest["quantize"])
+
+
+def read_items(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """An item table; a damaged or missing one is a one-line StoreError."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"cannot read the item table {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "delete the index folder and index the files again") from None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

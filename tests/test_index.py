@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -28,7 +29,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def options(checkpoints) -> IndexOptions:
-    return IndexOptions(model=str(checkpoints["embedder"]), commit_every=5)
+    return IndexOptions(model=str(checkpoints["embedder"]), commit_every=5, device="cpu")
 
 
 def run_index(index_dir: Path, roots: list[Path], options: IndexOptions, embedder=None, **kwargs) -> Indexer:
@@ -417,3 +418,195 @@ def test_worker_processes_index_the_same_vectors(tmp_path, corpus, options, embe
     assert got.keys() == threads.keys()
     for path, vector in threads.items():
         np.testing.assert_array_equal(got[path], vector)
+
+
+def test_clean_up_deletes_only_files_the_index_wrote(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index_dir = tmp_path / "i"
+    base = ["index", str(root), "--index", str(index_dir), "--model", str(checkpoints["embedder"]), "--quiet"]
+    assert cli(*base).returncode == 0
+    theirs = {".nomedia": b"", "index-cover.jpg": b"a cover", "items-list.txt": b"a list", "vectors-2024.npz": b"v",
+              ".items-000001.parquet.bak": b"a backup", "index-000001.faiss.old": b"old", "Index-000009.faiss": b"i"}
+    for name, data in theirs.items():
+        (index_dir / name).write_bytes(data)
+    (index_dir / ".thumbnails").mkdir()
+    (index_dir / ".thumbnails" / "t.jpg").write_bytes(b"thumb")
+    (index_dir / "index-000099.faiss").mkdir()  # a folder is never deleted, whatever its name
+    (index_dir / "vectors-000098.npz").symlink_to(root / "a.png")  # nor a link
+    leftovers = ["items-000042.parquet", ".index-000042.faiss.tmp", ".manifest.json.tmp", ".items.parquet.link"]
+    for name in leftovers:  # what a writer killed in the middle of a commit leaves
+        (index_dir / name).write_bytes(b"partial")
+    make_image(root / "b.png", color=(1, 2, 3))
+    result = cli(*base)
+    assert result.returncode == 0, result.stderr
+    assert {name: (index_dir / name).read_bytes() for name in theirs} == theirs
+    assert (index_dir / ".thumbnails" / "t.jpg").read_bytes() == b"thumb"
+    assert (index_dir / "index-000099.faiss").is_dir()
+    assert (index_dir / "vectors-000098.npz").is_symlink() and (root / "a.png").exists()
+    assert not [name for name in leftovers if (index_dir / name).exists()]
+    assert assert_consistent(index_dir).manifest["counts"]["ok"] == 2
+
+
+def test_a_new_index_goes_only_into_a_new_or_empty_folder(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    pictures = tmp_path / "Pictures"
+    make_image(pictures / "cover.jpg")
+    (pictures / ".nomedia").write_bytes(b"")
+    before = sorted(p.name for p in pictures.iterdir())
+    model = ["--model", str(checkpoints["embedder"])]
+    refused = cli("index", str(root), "--index", str(pictures), *model)
+    assert refused.returncode == 2 and refused.stderr.startswith(f"qvlsearch: --index {pictures} is not an index")
+    assert len(refused.stderr.strip().splitlines()) == 1 and "new or empty folder" in refused.stderr
+    assert sorted(p.name for p in pictures.iterdir()) == before  # not even a lock file
+    a_file = cli("index", str(root), "--index", str(pictures / "cover.jpg"), *model)
+    assert a_file.returncode == 2 and "is a file" in a_file.stderr and len(a_file.stderr.strip().splitlines()) == 1
+    # an empty folder is fine, and so is what a first run killed before its first commit leaves
+    started = tmp_path / "started"
+    started.mkdir()
+    for name in ("lock", "lock.pid", ".items-000001.parquet.tmp", "index-000001.faiss"):
+        (started / name).write_bytes(b"")
+    assert cli("index", str(root), "--index", str(started), *model).returncode == 0
+    assert sorted(p.name for p in started.iterdir()) == [
+        "index-000001.faiss", "items-000001.parquet", "items.parquet", "lock", "lock.pid", "manifest.json",
+        "vectors-000001.npz"]
+
+
+def test_items_table_is_copied_where_hard_links_fail(tmp_path, corpus, options, embedder, monkeypatch):
+    def no_hard_links(*args, **kwargs):  # as on exFAT or an SMB share
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus / "notes"], options, embedder)
+    run_index(index_dir, [corpus / "photos"], options, embedder)
+    manifest = assert_consistent(index_dir).manifest
+    assert pq.read_table(index_dir / "items.parquet").equals(pq.read_table(index_dir / manifest["files"]["items"]))
+    assert (index_dir / "items.parquet").stat().st_nlink == 1
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The stderr of a run that failed as a usage or setup error must: exit 2, one `qvlsearch: ` line."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("qvlsearch: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_a_damaged_item_table_is_one_line(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index_dir = tmp_path / "i"
+    base = ["--index", str(index_dir)]
+    assert cli("index", str(root), *base, "--model", str(checkpoints["embedder"])).returncode == 0
+    table = index_dir / json.loads((index_dir / "manifest.json").read_text())["files"]["items"]
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # a disk that lost the end of it
+    for args in (["info"], ["search", "x"], ["index", str(root)]):
+        assert "cannot read the item table" in one_line_error(cli(*args, *base))
+
+
+def test_bad_index_types_and_devices_fail_before_any_model_work(tmp_path, corpus, checkpoints):
+    model = ["--model", str(checkpoints["embedder"])]
+    bogus = cli("index", str(corpus), "--index", str(tmp_path / "i"), "--index-type", "Foo", *model)
+    assert "--index-type" in one_line_error(bogus) and "Foo" in bogus.stderr
+    assert not (tmp_path / "i" / "manifest.json").exists()
+    no_pq = cli("index", str(corpus), "--index", str(tmp_path / "i"), "--index-type", "IVF4,PQ7", *model)
+    assert "works at dim 64" in one_line_error(no_pq)
+    for device in ("gpu", "cuda:9"):
+        assert "device" in one_line_error(cli("index", str(corpus), "--index", str(tmp_path / "d"), "--device",
+                                              device, *model))
+    assert not (tmp_path / "d").exists()
+    assert cli("index", str(corpus / "notes"), "--index", str(tmp_path / "i"), *model).returncode == 0
+    generation = json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"]
+    assert "bogus" in one_line_error(cli("reindex", "--index", str(tmp_path / "i"), "--index-type", "bogus"))
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"] == generation
+    assert "no index at" in one_line_error(cli("reindex", "--index", str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_file_root_is_that_file_and_a_folder_root_that_folder(tmp_path, options, embedder):
+    root = tmp_path / "dir"
+    for name in ("a.md", "a.md copy.md", "ab/c.md", "a/d.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"the note {name}\n")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    (root / "a.md").write_text("a.md, edited\n")
+    (root / "a" / "d.md").unlink()
+    again = run_index(index_dir, [root / "a.md"], options, embedder).summary
+    assert (again.updated, again.removed) == (1, 0)
+    again = run_index(index_dir, [root / "a"], options, embedder).summary  # "a/" is not "ab/" nor "a.md"
+    assert (again.removed, again.total) == (1, 0)
+    paths = sorted(os.path.relpath(r["path"], root) for r in assert_consistent(index_dir).rows.values())
+    assert paths == ["a.md", "a.md copy.md", "ab/c.md"]
+
+
+def test_a_folder_that_cannot_be_read_keeps_its_rows(tmp_path, checkpoints):
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop root's read-everything capability")
+    root = tmp_path / "disk"
+    make_image(root / "top.png")
+    make_image(root / "sub" / "one.png", color=(9, 9, 9))
+    make_image(root / "sub" / "two.png", color=(99, 9, 9))
+    index_dir = tmp_path / "i"
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    args = [sys.executable, "-m", "qvlsearch", "index", str(root), "--index", str(index_dir), "--model",
+            str(checkpoints["embedder"]), "--json"]
+    assert subprocess.run(args, env=ENV, capture_output=True, timeout=300).returncode == 0
+    everything = sorted(r["path"] for r in assert_consistent(index_dir).rows.values())
+    try:
+        for unreadable in (root / "sub", root):  # a sub-folder, then the root itself (say, a disk not mounted)
+            unreadable.chmod(0)
+            result = subprocess.run([*drop, *args], env=ENV, capture_output=True, text=True, timeout=300)
+            unreadable.chmod(0o755)
+            assert result.returncode == 0, result.stderr
+            summary = json.loads(result.stdout)
+            assert summary["removed"] == 0 and summary["failures"] == [
+                {"path": str(unreadable), "error": "cannot read folder: permission denied"}]
+            rows = assert_consistent(index_dir).rows.values()
+            assert sorted(r["path"] for r in rows if r["status"] == "ok") == everything
+    finally:
+        for folder in (root, root / "sub"):
+            folder.chmod(0o755)
+
+
+def test_a_copy_reuses_the_vector_of_its_own_content(tmp_path, options, embedder):
+    """Copy IMG.jpg to IMG_orig.jpg, then edit IMG.jpg: the copy must keep the original's vector."""
+
+    class OneAtATime:
+        """The real embedder, fed so that each file's vector is stored before the next file is looked at."""
+
+        def embed_iter(self, items, batch_size=None):
+            for index, item in enumerate(items):
+                (result,) = embedder.embed_iter([item])
+                yield dataclasses.replace(result, index=index)
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(SAMPLE_DATA / "photos" / "cat.jpg", root / "IMG.jpg")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    before = vectors_by_path(Store.open(index_dir))
+    shutil.copy(root / "IMG.jpg", root / "IMG_orig.jpg")
+    make_image(root / "IMG.jpg", size=(64, 48), color=(200, 30, 30))  # edited; "IMG.jpg" sorts before the copy
+    indexer = run_index(index_dir, [root], options, OneAtATime())
+    assert (indexer.summary.added, indexer.summary.updated, indexer.model_runs) == (1, 1, 1)
+    after = vectors_by_path(assert_consistent(index_dir))
+    np.testing.assert_array_equal(after[str(root / "IMG_orig.jpg")], before[str(root / "IMG.jpg")])
+    assert not np.array_equal(after[str(root / "IMG.jpg")], before[str(root / "IMG.jpg")])
+
+
+
+def test_a_copy_of_a_file_that_became_an_error_row_keeps_the_old_content_vector(tmp_path, options, embedder):
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(SAMPLE_DATA / "photos" / "bee.jpg", root / "BEE.jpg")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    before = vectors_by_path(Store.open(index_dir))
+    shutil.copy(root / "BEE.jpg", root / "BEE_copy.jpg")
+    (root / "BEE.jpg").write_text("not an image any more\n")  # "BEE.jpg" sorts first: its error row comes first
+    indexer = run_index(index_dir, [root], options)  # no embedder: nothing needs the model
+    assert (indexer.summary.added, indexer.summary.failed, indexer.model_runs) == (1, 1, 0)
+    after = vectors_by_path(assert_consistent(index_dir))
+    np.testing.assert_array_equal(after[str(root / "BEE_copy.jpg")], before[str(root / "BEE.jpg")])

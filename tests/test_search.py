@@ -27,7 +27,7 @@ VIDEOS = sorted(str(p) for p in (SAMPLE_DATA / "videos").iterdir())
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, checkpoints, embedder) -> Path:
     path = tmp_path_factory.mktemp("search") / "index"
-    Indexer(path, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([SAMPLE_DATA])
+    Indexer(path, IndexOptions(model=str(checkpoints["embedder"]), device="cpu"), embedder=embedder).run([SAMPLE_DATA])
     return path
 
 
