@@ -15,6 +15,7 @@ from conftest import PHOTOS, SAMPLE_DATA
 from PIL import Image
 
 from qvlsearch import InputError, MediaError, open_index
+from qvlsearch.fs import display_path
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex, SearchResult
 from qvlsearch.store import Store, StoreError, now
@@ -330,3 +331,91 @@ def test_a_missing_vector_segment_is_a_clear_error(tmp_path):
     segment.unlink()
     with pytest.raises(StoreError, match=f"cannot read .*{segment.name}.*index the files again"):
         open_index(tmp_path / "i").nearest(np.ones((1, 64), dtype=np.float32) / 8, 5, lambda i: True, None)
+
+
+def synthetic_index(path: Path, rows: list[tuple[str, bytes, np.ndarray]], index_type: str = "flat") -> None:
+    """An index of given (kind, path bytes, vector) rows, without a model."""
+    full_dim = len(rows[0][2])
+    settings = {"model": "synthetic", "model_revision": None, "dim": full_dim, "quantize": "none",
+                "index_type": index_type, "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0,
+                "fps": 1.0, "max_frames": 1}
+    store = Store.create(path, settings, full_dim)
+    for item_id, (kind, path_bytes, vector) in enumerate(rows, 1):
+        store.put({"id": item_id, "path": display_path(os.fsdecode(path_bytes)), "path_bytes": path_bytes, "root": "/",
+                   "kind": kind, "status": "ok", "indexed_at": now()}, vector / np.linalg.norm(vector))
+    store.commit()
+
+
+def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_path):
+    """`-k 10 --kind video` returns 10 videos when the index has 10, also where IVF would not probe their lists."""
+    rng = np.random.default_rng(2)
+    query = rng.normal(size=64).astype(np.float32)
+    query /= np.linalg.norm(query)
+    images = [("image", b"/p/%d.jpg" % i, query + 0.8 * rng.normal(size=64)) for i in range(2000)]
+    videos = [("video", b"/v/%d.mp4" % i, -query + 0.3 * rng.normal(size=64)) for i in range(10)]
+    synthetic_index(tmp_path / "i", images + videos, index_type="ivf")
+    index = open_index(tmp_path / "i")
+    assert index.manifest["faiss_factory"] == "IVF44,Flat"
+    hits = index.nearest(query[None, :], 10, index.filter("video", None), None)
+    assert sorted(item_id for item_id, _ in hits) == list(range(2001, 2011))
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+
+
+def test_under_filters_in_arrow_without_making_python_paths(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n = 50_000
+    rows = [("image", b"/photos/%d/%06d.jpg" % (i % 12, i), rng.normal(size=32)) for i in range(n)]
+    rows.append(("text", b"/caf\xe9/menu.txt", rng.normal(size=32)))
+    synthetic_index(tmp_path / "i", rows)
+    index = open_index(tmp_path / "i")
+    keep = index.filter(None, "/photos/1")  # "/photos/1/", not "/photos/10/"
+    assert sum(keep(i) for i in range(1, n + 2)) == len(range(1, n, 12))
+    assert [i for i in range(1, n + 2) if index.filter(None, os.fsdecode(b"/caf\xe9"))(i)] == [n + 1]
+    tracemalloc.start()
+    index.filter("image", "/photos/1")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * n, f"{peak / n:.0f} bytes of Python objects a row"  # a bytes object a path would be ~60
+
+
+def test_paths_are_written_as_their_exact_bytes(tmp_path, checkpoints, embedder):
+    from typer.testing import CliRunner
+
+    from qvlsearch.cli import app
+
+    root = tmp_path / "r"
+    root.mkdir()
+    latin1 = root / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(PHOTOS / "cat.jpg", root / "cat.jpg")
+    shutil.copy(PHOTOS / "bee.jpg", latin1.with_suffix(".jpg"))
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"]), device="cpu"),
+            embedder=embedder).run([root])
+    base = ["search", "x", "--index", str(tmp_path / "i"), "--device", "cpu"]
+    by_nul = CliRunner().invoke(app, [*base, "--paths", "-0"]).stdout_bytes
+    names = by_nul.split(b"\0")
+    assert names[-1] == b"" and sorted(names[:-1]) == sorted(os.fsencode(p) for p in root.iterdir())
+    assert all(os.path.exists(name) for name in names[:-1])  # what `xargs -0` gets opens
+    by_line = CliRunner().invoke(app, [*base, "--paths"]).stdout_bytes
+    assert by_line.splitlines() == names[:-1]
+    records = json.loads(CliRunner().invoke(app, [*base, "--json"]).stdout)
+    assert sorted(r["path"] for r in records) == [str(root / "caf\\xe9.jpg"), str(root / "cat.jpg")]
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("qvlsearch: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_bad_search_options_are_one_line_before_searching(index_dir, tmp_path):
+    base = ["search", "a cat", "--index", str(index_dir)]
+    missing = cli("search", "--queries", str(tmp_path / "missing.txt"), "--index", str(index_dir))
+    assert "cannot read --queries file" in one_line_error(missing) and "No such file" in missing.stderr
+    no_folder = cli(*base, "--contact-sheet", str(tmp_path / "nope" / "sheet.jpg"))
+    assert "there is no folder" in one_line_error(no_folder) and no_folder.stdout == ""  # nothing searched
+    no_suffix = cli(*base, "--contact-sheet", str(tmp_path / "sheet"))
+    assert "image suffix" in one_line_error(no_suffix) and no_suffix.stdout == ""
+    for device in ("gpu", "cuda:9"):
+        assert "device" in one_line_error(cli(*base, "--device", device))
