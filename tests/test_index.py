@@ -6,7 +6,6 @@ import dataclasses
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -255,8 +254,9 @@ def test_second_writer_is_refused_and_wait_waits(tmp_path, corpus, checkpoints):
         waiter = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(corpus / "notes"), "--index",
                                    str(index_dir), "--model", str(checkpoints["embedder"]), "--wait", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        time.sleep(2)
-        assert waiter.poll() is None
+        said = waiter.stderr.readline()  # written once it has found the lock taken, and waits
+        assert said == f"qvlsearch: waiting for another qvlsearch index (pid {os.getpid()}) writing to {index_dir}\n"
+        assert waiter.poll() is None and not (index_dir / "manifest.json").exists()
     finally:
         lock.release()
     out, _ = waiter.communicate(timeout=300)
@@ -275,27 +275,36 @@ def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path):
     lock_index(tmp_path, wait=False).release()
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
-    args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1"]
+def generation(index_dir: Path) -> int:
+    """The committed generation (0 before the first commit)."""
+    try:
+        return json.loads((index_dir / "manifest.json").read_text())["generation"]
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_inside_indexing_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
+    args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1",
+            "--batch-size", "1"]
     assert cli(*args, "--index", str(tmp_path / "clean")).returncode == 0
     clean = vectors_by_path(Store.open(tmp_path / "clean"))
     killed = tmp_path / "killed"
-    rng = random.Random(7)
-    for _ in range(3):
+    for commits in (1, 2, 3):  # run n is killed just after its n-th commit (3n files), with files still to do
         proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args, "--index", str(killed)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-        deadline = time.monotonic() + 60
-        while not (killed / "manifest.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        start, deadline = generation(killed), time.monotonic() + 120
+        while generation(killed) < start + commits and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert_consistent(killed)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        store = assert_consistent(killed)
+        assert 0 < len(store.rows) < len(clean)
+    done = len(store.rows)
     result = cli(*args, "--index", str(killed), "--json")
     assert result.returncode == 0, result.stderr
-    resumed = assert_consistent(killed)
-    assert json.loads(result.stdout)["added"] < len(clean)  # committed work was not redone
-    got = vectors_by_path(resumed)
+    summary = json.loads(result.stdout)
+    assert (summary["unchanged"], summary["added"]) == (done, len(clean) - done)  # committed work was not redone
+    got = vectors_by_path(assert_consistent(killed))
     assert got.keys() == clean.keys()
     for path, vector in clean.items():
         np.testing.assert_allclose(got[path].astype(np.float32), vector.astype(np.float32), atol=2e-3)
@@ -312,12 +321,13 @@ def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints, decoders):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if run in a `&` job
     deadline = time.monotonic() + 120
-    while not (tmp_path / "i" / "manifest.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while generation(tmp_path / "i") == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen after its first commit: it cannot finish before the Ctrl-C
+    assert proc.poll() is None and Store.open(tmp_path / "i").manifest["counts"]["items"] < 200
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group, worker processes too
+    os.killpg(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.fail("the run finished before it could be interrupted; make the corpus larger")
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["qvlsearch: interrupted"]  # and no worker's traceback
     assert_consistent(tmp_path / "i")
@@ -345,10 +355,25 @@ def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):
     assert missing.returncode == 2 and "no index at" in missing.stderr
 
 
-def test_dry_run_changes_nothing(tmp_path, corpus, options, embedder):
-    indexer = run_index(tmp_path / "i", [corpus], options, embedder, dry_run=True)
-    assert indexer.summary.added == indexer.summary.total and indexer.model_runs == 0
-    assert not (tmp_path / "i" / "manifest.json").exists()
+def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry of a folder: its mode, mtime and content."""
+    return {p.name: (p.stat().st_mode, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_dry_run_writes_nothing(tmp_path, corpus, options, embedder):
+    indexer = run_index(tmp_path / "new", [corpus], options, embedder, dry_run=True)
+    assert indexer.summary.added == indexer.summary.total == 22 and indexer.model_runs == 0
+    assert not (tmp_path / "new").exists()  # no folder, no lock
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus / "notes"], options, embedder)
+    (index_dir / "lock").unlink()
+    (index_dir / "lock.pid").unlink()
+    (index_dir / ".items-000009.parquet.tmp").write_bytes(b"left by a killed writer")  # the clean-up's business
+    (corpus / "notes" / "cats.txt").unlink()
+    before = folder_state(index_dir)
+    dry = run_index(index_dir, [corpus], options, dry_run=True).summary
+    assert (dry.added, dry.removed, dry.unchanged) == (16, 1, 5)
+    assert folder_state(index_dir) == before
 
 
 def test_vectors_of_deleted_files_are_compacted_away(tmp_path):
@@ -610,3 +635,22 @@ def test_a_copy_of_a_file_that_became_an_error_row_keeps_the_old_content_vector(
     assert (indexer.summary.added, indexer.summary.failed, indexer.model_runs) == (1, 1, 0)
     after = vectors_by_path(assert_consistent(index_dir))
     np.testing.assert_array_equal(after[str(root / "BEE_copy.jpg")], before[str(root / "BEE.jpg")])
+
+
+def test_a_local_model_is_stored_as_its_resolved_path(tmp_path, checkpoints, options, embedder):
+    model = checkpoints["embedder"]
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index = ["--index", str(tmp_path / "i")]
+    assert cli("index", str(root), *index, "--model", f"./{model.name}", cwd=model.parent).returncode == 0
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["model"] == str(model.resolve())
+    for spelled, cwd in ((model.name, model.parent), (str(model), tmp_path), (os.path.relpath(model, root), root)):
+        again = cli("index", str(root), *index, "--model", spelled, "--json", cwd=cwd)
+        assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 1, again.stderr
+    found = cli("search", "a photo", *index, "--paths", cwd=tmp_path)  # the model loads from another folder
+    assert found.returncode == 0 and found.stdout == f"{root / 'a.png'}\n", found.stderr
+    assert cli("search", "a photo", *index, "--model", f"./{model.name}", cwd=model.parent).returncode == 0
+    # a pathlib.Path from Python is the same setting as its string
+    run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model)), embedder)
+    assert run_index(tmp_path / "p", [root], options, embedder).summary.unchanged == 1
+    assert run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model))).summary.unchanged == 1

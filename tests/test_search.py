@@ -52,12 +52,13 @@ def test_text_query_returns_k_results_best_first(index):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_search_loads_no_reranker_unless_asked(index_dir, embedder):
-    from qvlsearch.search import SearchIndex
+def test_search_loads_no_reranker_unless_asked(index_dir, embedder, tmp_path):
+    from qvlsearch.errors import ModelLoadError
 
-    fresh = SearchIndex(index_dir, embedder=embedder)
-    fresh.search("cat", k=3)
-    assert fresh._reranker is None
+    fresh = SearchIndex(index_dir, embedder=embedder, reranker_model=str(tmp_path / "no-reranker-here"))
+    assert len(fresh.search("cat", k=3)) == 3  # loading that reranker would fail: it was not loaded
+    with pytest.raises(ModelLoadError, match="no-reranker-here"):
+        fresh.search("cat", k=3, rerank=True)
 
 
 def test_image_query_finds_that_image_first(index):
@@ -201,23 +202,53 @@ def test_rerank_files_with_an_unreadable_one(tmp_path, checkpoints, reranker):
     assert cli("rerank", "a cat", "--reranker", str(checkpoints["reranker"]), stdin="").returncode == 2
 
 
+def expected_tile(path: str, kind: str) -> Image.Image:
+    """What a result's tile must show, made here from the file: the picture, or a video's middle frame."""
+    if kind == "video":
+        import decord
+
+        reader = decord.VideoReader(path)
+        tile = Image.fromarray(reader[len(reader) // 2].asnumpy())
+    else:
+        tile = Image.open(path).convert("RGB")
+    tile.thumbnail((256, 256))
+    return tile
+
+
+def tile_of(sheet: Image.Image, i: int, size: tuple[int, int], columns: int) -> Image.Image:
+    x, y = (i % columns) * 256, (i // columns) * (256 + 40)
+    left, top = x + (256 - size[0]) // 2, y + (256 - size[1]) // 2
+    return sheet.crop((left, top, left + size[0], top + size[1]))
+
+
 def test_contact_sheet(index_dir, tmp_path):
     sheet = tmp_path / "sheet.jpg"
-    result = cli("search", "a cat", "--index", str(index_dir), "-k", "7", "--contact-sheet", str(sheet), "--paths")
+    result = cli("search", "a cat", "--index", str(index_dir), "-k", "7", "--kind", "image",
+                 "--contact-sheet", str(sheet), "--paths")
     assert result.returncode == 0
+    paths = result.stdout.splitlines()
     with Image.open(sheet) as image:
         assert image.format == "JPEG" and image.size == (5 * 256, 2 * (256 + 40))
-        assert len(image.convert("L").getcolors(maxcolors=256) or []) > 50  # real thumbnails, not a blank page
+        for i, path in enumerate(paths):  # each tile is its photo (up to JPEG's loss), not the fallback card
+            want = expected_tile(path, "image")
+            got = tile_of(image.convert("RGB"), i, want.size, 5)
+            assert np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 8, path
 
 
 def test_contact_sheet_shows_every_kind(index, tmp_path):
-    from qvlsearch.contact_sheet import write_contact_sheet
+    from qvlsearch.contact_sheet import text_card, write_contact_sheet
 
     results = index.search("x", k=1, kind="video") + index.search("x", k=1, kind="text") + index.search(
         "x", k=1, kind="image")
     path = write_contact_sheet(results, tmp_path / "kinds.png")
     with Image.open(path) as image:
         assert image.size == (3 * 256, 256 + 40)
+        sheet = image.convert("RGB")
+    for i, (result, want) in enumerate(zip(results, (
+            expected_tile(results[0].path, "video"),
+            text_card(Path(results[1].path).read_text()[:600]),
+            expected_tile(results[2].path, "image")), strict=True)):
+        assert tile_of(sheet, i, want.size, 3).tobytes() == want.tobytes(), result.path  # a PNG: exactly
 
 
 def test_table_format_for_terminals(capsys):
