@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,7 @@ def test_second_writer_is_refused_and_wait_waits(tmp_path, corpus, checkpoints):
         waiter = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(corpus / "notes"), "--index",
                                    str(index_dir), "--model", str(checkpoints["embedder"]), "--wait", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        assert select.select([waiter.stderr], [], [], 120)[0], "the waiter never said that it waits"
         said = waiter.stderr.readline()  # written once it has found the lock taken, and waits
         assert said == f"qvlsearch: waiting for another qvlsearch index (pid {os.getpid()}) writing to {index_dir}\n"
         assert waiter.poll() is None and not (index_dir / "manifest.json").exists()
