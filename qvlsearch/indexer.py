@@ -214,10 +214,10 @@ class Indexer:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
         self.last_commit, self.since_commit = time.monotonic(), 0
+        check_index_folder(self.index_dir)
         if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
             self.update(self.open_store(), roots)
         else:
-            check_index_folder(self.index_dir)
             lock = lock_index(self.index_dir, self.wait)
             try:
                 store = self.open_store()
@@ -263,9 +263,9 @@ class Indexer:
         # Reuse sources with their vectors as they are now: this run may change or drop a source's own row
         # (an edited original of a copy) before a copy is reused from it.
         gone = {row["content_hash"]: (row, store.vectors[row["id"]]) for row in gone_rows
-                if row["status"] == "ok" and row["content_hash"]}
+                if row["content_hash"] and row["id"] in store.vectors}
         live_by_hash = {row["content_hash"]: (row, store.vectors[row["id"]]) for row in store.rows.values()
-                        if row["status"] == "ok" and row["content_hash"] and row["id"] not in gone_ids}
+                        if row["content_hash"] and row["id"] in store.vectors and row["id"] not in gone_ids}
         todo: list[tuple[Found, dict | None]] = []
         for f in found:
             row = by_path.get(os.fsencode(f.path))
