@@ -30,11 +30,16 @@ class OutputClosed(Exception):
     """The reader of stdout went away early (`| head -1`): the run ends quietly, with exit 0."""
 
 
-def write_stdout(text: str) -> None:
-    """Write results to stdout now, so that a closed pipe shows here and not at exit."""
+def write_stdout(text: str | bytes) -> None:
+    """Write results (text, or bytes such as file names) to stdout now, so that a closed pipe shows here."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if isinstance(text, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text)
+            sys.stdout.buffer.flush()
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
     except BrokenPipeError:
         raise OutputClosed from None
 
@@ -93,6 +98,7 @@ def embed(
     With TEXT/--image/--video, embeds one item made of all of them. With '-', reads one item per line from stdin,
     e.g. {"text": "a cat"} or {"image": "cat.jpg"}.
     """
+    check_device(device)
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
     else:
@@ -183,7 +189,8 @@ IndexOption = Annotated[
 
 @app.command()
 def index(
-    paths: Annotated[list[Path], typer.Argument(help="Folders or files to index.")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="Folders or files to index.", readable=False)],  # an unreadable one is reported by the run
     index_dir: IndexOption = None,
     model: ModelOption = DEFAULT_EMBEDDER,
     dim: Annotated[int | None, typer.Option(
@@ -333,18 +340,19 @@ def reindex(
 ) -> None:
     """Rebuild the search structure from the stored full vectors, without the model (IVF lists are retrained)."""
     from .indexer import lock_index
-    from .store import QUANTIZATIONS, Store, StoreError, check_factory
+    from .store import QUANTIZATIONS, Store, StoreError, check_factory, read_manifest
 
     target = index_dir or default_index_dir()
+    read_manifest(target)  # no index there: say so, and create no lock in that folder
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-    if index_type is not None:
-        check_factory(index_type, 64)
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)
         if dim is not None and not 32 <= dim <= store.manifest["full_dim"]:
             raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
+        if index_type is not None:
+            check_factory(index_type, dim or store.manifest["dim"])
         damaged = store.rebuild(dim=dim, quantize=quantize, index_type=index_type)
     finally:
         lock.release()
@@ -404,14 +412,19 @@ def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str
     return "table" if sys.stdout.isatty() else "tsv"
 
 
-def emit(records: list[dict], fmt: str, null: bool = False) -> None:
-    """Write result records to stdout in the chosen format (`--paths`: each file once)."""
+def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] | None = None) -> None:
+    """Write result records to stdout in the chosen format.
+
+    `--paths` writes each file once, as the exact bytes of its name (`fs_paths`, as the OS gives them, else the
+    records' paths), so that `xargs -0` opens a non-UTF-8 name too; tables and JSON show it with \\xNN escapes.
+    """
     if fmt == "json":
         write_stdout(json.dumps(records) + "\n")
     elif fmt == "jsonl":
         write_stdout("".join(json.dumps(r) + "\n" for r in records))
     elif fmt == "paths":
-        write_stdout("".join(path + ("\0" if null else "\n") for path in dict.fromkeys(r["path"] for r in records)))
+        names = fs_paths if fs_paths is not None else [r["path"] for r in records]
+        write_stdout(b"".join(os.fsencode(name) + (b"\0" if null else b"\n") for name in dict.fromkeys(names)))
     elif fmt == "tsv":
         from .moments import place
 
@@ -479,12 +492,19 @@ def search(
     no_server: NoServerFlag = False,
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import SORTS, as_near, as_utc
+    from .search import SORTS, as_near, as_utc, kinds_of
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)  # before any model or server work
+    kinds_of(kind)  # a bad --kind, date, place, sort or device fails before the models load
+    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
     if sort not in SORTS:
         raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
+    check_device(device)
+    if contact_sheet is not None:
+        from .contact_sheet import check_sheet_path
+
+        check_sheet_path(contact_sheet)
+    query_lines = read_queries(queries) if queries is not None else None
     if query == "-":
         query = sys.stdin.read().strip()
     if queries is None and not (query or image or video):
@@ -497,9 +517,9 @@ def search(
         server = find_server(target, model=model, reranker=(reranker or DEFAULT_RERANKER) if rerank else None,
                              search=True)
     searcher = Searcher(target, server, options, model=model, reranker=reranker, device=device)
-    if queries is not None:
+    if query_lines is not None:
         found = 0
-        for number, line in enumerate(queries.read_text().splitlines(), 1):
+        for number, line in enumerate(query_lines, 1):
             if line.strip():
                 item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
                 records = searcher.search(item)
@@ -509,7 +529,7 @@ def search(
     item = {"text": query} if query else {}
     item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
     records = searcher.search(item)
-    emit(records, fmt, null)
+    emit(records, fmt, null, [r.fs_path or r.path for r in searcher.results] if searcher.results else None)
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -532,6 +552,7 @@ class Searcher:
         if self.server is not None:
             records = self.search_remotely(item)
             if records is not None:
+                self.results = []
                 return records
         if self.index is None:
             self.index = self.open()
@@ -555,16 +576,16 @@ class Searcher:
             raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
 
     def open(self):
-        from .search import kinds_of, open_index
+        from .indexer import model_setting
+        from .search import open_index
         from .store import StoreError
 
-        kinds_of(self.options["kind"])  # a bad --kind fails before the models load
         device = None if self.device == "auto" else self.device
         index = open_index(self.target, device=device, reranker_model=self.reranker,
                            preload=preloads(self.target, self.model, self.options["rerank"], self.reranker))
         if len(index) == 0:
             self.empty()
-        if self.model and self.model != index.manifest["model"]:
+        if self.model and model_setting(self.model) != index.manifest["model"]:
             raise StoreError(f"index {self.target} was built with model {index.manifest['model']!r}, not "
                              f"{self.model!r}; search it with that model, or index again with --model")
         return index
@@ -574,19 +595,39 @@ class Searcher:
         raise typer.Exit(EXIT_FAILED)
 
 
+def check_device(device: str) -> None:
+    """A bad --device fails at once, before any index is read or model loaded."""
+    if device != "auto":
+        from .qwen import pick_device
+
+        pick_device(device)
+
+
+def read_queries(path: Path) -> list[str]:
+    """The lines of a --queries file; one that cannot be read is a one-line error before any model work."""
+    from .errors import InputError
+
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read --queries file {path}: {reason}") from None
+
+
 def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None) -> list[str]:
     """The models to load while the index is read: none when the search cannot go on anyway.
 
     A model that cannot be loaded fails here, at once, before torch is imported.
     """
     from .hub import require_model
+    from .indexer import model_setting
     from .store import read_manifest
 
     try:
         manifest = read_manifest(target)
     except QvlsearchError:
         return []  # open_index reports it
-    if not manifest.get("counts", {}).get("ok") or (model and model != manifest["model"]):
+    if not manifest.get("counts", {}).get("ok") or (model and model_setting(model) != manifest["model"]):
         return []
     require_model(manifest["model"])
     if rerank:
@@ -614,6 +655,7 @@ def rerank(
     from .search import SearchResult, document_item, query_item, ranked_by_rerank
 
     fmt = output_format(as_json, as_jsonl, paths, null)
+    check_device(device)
     rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InputError
+from .fs import file_item
 from .moments import place
 from .pages import PdfPage
 from .search import SearchResult
@@ -37,8 +39,7 @@ def thumbnail(result: SearchResult) -> Image.Image:
                 middle = min(len(reader) - 1, int((result.start_s + result.end_s) / 2 * (reader.get_avg_fps() or 1)))
             image = Image.fromarray(reader[middle].asnumpy())
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                image = text_card(f.read(600))
+            image = text_card(file_item(path, "text")["text"][:600])
     except Exception as exc:  # an unreadable file still gets a tile
         image = text_card(f"cannot show this file:\n{exc}")
     image.thumbnail((THUMB, THUMB))
@@ -60,8 +61,18 @@ def caption(result: SearchResult) -> str:
     return f"#{result.rank}  {scores}\n{os.path.basename(result.path)[:40 - len(where) - 1]} {where}".rstrip()
 
 
+def check_sheet_path(path: str | os.PathLike) -> None:
+    """Raise InputError unless a contact sheet can be saved at `path`: an image suffix, in an existing folder."""
+    path = Path(path)
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise InputError(f"--contact-sheet {path}: name it with an image suffix such as .jpg or .png")
+    if not path.parent.is_dir():
+        raise InputError(f"--contact-sheet {path}: there is no folder {path.parent}; create it first")
+
+
 def write_contact_sheet(results: Sequence[SearchResult], path: str | os.PathLike) -> Path:
     """Lay the results out in a grid and save as JPEG (or PNG, by the file's suffix)."""
+    check_sheet_path(path)
     columns = max(1, min(COLUMNS, len(results)))
     rows = max(1, math.ceil(len(results) / columns))
     sheet = Image.new("RGB", (columns * THUMB, rows * (THUMB + CAPTION)), "white")
@@ -72,5 +83,8 @@ def write_contact_sheet(results: Sequence[SearchResult], path: str | os.PathLike
         sheet.paste(tile, (x + (THUMB - tile.width) // 2, y + (THUMB - tile.height) // 2))
         draw.multiline_text((x + 6, y + THUMB + 3), caption(result), fill="black", font=ImageFont.load_default())
     path = Path(path)
-    sheet.save(path, quality=88) if path.suffix.lower() in (".jpg", ".jpeg") else sheet.save(path)
+    try:
+        sheet.save(path, quality=88) if path.suffix.lower() in (".jpg", ".jpeg") else sheet.save(path)
+    except OSError as exc:
+        raise InputError(f"cannot write the contact sheet {path}: {exc.strerror or exc}") from None
     return path

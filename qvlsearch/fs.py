@@ -24,7 +24,10 @@ SNIFF_BYTES = 64 * 1024
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header sizes a real BMP has at offset 14
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
-UNKNOWN_CONTENT = "unknown content (not an image, video, PDF or UTF-8 text)"
+UNKNOWN_CONTENT = "unknown content (not an image, video, PDF, UTF-8 text or text with a byte-order mark)"
+# Byte-order marks and the codec that decodes (and drops) them; UTF-32 LE's comes before UTF-16 LE's, its prefix.
+TEXT_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+             (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 _CONTENT_NAMES = {"image": "an image", "video": "a video", "text": "text", "pdf": "a PDF"}
 
 
@@ -41,6 +44,7 @@ class Found:
     size: int  # bytes; 0 when unknown
     mtime_ns: int  # st_mtime_ns; 0 when unknown
     error: str | None = None  # one-line reason when the file cannot be used
+    unlisted_folder: bool = False  # a folder that could not be listed: the files in it are unknown, not gone
 
 
 def suffix_kind(path: str) -> str | None:
@@ -120,7 +124,7 @@ def _walk_folder(
             with os.scandir(path) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as err:
-            return Found(path, top, 0, 0, f"cannot read folder: {_reason(err)}")
+            return Found(path, top, 0, 0, f"cannot read folder: {_reason(err)}", unlisted_folder=True)
         stack.append((key, rel, iter(entries)))
         return None
 
@@ -220,18 +224,23 @@ def _content_kind(head: bytes) -> str | None:
         return "video"
     if head.startswith(b"%PDF-"):
         return "pdf"
-    if b"\x00" not in head and _is_utf8(head):
+    if _is_text(head, text_encoding(head)):
         return "text"
     return None
 
 
-def _is_utf8(head: bytes) -> bool:
-    """Whether the sample is UTF-8; a multi-byte character cut at the end of a full sample is fine."""
+def text_encoding(head: bytes) -> str:
+    """The codec of text starting with `head`: the one its byte-order mark names, else UTF-8."""
+    return next((encoding for bom, encoding in TEXT_BOMS if head.startswith(bom)), "utf-8")
+
+
+def _is_text(head: bytes, encoding: str) -> bool:
+    """Whether the sample decodes to text without NUL; a character cut at the end of a full sample is fine."""
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+        text = codecs.getincrementaldecoder(encoding)().decode(head, final=len(head) < SNIFF_BYTES)
     except UnicodeDecodeError:
         return False
-    return True
+    return "\x00" not in text
 
 
 TEXT_READ_BYTES = 256 * 1024  # more than max_length tokens of any text
@@ -242,5 +251,7 @@ def file_item(path: str, kind: str | None = None) -> dict[str, Any]:
     kind = kind or sniff_kind(path)
     if kind == "text":
         with open(path, "rb") as f:
-            return {"text": f.read(TEXT_READ_BYTES).decode("utf-8", errors="replace")}
+            data = f.read(TEXT_READ_BYTES)
+        decoder = codecs.getincrementaldecoder(text_encoding(data))(errors="replace")  # drops a byte-order mark
+        return {"text": decoder.decode(data, final=len(data) < TEXT_READ_BYTES)}
     return {kind: path}

@@ -12,6 +12,7 @@ gets them on its next run, without the model. Work is committed every `commit_ev
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import time
@@ -29,16 +30,18 @@ from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import prefetch
-from .store import QUANTIZATIONS, Store, StoreError, check_factory, now
+from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
+
+log = logging.getLogger("qvlsearch")
 
 
 @dataclass
 class IndexOptions:
     """Everything `qvlsearch index` can be told; the first block must match an existing index."""
 
-    model: str = "Qwen/Qwen3-VL-Embedding-2B"
+    model: str | os.PathLike = "Qwen/Qwen3-VL-Embedding-2B"  # a local folder is stored as its resolved path
     dim: int | None = None  # None: the existing index's, else the model's hidden size
     quantize: str | None = None  # None: the existing index's, else "none"
     index_type: str | None = None  # None: the existing index's, else "flat"
@@ -182,11 +185,17 @@ def rows_by_file(rows: Iterable[dict[str, Any]]) -> dict[bytes, list[dict[str, A
     return files
 
 
-def under_roots(roots: list[str]) -> Callable[[bytes], bool]:
-    """Whether a stored path lies under the roots: a file root is matched exactly, a folder root by its prefix."""
-    files = {os.fsencode(r) for r in roots if not os.path.isdir(r)}
-    folders = tuple(os.fsencode(r.rstrip(os.sep) + os.sep) for r in roots if os.path.isdir(r))
-    return lambda path: path in files or path.startswith(folders)
+def model_setting(model: str | os.PathLike) -> str:
+    """How an index names its model: a local folder by its resolved path (loadable from any folder), else the Hub id."""
+    model = os.fspath(model)
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
+
+
+def path_filter(files: Iterable[str], folders: Iterable[str]) -> Callable[[bytes], bool]:
+    """Whether a stored `path_bytes` is one of `files` or lies below one of `folders` (never a mere string prefix)."""
+    exact = {os.fsencode(f) for f in files}
+    prefixes = tuple(os.fsencode(folder.rstrip(os.sep) + os.sep) for folder in folders)
+    return lambda path: path in exact or path.startswith(prefixes)
 
 
 def settings_of(options: IndexOptions, dim: int, quantize: str, index_type: str) -> dict[str, Any]:
@@ -238,22 +247,28 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
 
 
 def validate(options: IndexOptions) -> None:
+    """Options that are wrong whatever the index holds; the index type is checked once the dimension is known."""
     if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {options.quantize!r}")
-    if options.index_type is not None:
-        check_factory(options.index_type, 64)
+    if options.device not in (None, "auto"):
+        from .qwen import pick_device
+
+        pick_device(options.device)
 
 
 def lock_index(index_dir: Path, wait: bool) -> FileLock:
     """The one-writer lock; the OS releases it when its process dies, so a stale lock is never a problem."""
     index_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(index_dir / "lock", timeout=-1 if wait else 0)
+    lock = FileLock(index_dir / "lock", timeout=0)
     try:
         lock.acquire()
     except Timeout:
         holder = (index_dir / "lock.pid").read_text().strip() if (index_dir / "lock.pid").exists() else "?"
-        raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
-                         "wait for it to finish or pass --wait") from None
+        if not wait:
+            raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
+                             "wait for it to finish or pass --wait") from None
+        log.warning("waiting for another qvlsearch index (pid %s) writing to %s", holder, index_dir)
+        lock.acquire(timeout=-1)
     (index_dir / "lock.pid").write_text(f"{os.getpid()}\n")
     return lock
 
@@ -266,7 +281,7 @@ class Indexer:
         """`embedder` may be a ready `Embedder` for `options.model` (loaded on first need otherwise)."""
         validate(options)
         self.index_dir = Path(index_dir)
-        self.options = options
+        self.options = replace(options, model=model_setting(options.model))
         self.wait = wait
         self.dry_run = dry_run
         self.progress = progress or (lambda done, total, failed: None)
@@ -281,24 +296,28 @@ class Indexer:
         for root in roots:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
-        lock = lock_index(self.index_dir, self.wait)
-        try:
-            store = self.store = self.open_store()
-            self.last_commit, self.since_commit = time.monotonic(), 0
+        self.last_commit, self.since_commit = time.monotonic(), 0
+        check_index_folder(self.index_dir)
+        if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
+            self.update(self.open_store(), roots)
+        else:
+            lock = lock_index(self.index_dir, self.wait)
             try:
-                self.update(store, roots)
-            finally:
-                if not self.dry_run:
+                store = self.open_store()
+                try:
+                    self.update(store, roots)
+                finally:
                     store.commit()  # also on Ctrl-C: keep what is done
-        finally:
-            lock.release()
+            finally:
+                lock.release()
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
     def open_store(self) -> Store:
         if (self.index_dir / "manifest.json").exists():
-            store = Store.open(self.index_dir)
-            store.tidy()  # what a killed writer left behind goes; the view catches up
+            store = self.store = Store.open(self.index_dir, write=not self.dry_run)
+            if not self.dry_run:
+                store.tidy()  # what a killed writer left behind goes; the view catches up
             m, o = store.manifest, self.options
             # moments and pages follow the index; one made before them adopts them
             o = self.options = replace(o, **{k: v if v is not None else m.get(k, default) for k, v, default in (
@@ -315,9 +334,10 @@ class Indexer:
             raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
         settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
         settings["model_revision"] = model_revision(self.options.model)
-        store = Store.create(self.index_dir, settings, full_dim)
-        store.manifest["metadata_version"] = METADATA_VERSION
-        return store
+        check_factory(settings["index_type"], dim)
+        self.store = Store.create(self.index_dir, settings, full_dim)
+        self.store.manifest["metadata_version"] = METADATA_VERSION
+        return self.store
 
     def update(self, store: Store, roots: list[str]) -> None:
         files = rows_by_file(store.rows.values())
@@ -325,12 +345,10 @@ class Indexer:
                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
         self.summary.total = len(found)
         seen = {os.fsencode(f.path) for f in found}
-        # a folder that cannot be read (an unmounted disk) keeps its rows: it is reported, not emptied
-        unreadable = tuple(os.fsencode(f.path.rstrip(os.sep) + os.sep) for f in found
-                           if f.error and f.error.startswith("cannot read folder"))
-        under = under_roots(roots)
+        in_roots = path_filter([r for r in roots if not os.path.isdir(r)], [r for r in roots if os.path.isdir(r)])
+        unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
         gone = {path: rows for path, rows in files.items()
-                if path not in seen and under(path) and not path.startswith(unreadable)}
+                if path not in seen and in_roots(path) and not unlisted(path)}
         gone_by_hash = {rows[0]["content_hash"]: rows for rows in gone.values() if reusable(rows)}
         live_by_hash = {rows[0]["content_hash"]: rows for path, rows in files.items()
                         if path not in gone and reusable(rows)}

@@ -23,9 +23,15 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """`None`/"auto" means the first GPU when there is one, else the CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} "
+                             f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -84,7 +90,11 @@ def load_checkpoint(
             f"cannot load model {name_or_path!r}: the checkpoint lacks {len(missing)} weights "
             f"(e.g. {sorted(missing)[0]}); is it a Qwen3-VL checkpoint?"
         )
-    return model.to(device).eval(), processor
+    try:
+        return model.to(device).eval(), processor
+    except RuntimeError as exc:  # a bad device ordinal, or out of memory
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot put model {name_or_path!r} on {device}: {first_line}") from None
 
 
 @dataclass

@@ -313,10 +313,11 @@ class SearchIndex:
         if kinds:
             in_kinds = pc.is_in(self.items["kind"], value_set=pa.array(sorted(kinds)))
             allowed &= pc.fill_null(in_kinds, False).to_numpy(zero_copy_only=False)
-        if under is not None:
+        if under is not None:  # in Arrow: no path becomes a Python object
             prefix = os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep)
-            paths = self.items["path_bytes"].to_pylist()
-            allowed &= np.fromiter((p.startswith(prefix) for p in paths), dtype=bool, count=len(paths))
+            starts = pc.binary_slice(self.items["path_bytes"], 0, len(prefix))
+            below = pc.equal(starts, pa.scalar(prefix, pa.binary()))
+            allowed &= pc.fill_null(below, False).to_numpy(zero_copy_only=False)
         if after is not None or before is not None:
             taken_us = self.metadata["taken_at"].cast(pa.int64())
             mtime_us = pc.divide(self.metadata["mtime_ns"], 1000)

@@ -119,11 +119,11 @@ def http_base() -> str:
 def embedder(checkpoints):
     from qvlsearch import Embedder
 
-    return Embedder(str(checkpoints["embedder"]))
+    return Embedder(str(checkpoints["embedder"]), device="cpu")  # float32: the parity tests need it
 
 
 @pytest.fixture(scope="session")
 def reranker(checkpoints):
     from qvlsearch import Reranker
 
-    return Reranker(str(checkpoints["reranker"]))
+    return Reranker(str(checkpoints["reranker"]), device="cpu")

@@ -39,7 +39,7 @@ def every_kind(media) -> list[dict]:
 @pytest.fixture(scope="module", params=["tiny", "foreign"])
 def model_pair(request, checkpoints, foreign_checkpoints):
     path = str((checkpoints if request.param == "tiny" else foreign_checkpoints)["embedder"])
-    return Embedder(path), ReferenceEmbedder(path)
+    return Embedder(path, device="cpu"), ReferenceEmbedder(path)
 
 
 def test_matches_reference_batched_and_one_by_one(model_pair, media):
@@ -197,14 +197,14 @@ def test_out_of_range_dim_is_refused(embedder, dim):
 
 
 def test_long_text_is_truncated_to_max_length(checkpoints):
-    short = Embedder(str(checkpoints["embedder"]), max_length=24)
+    short = Embedder(str(checkpoints["embedder"]), max_length=24, device="cpu")
     reference = ReferenceEmbedder(str(checkpoints["embedder"]), max_length=24)
     items = [{"text": "a very long text about cats " * 40}, {"text": "short"}]
     np.testing.assert_allclose(short.embed(items), reference.process(items), atol=1e-5)
 
 
 def test_truncation_never_cuts_an_image(checkpoints):
-    short = Embedder(str(checkpoints["embedder"]), max_length=24)
+    short = Embedder(str(checkpoints["embedder"]), max_length=24, device="cpu")
     with pytest.raises(MediaError, match="would cut an image or video"):
         short.embed([{"image": CAT}])
 
@@ -217,8 +217,8 @@ def test_hub_layout_and_headless_layout_load_the_same_weights(checkpoints, tmp_p
     Qwen3VLProcessor.from_pretrained(checkpoints["embedder"]).save_pretrained(tmp_path / "headless")
     items = [{"text": "a cat"}, {"image": CAT}]
     np.testing.assert_allclose(
-        Embedder(str(tmp_path / "headless")).embed(items),
-        Embedder(str(checkpoints["embedder"])).embed(items),
+        Embedder(str(tmp_path / "headless"), device="cpu").embed(items),
+        Embedder(str(checkpoints["embedder"]), device="cpu").embed(items),
         atol=1e-6,
     )
 
@@ -241,7 +241,7 @@ def test_float32_and_sdpa_on_cpu(embedder):
 
 def test_worker_processes_give_the_same_vectors_and_errors_as_threads(checkpoints, embedder, media):
     items = every_kind(media) + [{"image": str(media["corrupt.jpg"])}, {"text": 7}]
-    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=2)
+    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=2, device="cpu")
     got = in_processes.embed(items, on_error="skip")
     expected = embedder.embed(items, on_error="skip")
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
@@ -280,7 +280,7 @@ class KillsItsWorker:
 
 
 def test_a_dead_worker_process_is_one_clear_error_and_the_next_call_works(checkpoints):
-    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=1)
+    in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=1, device="cpu")
     expected = in_processes.embed([{"text": "a cat"}])
     for process in list(in_processes.worker_processes.pool._processes.values()):
         process.kill()  # between calls, as the kernel's out-of-memory killer would: new workers start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -350,3 +351,24 @@ def test_sniff_unreadable_paths(tmp_path):
         sniff_kind(str(tmp_path / "missing.jpg"))
     with pytest.raises(KindError, match="^is a directory$"):
         sniff_kind(str(tmp_path))
+
+
+BOM_TEXTS = {  # how editors on Windows and macOS save text: a byte-order mark, then UTF-8, UTF-16 or UTF-32
+    "utf-8-sig": codecs.BOM_UTF8 + "héllo wörld ✓\nline two\n".encode(),
+    "utf-16-le": codecs.BOM_UTF16_LE + "héllo wörld ✓\nline two\n".encode("utf-16-le"),
+    "utf-16-be": codecs.BOM_UTF16_BE + "héllo wörld ✓\nline two\n".encode("utf-16-be"),
+    "utf-32-le": codecs.BOM_UTF32_LE + "héllo wörld ✓\nline two\n".encode("utf-32-le"),
+    "utf-32-be": codecs.BOM_UTF32_BE + "héllo wörld ✓\nline two\n".encode("utf-32-be"),
+}
+
+
+@pytest.mark.parametrize("encoding", BOM_TEXTS)
+def test_text_with_a_byte_order_mark_is_text_without_the_mark(tmp_path, encoding):
+    path = touch(tmp_path / "notes.txt", BOM_TEXTS[encoding])
+    assert sniff_kind(str(path)) == "text"
+    assert fs.file_item(str(path)) == {"text": "héllo wörld ✓\nline two\n"}
+
+
+def test_a_byte_order_mark_before_binary_is_not_text(tmp_path):
+    assert rejected(tmp_path, "bom-nul.txt", codecs.BOM_UTF16_LE + "a\x00b".encode("utf-16-le")) == fs.UNKNOWN_CONTENT
+    assert rejected(tmp_path, "bom-cut.txt", codecs.BOM_UTF16_LE + b"\x00\xd8") == fs.UNKNOWN_CONTENT  # lone surrogate

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
-import random
+import select
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def options(checkpoints) -> IndexOptions:
-    return IndexOptions(model=str(checkpoints["embedder"]), commit_every=5)
+    return IndexOptions(model=str(checkpoints["embedder"]), commit_every=5, device="cpu")
 
 
 def run_index(index_dir: Path, roots: list[Path], options: IndexOptions, embedder=None, **kwargs) -> Indexer:
@@ -262,8 +263,10 @@ def test_second_writer_is_refused_and_wait_waits(tmp_path, corpus, checkpoints):
         waiter = subprocess.Popen([sys.executable, "-m", "qvlsearch", "index", str(corpus / "notes"), "--index",
                                    str(index_dir), "--model", str(checkpoints["embedder"]), "--wait", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        time.sleep(2)
-        assert waiter.poll() is None
+        assert select.select([waiter.stderr], [], [], 120)[0], "the waiter never said that it waits"
+        said = waiter.stderr.readline()  # written once it has found the lock taken, and waits
+        assert said == f"qvlsearch: waiting for another qvlsearch index (pid {os.getpid()}) writing to {index_dir}\n"
+        assert waiter.poll() is None and not (index_dir / "manifest.json").exists()
     finally:
         lock.release()
     out, _ = waiter.communicate(timeout=300)
@@ -282,26 +285,36 @@ def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path):
     lock_index(tmp_path, wait=False).release()
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
-    args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1"]
+def generation(index_dir: Path) -> int:
+    """The committed generation (0 before the first commit)."""
+    try:
+        return json.loads((index_dir / "manifest.json").read_text())["generation"]
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_inside_indexing_then_resume_equals_an_uninterrupted_run(tmp_path, corpus, checkpoints):
+    args = ["index", str(corpus), "--model", str(checkpoints["embedder"]), "--commit-every", "3", "--workers", "1",
+            "--batch-size", "1"]
     assert cli(*args, "--index", str(tmp_path / "clean")).returncode == 0
     clean = vectors_by_path(tmp_path / "clean")
     killed = tmp_path / "killed"
-    rng = random.Random(7)
-    for _ in range(3):
+    for commits in (1, 2, 3):  # run n is killed just after its n-th commit (3n files), with files still to do
         proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args, "--index", str(killed)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-        deadline = time.monotonic() + 60
-        while not (killed / "manifest.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        start, deadline = generation(killed), time.monotonic() + 120
+        while generation(killed) < start + commits and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert_consistent(killed)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        store = assert_consistent(killed)
+        assert 0 < len(store.rows) < len(clean)
+    done = len(store.rows)
     result = cli(*args, "--index", str(killed), "--json")
     assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["unchanged"], summary["added"]) == (done, len(clean) - done)  # committed work was not redone
     assert_consistent(killed)
-    assert json.loads(result.stdout)["added"] < len(clean)  # committed work was not redone
     got = vectors_by_path(killed)
     assert got.keys() == clean.keys()
     for path, vector in clean.items():
@@ -319,12 +332,13 @@ def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints, decoders):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if run in a `&` job
     deadline = time.monotonic() + 120
-    while not (tmp_path / "i" / "manifest.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while generation(tmp_path / "i") == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen after its first commit: it cannot finish before the Ctrl-C
+    assert proc.poll() is None and Store.open(tmp_path / "i").manifest["counts"]["items"] < 200
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group, worker processes too
+    os.killpg(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.fail("the run finished before it could be interrupted; make the corpus larger")
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["qvlsearch: interrupted"]  # and no worker's traceback
     assert_consistent(tmp_path / "i")
@@ -352,10 +366,25 @@ def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):
     assert missing.returncode == 2 and "no index at" in missing.stderr
 
 
-def test_dry_run_changes_nothing(tmp_path, corpus, options, embedder):
-    indexer = run_index(tmp_path / "i", [corpus], options, embedder, dry_run=True)
-    assert indexer.summary.added == indexer.summary.total and indexer.model_runs == 0
-    assert not (tmp_path / "i" / "manifest.json").exists()
+def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry of a folder: its mode, mtime and content."""
+    return {p.name: (p.stat().st_mode, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_dry_run_writes_nothing(tmp_path, corpus, options, embedder):
+    indexer = run_index(tmp_path / "new", [corpus], options, embedder, dry_run=True)
+    assert indexer.summary.added == indexer.summary.total == 22 and indexer.model_runs == 0
+    assert not (tmp_path / "new").exists()  # no folder, no lock
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus / "notes"], options, embedder)
+    (index_dir / "lock").unlink()
+    (index_dir / "lock.pid").unlink()
+    (index_dir / ".items-000009.parquet.tmp").write_bytes(b"left by a killed writer")  # the clean-up's business
+    (corpus / "notes" / "cats.txt").unlink()
+    before = folder_state(index_dir)
+    dry = run_index(index_dir, [corpus], options, dry_run=True).summary
+    assert (dry.added, dry.removed, dry.unchanged) == (16, 1, 5)
+    assert folder_state(index_dir) == before
 
 
 def test_default_index_folder_comes_from_the_environment(tmp_path, checkpoints):
@@ -408,3 +437,221 @@ def test_worker_processes_index_the_same_vectors(tmp_path, corpus, options, embe
     assert got.keys() == threads.keys()
     for path, vector in threads.items():
         np.testing.assert_array_equal(got[path], vector)
+
+
+def test_clean_up_deletes_only_files_the_index_wrote(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index_dir = tmp_path / "i"
+    base = ["index", str(root), "--index", str(index_dir), "--model", str(checkpoints["embedder"]), "--quiet"]
+    assert cli(*base).returncode == 0
+    theirs = {".nomedia": b"", "index-cover.jpg": b"a cover", "items-list.txt": b"a list", "vectors-2024.npz": b"v",
+              "items-000001.parquet": b"looks like 0.1.0's", "seg-000001.parquet": b"looks like ours",
+              "segments/seg-000001.parquet.bak": b"a backup", "segments/notes.txt": b"a note"}
+    for name, data in theirs.items():
+        (index_dir / name).write_bytes(data)
+    (index_dir / ".thumbnails").mkdir()
+    (index_dir / ".thumbnails" / "t.jpg").write_bytes(b"thumb")
+    (index_dir / "segments" / "seg-000099.faiss").mkdir()  # a folder is never deleted, whatever its name
+    (index_dir / "segments" / "seg-000098.npy").symlink_to(root / "a.png")  # nor a link
+    leftovers = ["segments/seg-000042.parquet", "segments/.seg-000042.npy.tmp", ".manifest.json.tmp",
+                 "items/.seg-000042.parquet.tmp"]
+    for name in leftovers:  # what a writer killed in the middle of a commit leaves
+        (index_dir / name).write_bytes(b"partial")
+    make_image(root / "b.png", color=(1, 2, 3))
+    result = cli(*base)
+    assert result.returncode == 0, result.stderr
+    assert {name: (index_dir / name).read_bytes() for name in theirs} == theirs
+    assert (index_dir / ".thumbnails" / "t.jpg").read_bytes() == b"thumb"
+    assert (index_dir / "segments" / "seg-000099.faiss").is_dir()
+    assert (index_dir / "segments" / "seg-000098.npy").is_symlink() and (root / "a.png").exists()
+    assert not [name for name in leftovers if (index_dir / name).exists()]
+    assert assert_consistent(index_dir).manifest["counts"]["ok"] == 2
+
+
+def test_a_new_index_goes_only_into_a_new_or_empty_folder(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    pictures = tmp_path / "Pictures"
+    make_image(pictures / "cover.jpg")
+    (pictures / ".nomedia").write_bytes(b"")
+    before = sorted(p.name for p in pictures.iterdir())
+    model = ["--model", str(checkpoints["embedder"])]
+    refused = cli("index", str(root), "--index", str(pictures), *model)
+    assert refused.returncode == 2 and refused.stderr.startswith(f"qvlsearch: --index {pictures} is not an index")
+    assert len(refused.stderr.strip().splitlines()) == 1 and "new or empty folder" in refused.stderr
+    assert sorted(p.name for p in pictures.iterdir()) == before  # not even a lock file
+    a_file = cli("index", str(root), "--index", str(pictures / "cover.jpg"), *model)
+    assert a_file.returncode == 2 and "is a file" in a_file.stderr and len(a_file.stderr.strip().splitlines()) == 1
+    # an empty folder is fine, and so is what a first run killed before its first commit leaves
+    started = tmp_path / "started"
+    (started / "segments").mkdir(parents=True)
+    for name in ("lock", "lock.pid", "segments/.seg-000001.npy.tmp", "segments/seg-000001.parquet"):
+        (started / name).write_bytes(b"")
+    assert cli("index", str(root), "--index", str(started), *model).returncode == 0
+    assert sorted(p.name for p in started.iterdir()) == ["deleted", "items", "lock", "lock.pid", "manifest.json",
+                                                         "segments"]
+    segment = Snapshot(started).manifest["segments"][0]["name"]
+    assert sorted(p.name for p in (started / "segments").iterdir()) == [f"{segment}.{ext}"
+                                                                       for ext in ("faiss", "npy", "parquet")]
+
+
+def test_items_view_is_copied_where_hard_links_fail(tmp_path, corpus, options, embedder, monkeypatch):
+    def no_hard_links(*args, **kwargs):  # as on exFAT or an SMB share
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [corpus / "notes"], options, embedder)
+    run_index(index_dir, [corpus / "photos"], options, embedder)
+    assert_consistent(index_dir)
+    for view in (index_dir / "items").iterdir():
+        assert view.stat().st_nlink == 1
+        assert pq.read_table(view).equals(pq.read_table(index_dir / "segments" / view.name))
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The stderr of a run that failed as a usage or setup error must: exit 2, one `qvlsearch: ` line."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("qvlsearch: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_a_damaged_item_table_is_one_line(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index_dir = tmp_path / "i"
+    base = ["--index", str(index_dir)]
+    assert cli("index", str(root), *base, "--model", str(checkpoints["embedder"])).returncode == 0
+    table = index_dir / "segments" / f"{Snapshot(index_dir).manifest['segments'][0]['name']}.parquet"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # a disk that lost the end of it
+    for args in (["info"], ["search", "x"], ["index", str(root)]):
+        assert "cannot read the item table" in one_line_error(cli(*args, *base))
+
+
+def test_bad_index_types_and_devices_fail_before_any_model_work(tmp_path, corpus, checkpoints):
+    model = ["--model", str(checkpoints["embedder"])]
+    bogus = cli("index", str(corpus), "--index", str(tmp_path / "i"), "--index-type", "Foo", *model)
+    assert "--index-type" in one_line_error(bogus) and "Foo" in bogus.stderr
+    assert not (tmp_path / "i" / "manifest.json").exists()
+    no_pq = cli("index", str(corpus), "--index", str(tmp_path / "i"), "--index-type", "IVF4,PQ7", *model)
+    assert "works at dim 64" in one_line_error(no_pq)
+    for device in ("gpu", "cuda:9"):
+        assert "device" in one_line_error(cli("index", str(corpus), "--index", str(tmp_path / "d"), "--device",
+                                              device, *model))
+    assert not (tmp_path / "d").exists()
+    assert cli("index", str(corpus / "notes"), "--index", str(tmp_path / "i"), *model).returncode == 0
+    generation = json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"]
+    assert "bogus" in one_line_error(cli("reindex", "--index", str(tmp_path / "i"), "--index-type", "bogus"))
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"] == generation
+    assert "no index at" in one_line_error(cli("reindex", "--index", str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_file_root_is_that_file_and_a_folder_root_that_folder(tmp_path, options, embedder):
+    root = tmp_path / "dir"
+    for name in ("a.md", "a.md copy.md", "ab/c.md", "a/d.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"the note {name}\n")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    (root / "a.md").write_text("a.md, edited\n")
+    (root / "a" / "d.md").unlink()
+    again = run_index(index_dir, [root / "a.md"], options, embedder).summary
+    assert (again.updated, again.removed) == (1, 0)
+    again = run_index(index_dir, [root / "a"], options, embedder).summary  # "a/" is not "ab/" nor "a.md"
+    assert (again.removed, again.total) == (1, 0)
+    paths = sorted(os.path.relpath(r["path"], root) for r in assert_consistent(index_dir).rows.values())
+    assert paths == ["a.md", "a.md copy.md", "ab/c.md"]
+
+
+def test_a_folder_that_cannot_be_read_keeps_its_rows(tmp_path, checkpoints):
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop root's read-everything capability")
+    root = tmp_path / "disk"
+    make_image(root / "top.png")
+    make_image(root / "sub" / "one.png", color=(9, 9, 9))
+    make_image(root / "sub" / "two.png", color=(99, 9, 9))
+    index_dir = tmp_path / "i"
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    args = [sys.executable, "-m", "qvlsearch", "index", str(root), "--index", str(index_dir), "--model",
+            str(checkpoints["embedder"]), "--json"]
+    assert subprocess.run(args, env=ENV, capture_output=True, timeout=300).returncode == 0
+    everything = sorted(r["path"] for r in assert_consistent(index_dir).rows.values())
+    try:
+        for unreadable in (root / "sub", root):  # a sub-folder, then the root itself (say, a disk not mounted)
+            unreadable.chmod(0)
+            result = subprocess.run([*drop, *args], env=ENV, capture_output=True, text=True, timeout=300)
+            unreadable.chmod(0o755)
+            assert result.returncode == 0, result.stderr
+            summary = json.loads(result.stdout)
+            assert summary["removed"] == 0 and summary["failures"] == [
+                {"path": str(unreadable), "error": "cannot read folder: permission denied"}]
+            rows = assert_consistent(index_dir).rows.values()
+            assert sorted(r["path"] for r in rows if r["status"] == "ok") == everything
+    finally:
+        for folder in (root, root / "sub"):
+            folder.chmod(0o755)
+
+
+def test_a_copy_reuses_the_vector_of_its_own_content(tmp_path, options, embedder):
+    """Copy IMG.jpg to IMG_orig.jpg, then edit IMG.jpg: the copy must keep the original's vector."""
+
+    class OneAtATime:
+        """The real embedder, fed so that each file's vector is stored before the next file is looked at."""
+
+        def embed_iter(self, items, batch_size=None):
+            for index, item in enumerate(items):
+                (result,) = embedder.embed_iter([item])
+                yield dataclasses.replace(result, index=index)
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(SAMPLE_DATA / "photos" / "cat.jpg", root / "IMG.jpg")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    before = vectors_by_path(index_dir)
+    shutil.copy(root / "IMG.jpg", root / "IMG_orig.jpg")
+    make_image(root / "IMG.jpg", size=(64, 48), color=(200, 30, 30))  # edited; "IMG.jpg" sorts before the copy
+    indexer = run_index(index_dir, [root], options, OneAtATime())
+    assert (indexer.summary.added, indexer.summary.updated, indexer.model_runs) == (1, 1, 1)
+    assert_consistent(index_dir)
+    after = vectors_by_path(index_dir)
+    np.testing.assert_array_equal(after[str(root / "IMG_orig.jpg")], before[str(root / "IMG.jpg")])
+    assert not np.array_equal(after[str(root / "IMG.jpg")], before[str(root / "IMG.jpg")])
+
+
+
+def test_a_copy_of_a_file_that_became_an_error_row_keeps_the_old_content_vector(tmp_path, options, embedder):
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(SAMPLE_DATA / "photos" / "bee.jpg", root / "BEE.jpg")
+    index_dir = tmp_path / "i"
+    run_index(index_dir, [root], options, embedder)
+    before = vectors_by_path(index_dir)
+    shutil.copy(root / "BEE.jpg", root / "BEE_copy.jpg")
+    (root / "BEE.jpg").write_text("not an image any more\n")  # "BEE.jpg" sorts first: its error row comes first
+    indexer = run_index(index_dir, [root], options)  # no embedder: nothing needs the model
+    assert (indexer.summary.added, indexer.summary.failed, indexer.model_runs) == (1, 1, 0)
+    assert_consistent(index_dir)
+    after = vectors_by_path(index_dir)
+    np.testing.assert_array_equal(after[str(root / "BEE_copy.jpg")], before[str(root / "BEE.jpg")])
+
+
+def test_a_local_model_is_stored_as_its_resolved_path(tmp_path, checkpoints, options, embedder):
+    model = checkpoints["embedder"]
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    index = ["--index", str(tmp_path / "i")]
+    assert cli("index", str(root), *index, "--model", f"./{model.name}", cwd=model.parent).returncode == 0
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["model"] == str(model.resolve())
+    for spelled, cwd in ((model.name, model.parent), (str(model), tmp_path), (os.path.relpath(model, root), root)):
+        again = cli("index", str(root), *index, "--model", spelled, "--json", cwd=cwd)
+        assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 1, again.stderr
+    found = cli("search", "a photo", *index, "--paths", cwd=tmp_path)  # the model loads from another folder
+    assert found.returncode == 0 and found.stdout == f"{root / 'a.png'}\n", found.stderr
+    assert cli("search", "a photo", *index, "--model", f"./{model.name}", cwd=model.parent).returncode == 0
+    # a pathlib.Path from Python is the same setting as its string
+    run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model)), embedder)
+    assert run_index(tmp_path / "p", [root], options, embedder).summary.unchanged == 1
+    assert run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model))).summary.unchanged == 1

@@ -40,7 +40,7 @@ QUERIES = {
 @pytest.fixture(scope="module", params=["tiny", "foreign"])
 def model_pair(request, checkpoints, foreign_checkpoints):
     path = str((checkpoints if request.param == "tiny" else foreign_checkpoints)["reranker"])
-    return Reranker(path), ReferenceReranker(path)
+    return Reranker(path, device="cpu"), ReferenceReranker(path)
 
 
 @pytest.mark.parametrize("query", sorted(QUERIES))
@@ -91,7 +91,7 @@ def test_instruction_changes_scores(reranker):
 
 def test_truncation_keeps_special_and_closing_tokens(checkpoints, media):
     path = str(checkpoints["reranker"])
-    ours, reference = Reranker(path, max_length=40), ReferenceReranker(path, max_length=40)
+    ours, reference = Reranker(path, max_length=40, device="cpu"), ReferenceReranker(path, max_length=40)
     inputs = {
         "query": {"text": "cat"},
         "documents": [{"text": "long text about cats " * 30}, {"image": CAT}, {"text": "short"}],

@@ -15,6 +15,7 @@ from conftest import PHOTOS, SAMPLE_DATA
 from PIL import Image
 
 from qvlsearch import InputError, MediaError, open_index
+from qvlsearch.fs import display_path
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex, SearchResult
 from qvlsearch.store import Store, StoreError, now
@@ -27,7 +28,7 @@ VIDEOS = sorted(str(p) for p in (SAMPLE_DATA / "videos").iterdir())
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, checkpoints, embedder) -> Path:
     path = tmp_path_factory.mktemp("search") / "index"
-    Indexer(path, IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([SAMPLE_DATA])
+    Indexer(path, IndexOptions(model=str(checkpoints["embedder"]), device="cpu"), embedder=embedder).run([SAMPLE_DATA])
     return path
 
 
@@ -51,12 +52,13 @@ def test_text_query_returns_k_results_best_first(index):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_search_loads_no_reranker_unless_asked(index_dir, embedder):
-    from qvlsearch.search import SearchIndex
+def test_search_loads_no_reranker_unless_asked(index_dir, embedder, tmp_path):
+    from qvlsearch.errors import ModelLoadError
 
-    fresh = SearchIndex(index_dir, embedder=embedder)
-    fresh.search("cat", k=3)
-    assert fresh._reranker is None
+    fresh = SearchIndex(index_dir, embedder=embedder, reranker_model=str(tmp_path / "no-reranker-here"))
+    assert len(fresh.search("cat", k=3)) == 3  # loading that reranker would fail: it was not loaded
+    with pytest.raises(ModelLoadError, match="no-reranker-here"):
+        fresh.search("cat", k=3, rerank=True)
 
 
 def test_image_query_finds_that_image_first(index):
@@ -201,23 +203,53 @@ def test_rerank_files_with_an_unreadable_one(tmp_path, checkpoints, reranker):
     assert cli("rerank", "a cat", "--reranker", str(checkpoints["reranker"]), stdin="").returncode == 2
 
 
+def expected_tile(path: str, kind: str) -> Image.Image:
+    """What a result's tile must show, made here from the file: the picture, or a video's middle frame."""
+    if kind == "video":
+        import decord
+
+        reader = decord.VideoReader(path)
+        tile = Image.fromarray(reader[len(reader) // 2].asnumpy())
+    else:
+        tile = Image.open(path).convert("RGB")
+    tile.thumbnail((256, 256))
+    return tile
+
+
+def tile_of(sheet: Image.Image, i: int, size: tuple[int, int], columns: int) -> Image.Image:
+    x, y = (i % columns) * 256, (i // columns) * (256 + 40)
+    left, top = x + (256 - size[0]) // 2, y + (256 - size[1]) // 2
+    return sheet.crop((left, top, left + size[0], top + size[1]))
+
+
 def test_contact_sheet(index_dir, tmp_path):
     sheet = tmp_path / "sheet.jpg"
-    result = cli("search", "a cat", "--index", str(index_dir), "-k", "7", "--contact-sheet", str(sheet), "--paths")
+    result = cli("search", "a cat", "--index", str(index_dir), "-k", "7", "--kind", "image",
+                 "--contact-sheet", str(sheet), "--paths")
     assert result.returncode == 0
+    paths = result.stdout.splitlines()
     with Image.open(sheet) as image:
         assert image.format == "JPEG" and image.size == (5 * 256, 2 * (256 + 40))
-        assert len(image.convert("L").getcolors(maxcolors=256) or []) > 50  # real thumbnails, not a blank page
+        for i, path in enumerate(paths):  # each tile is its photo (up to JPEG's loss), not the fallback card
+            want = expected_tile(path, "image")
+            got = tile_of(image.convert("RGB"), i, want.size, 5)
+            assert np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 8, path
 
 
 def test_contact_sheet_shows_every_kind(index, tmp_path):
-    from qvlsearch.contact_sheet import write_contact_sheet
+    from qvlsearch.contact_sheet import text_card, write_contact_sheet
 
     results = index.search("x", k=1, kind="video") + index.search("x", k=1, kind="text") + index.search(
         "x", k=1, kind="image")
     path = write_contact_sheet(results, tmp_path / "kinds.png")
     with Image.open(path) as image:
         assert image.size == (3 * 256, 256 + 40)
+        sheet = image.convert("RGB")
+    for i, (result, want) in enumerate(zip(results, (
+            expected_tile(results[0].path, "video"),
+            text_card(Path(results[1].path).read_text()[:600]),
+            expected_tile(results[2].path, "image")), strict=True)):
+        assert tile_of(sheet, i, want.size, 3).tobytes() == want.tobytes(), result.path  # a PNG: exactly
 
 
 def test_table_format_for_terminals(capsys):
@@ -329,3 +361,91 @@ def test_a_missing_vector_segment_is_a_clear_error(tmp_path):
     segment.unlink()
     with pytest.raises(StoreError, match=f"{segment.name} is missing .*qvlsearch optimize"):
         open_index(tmp_path / "i").nearest(np.ones((1, 64), dtype=np.float32) / 8, 5, lambda i: True, None)
+
+
+def synthetic_index(path: Path, rows: list[tuple[str, bytes, np.ndarray]], index_type: str = "flat") -> None:
+    """An index of given (kind, path bytes, vector) rows, without a model."""
+    full_dim = len(rows[0][2])
+    settings = {"model": "synthetic", "model_revision": None, "dim": full_dim, "quantize": "none",
+                "index_type": index_type, "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0,
+                "fps": 1.0, "max_frames": 1}
+    store = Store.create(path, settings, full_dim)
+    for item_id, (kind, path_bytes, vector) in enumerate(rows, 1):
+        store.put({"id": item_id, "path": display_path(os.fsdecode(path_bytes)), "path_bytes": path_bytes, "root": "/",
+                   "kind": kind, "status": "ok", "indexed_at": now()}, vector / np.linalg.norm(vector))
+    store.commit()
+
+
+def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_path):
+    """`-k 10 --kind video` returns 10 videos when the index has 10, also where IVF would not probe their lists."""
+    rng = np.random.default_rng(2)
+    query = rng.normal(size=64).astype(np.float32)
+    query /= np.linalg.norm(query)
+    images = [("image", b"/p/%d.jpg" % i, query + 0.8 * rng.normal(size=64)) for i in range(2000)]
+    videos = [("video", b"/v/%d.mp4" % i, -query + 0.3 * rng.normal(size=64)) for i in range(10)]
+    synthetic_index(tmp_path / "i", images + videos, index_type="ivf")
+    index = open_index(tmp_path / "i")
+    assert index.manifest["faiss_factory"] == "IVF44,Flat"
+    hits = index.nearest(query[None, :], 10, index.filter("video", None), None)
+    assert sorted(item_id for item_id, _ in hits) == list(range(2001, 2011))
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+
+
+def test_under_filters_in_arrow_without_making_python_paths(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n = 50_000
+    rows = [("image", b"/photos/%d/%06d.jpg" % (i % 12, i), rng.normal(size=32)) for i in range(n)]
+    rows.append(("text", b"/caf\xe9/menu.txt", rng.normal(size=32)))
+    synthetic_index(tmp_path / "i", rows)
+    index = open_index(tmp_path / "i")
+    keep = index.filter(None, "/photos/1")  # "/photos/1/", not "/photos/10/"
+    assert sum(keep(i) for i in range(1, n + 2)) == len(range(1, n, 12))
+    assert [i for i in range(1, n + 2) if index.filter(None, os.fsdecode(b"/caf\xe9"))(i)] == [n + 1]
+    tracemalloc.start()
+    index.filter("image", "/photos/1")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * n, f"{peak / n:.0f} bytes of Python objects a row"  # a bytes object a path would be ~60
+
+
+def test_paths_are_written_as_their_exact_bytes(tmp_path, checkpoints, embedder):
+    from typer.testing import CliRunner
+
+    from qvlsearch.cli import app
+
+    root = tmp_path / "r"
+    root.mkdir()
+    latin1 = root / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(PHOTOS / "cat.jpg", root / "cat.jpg")
+    shutil.copy(PHOTOS / "bee.jpg", latin1.with_suffix(".jpg"))
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"]), device="cpu"),
+            embedder=embedder).run([root])
+    base = ["search", "x", "--index", str(tmp_path / "i"), "--device", "cpu"]
+    by_nul = CliRunner().invoke(app, [*base, "--paths", "-0"]).stdout_bytes
+    names = by_nul.split(b"\0")
+    assert names[-1] == b"" and sorted(names[:-1]) == sorted(os.fsencode(p) for p in root.iterdir())
+    assert all(os.path.exists(name) for name in names[:-1])  # what `xargs -0` gets opens
+    by_line = CliRunner().invoke(app, [*base, "--paths"]).stdout_bytes
+    assert by_line.splitlines() == names[:-1]
+    records = json.loads(CliRunner().invoke(app, [*base, "--json"]).stdout)
+    assert sorted(r["path"] for r in records) == [str(root / "caf\\xe9.jpg"), str(root / "cat.jpg")]
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("qvlsearch: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_bad_search_options_are_one_line_before_searching(index_dir, tmp_path):
+    base = ["search", "a cat", "--index", str(index_dir)]
+    missing = cli("search", "--queries", str(tmp_path / "missing.txt"), "--index", str(index_dir))
+    assert "cannot read --queries file" in one_line_error(missing) and "No such file" in missing.stderr
+    no_folder = cli(*base, "--contact-sheet", str(tmp_path / "nope" / "sheet.jpg"))
+    assert "there is no folder" in one_line_error(no_folder) and no_folder.stdout == ""  # nothing searched
+    no_suffix = cli(*base, "--contact-sheet", str(tmp_path / "sheet"))
+    assert "image suffix" in one_line_error(no_suffix) and no_suffix.stdout == ""
+    for device in ("gpu", "cuda:9"):
+        assert "device" in one_line_error(cli(*base, "--device", device))

@@ -14,11 +14,20 @@ Layout of an index folder (schema 2):
 A reader (or a run killed at any moment) sees one generation: the old one or the new one.
 """
 
-from .files import ITEM_SCHEMA, SCHEMA_VERSION, SETTINGS_KEYS, StoreError, now, read_manifest, write_atomically
+from .files import (
+                    ITEM_SCHEMA,
+                    SCHEMA_VERSION,
+                    SETTINGS_KEYS,
+                    StoreError,
+                    check_index_folder,
+                    now,
+                    read_manifest,
+                    write_atomically,
+)
 from .reader import OpenSegment, Snapshot, StoredVectors
 from .segments import INDEX_TYPES, QUANTIZATIONS, SEAL_ROWS, build_faiss, check_factory, faiss_factory, read_faiss
 from .writer import Store
 
-__all__ = ["ITEM_SCHEMA", "SCHEMA_VERSION", "SETTINGS_KEYS", "StoreError", "now", "read_manifest", "write_atomically",
-           "OpenSegment", "Snapshot", "StoredVectors", "INDEX_TYPES", "QUANTIZATIONS", "SEAL_ROWS", "build_faiss",
-           "check_factory", "faiss_factory", "read_faiss", "Store"]
+__all__ = ["ITEM_SCHEMA", "SCHEMA_VERSION", "check_index_folder", "SETTINGS_KEYS", "StoreError", "now",
+           "read_manifest", "write_atomically", "OpenSegment", "Snapshot", "StoredVectors", "INDEX_TYPES",
+           "QUANTIZATIONS", "SEAL_ROWS", "build_faiss", "check_factory", "faiss_factory", "read_faiss", "Store"]

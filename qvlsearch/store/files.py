@@ -1,7 +1,7 @@
 """The files of an index folder: their exact names, atomic writes, the manifest, and the outside view.
 
-Everything the store writes has a name matched by `STORE_FILE` (or `LEGACY_FILE`, written by
-schema 1): nothing else in the folder is ever touched, and no folder is ever deleted.
+The clean-up deletes only files in segments/ whose names match `STORE_FILE` exactly, and files that
+a commit let go (listed in the manifest as superseded); no other file and no folder is ever deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ SCHEMA_VERSION = 2
 SEGMENTS, ITEMS_VIEW, DELETED_VIEW = "segments", "items", "deleted"
 # Files in segments/: a segment's rows, vectors and FAISS index; a generation's tombstones; a trained index.
 STORE_FILE = re.compile(r"seg-\d{6}\.(parquet|npy|faiss)|del-\d{6}\.parquet|trained-\d{6}\.faiss")
-LEGACY_FILE = re.compile(r"items-\d{6}\.parquet|index-\d{6}\.faiss|vectors-\d{6}\.npz|items\.parquet")
 OWN_TOP_LEVEL = {"manifest.json", "lock", "lock.pid", "server.json", SEGMENTS, ITEMS_VIEW, DELETED_VIEW}
 
 ITEM_SCHEMA = pa.schema([
@@ -113,14 +112,17 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_atomically(path / "manifest.json", lambda tmp: tmp.write_text(text))
 
 
-def check_folder_for_new_index(path: Path) -> None:
-    """Refuse to create an index in a non-empty folder that holds none (it may be the user's photos)."""
+def check_index_folder(path: Path) -> None:
+    """Refuse an index path that is a file, or a folder that holds anything but an index (it may be the
+    user's photos): a new index goes into a new or empty folder."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--index {path} is a file, not a folder; pass a new or empty folder")
     if not path.is_dir() or (path / "manifest.json").exists():
         return
-    others = sorted(entry.name for entry in path.iterdir() if entry.name not in OWN_TOP_LEVEL)
-    if others:
-        raise StoreError(f"{path} is not empty and holds no qvlsearch index (it has {others[0]!r}); "
-                         "choose an empty or new folder for --index")
+    foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in OWN_TOP_LEVEL)
+    if foreign:
+        raise StoreError(f"--index {path} is not an index and not empty (it holds {foreign[0]!r}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); pass a new or empty folder")
 
 
 def sync_view(path: Path, live: set[str], folder: str) -> None:

@@ -7,6 +7,7 @@ tombstones (ids) beside it, and merging writes a new segment from old ones.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,18 +44,23 @@ def faiss_factory(index_type: str, quantize: str, count: int) -> str:
     return index_type  # a FAISS factory string given as is
 
 
+def faiss_reason(exc: RuntimeError) -> str:
+    """The message of a FAISS exception without its C++ file and line."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\.(?:cpp|h):\d+: (?:Error: )?(.*)", text)
+    return found.group(1) if found else text
+
+
 def check_factory(index_type: str, dim: int) -> None:
-    """Raise StoreError now for an index type FAISS cannot build (not after the embedding work)."""
-    if index_type in INDEX_TYPES:
-        return
+    """Raise StoreError now for an index type FAISS cannot build at `dim` (not after the embedding work)."""
     import faiss
 
+    factory = faiss_factory(index_type, "none", SEAL_ROWS)
     try:
-        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown"
-        raise StoreError(f"--index-type must be flat, hnsw, ivf, ivfpq or a FAISS factory string, got "
-                         f"{index_type!r} (FAISS: {reason})") from None
+        raise StoreError(f"--index-type must be flat, hnsw, ivf, ivfpq or a FAISS factory string that works at "
+                         f"dim {dim}, got {index_type!r} ({faiss_reason(exc)})") from None
 
 
 def normalized(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -154,8 +160,8 @@ def read_items(path: Path, columns: list[str] | None = None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise StoreError(f"cannot read {path} ({exc}); run `qvlsearch optimize`, or delete the index folder and "
-                         "index the files again") from None
+        raise StoreError(f"cannot read the item table {path} ({exc}); run `qvlsearch optimize`, then "
+                         "`qvlsearch index` to embed those files again") from None
     for field in ITEM_SCHEMA:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))

@@ -27,12 +27,11 @@ from .files import (
     DELETED_VIEW,
     ITEM_SCHEMA,
     ITEMS_VIEW,
-    LEGACY_FILE,
     SCHEMA_VERSION,
     SEGMENTS,
     SETTINGS_KEYS,
     StoreError,
-    check_folder_for_new_index,
+    check_index_folder,
     now,
     read_manifest,
     remove_store_files,
@@ -82,7 +81,7 @@ class Store:
     @classmethod
     def create(cls, path: Path, settings: dict[str, Any], full_dim: int) -> Store:
         """A new, empty index (written at the first commit); refuses a non-empty folder that holds no index."""
-        check_folder_for_new_index(Path(path))
+        check_index_folder(Path(path))
         created = now().isoformat()
         manifest = {"schema_version": SCHEMA_VERSION, **settings, "full_dim": full_dim, "generation": 0,
                     "next_id": 1, "next_segment": 1, "segments": [], "deletes": [], "trained": None,
@@ -90,19 +89,20 @@ class Store:
         return cls(Path(path), manifest)
 
     @classmethod
-    def open(cls, path: Path) -> Store:
-        """The committed generation, for writing; an index of schema 1 is upgraded (one commit) first."""
+    def open(cls, path: Path, write: bool = True) -> Store:
+        """The committed generation, for writing; an index of schema 1 is upgraded (one commit) first, or with
+        `write=False` (a dry run) held as pending rows that are never committed."""
         path = Path(path)
         manifest = read_manifest(path)
         if manifest["schema_version"] == 1:
-            return cls.upgrade(path, manifest)
+            return cls.upgrade(path, manifest, write)
         store = cls(path, manifest)
         for name in manifest["deletes"]:
             store.deleted = np.union1d(store.deleted, read_deleted(path / SEGMENTS / name))
         return store
 
     @classmethod
-    def upgrade(cls, path: Path, old: dict[str, Any]) -> Store:
+    def upgrade(cls, path: Path, old: dict[str, Any], write: bool = True) -> Store:
         """Rewrite a schema-1 index (one item table, npz vector files) as one segment; nothing is re-embedded."""
         from .legacy import legacy_files, legacy_rows_and_vectors
 
@@ -119,7 +119,8 @@ class Store:
             if row["id"] in vectors:
                 store.pending_vectors[row["id"]] = vectors[row["id"]]
         store.dirty = True
-        store.commit()
+        if write:
+            store.commit()
         return store
 
     @property
@@ -458,8 +459,11 @@ class Store:
         keep = live_files(self.manifest)
         expired = [g for g in self.manifest.get("superseded", []) if time.time() - g["at"] >= GRACE_SECONDS]
         waiting = {f for g in self.manifest.get("superseded", []) if g not in expired for f in g["files"]}
-        remove_store_files(self.path / SEGMENTS, {Path(f).name for f in keep | waiting if "/" in f})
-        remove_store_files(self.path, {f for f in waiting if "/" not in f}, LEGACY_FILE)
+        for name in (f for g in expired for f in g["files"]):  # exactly the files the store let go, nothing else
+            target = self.path / name
+            if target.is_file() and not target.is_symlink():
+                target.unlink()
+        remove_store_files(self.path / SEGMENTS, {Path(f).name for f in keep | waiting})  # a killed writer's
         (self.path / ".manifest.json.tmp").unlink(missing_ok=True)
         if expired:
             self.manifest["superseded"] = [g for g in self.manifest["superseded"] if g not in expired]
