@@ -379,7 +379,7 @@ class SearchIndex:
         scores, rows = segment.index.search(query, min(fetch, segment.live), params=params)
         del keep_alive
         hit = rows[0] >= 0
-        return scores[0][hit], segment.ok_ids[rows[0][hit]]
+        return scores[0][hit], rows[0][hit] if segment.answers_ids else segment.ok_ids[rows[0][hit]]
 
     def binary_search(self, segment, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The best of 16 times as many Hamming neighbours (at least 1024), by cosine with their stored vectors.
