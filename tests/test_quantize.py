@@ -34,8 +34,8 @@ def test_binary_codes_keep_signs(corpus):
 def test_recall_against_float_search(corpus):
     queries, base, dim = corpus[::7], corpus, corpus.shape[1]
     exact = np.argsort(-(queries @ base.T), axis=1)
-    _, int8_order = build_faiss(base, dim, "int8", "flat").search(queries, 10)
-    _, shortlist = build_faiss(base, dim, "binary", "flat").search(binary_encode(queries), 40)
+    _, int8_order = build_faiss(base, dim, "int8", "SQ8").search(queries, 10)
+    _, shortlist = build_faiss(base, dim, "binary", "BinaryFlat").search(binary_encode(queries), 40)
     rescored = np.take_along_axis(shortlist, np.argsort(-np.einsum("qd,qkd->qk", queries, base[shortlist]), 1), 1)
     int8_recall, binary_recall = recall_at_k(exact, int8_order), recall_at_k(exact, rescored)
     print(f"recall@10 vs float on {len(base)} vectors: int8 {int8_recall:.3f}, binary+rescore(40) {binary_recall:.3f}")

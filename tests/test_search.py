@@ -376,8 +376,11 @@ def synthetic_index(path: Path, rows: list[tuple[str, bytes, np.ndarray]], index
     store.commit()
 
 
-def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_path):
+def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_path, monkeypatch):
     """`-k 10 --kind video` returns 10 videos when the index has 10, also where IVF would not probe their lists."""
+    from qvlsearch.store import segments
+
+    monkeypatch.setattr(segments, "SEAL_ROWS", 1000)  # so that 2,010 rows make one segment with IVF lists
     rng = np.random.default_rng(2)
     query = rng.normal(size=64).astype(np.float32)
     query /= np.linalg.norm(query)
@@ -385,7 +388,7 @@ def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_pa
     videos = [("video", b"/v/%d.mp4" % i, -query + 0.3 * rng.normal(size=64)) for i in range(10)]
     synthetic_index(tmp_path / "i", images + videos, index_type="ivf")
     index = open_index(tmp_path / "i")
-    assert index.manifest["faiss_factory"] == "IVF44,Flat"
+    assert [s["index"] for s in index.manifest["segments"]] == ["IVF44,Flat"]
     hits = index.nearest(query[None, :], 10, index.filter("video", None), None)
     assert sorted(item_id for item_id, _ in hits) == list(range(2001, 2011))
     assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
