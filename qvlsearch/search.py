@@ -200,13 +200,14 @@ class SearchIndex:
         self.manifest = self.snapshot.manifest
         self.items = self.snapshot.items
         self.ids = self.items["id"].to_numpy()  # ascending
+        for cached in ("stored_vectors", "metadata"):  # read from the generation before, on first use
+            self.__dict__.pop(cached, None)
 
     def refresh(self) -> bool:
         """Follow the writer: reopen when a newer generation has been committed; True if it did."""
         if read_manifest(self.path).get("generation") == self.manifest.get("generation"):
             return False
         self.read_index()
-        self.__dict__.pop("stored_vectors", None)
         return True
 
     @cached_property
