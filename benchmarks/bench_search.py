@@ -25,7 +25,7 @@ import numpy as np
 from common import Figure, best_of, run_standalone
 
 from qvlsearch.quantize import binary_encode
-from qvlsearch.search import binary_candidates, set_search_knobs
+from qvlsearch.search import binary_candidates, search_params
 from qvlsearch.store import build_faiss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,12 +67,14 @@ def dataset(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tune(index: object) -> dict[str, int]:
-    """Set efSearch and nprobe as SearchIndex does for a fetch of FETCH; return them."""
+    """Set efSearch and nprobe as SearchIndex does for a fetch of FETCH (`search_params`); return them."""
     inner = faiss.downcast_index(index)
-    set_search_knobs(inner, FETCH)
+    params, _ = search_params(inner, FETCH)
     if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = params.efSearch
         return {"efSearch": inner.hnsw.efSearch}
     if hasattr(inner, "nprobe"):
+        inner.nprobe = params.nprobe
         return {"nprobe": inner.nprobe, "nlist": inner.nlist}
     return {}
 
