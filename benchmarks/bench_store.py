@@ -18,7 +18,7 @@ the merge policy leaves them: no tier of 10 segments (the largest size as 9 segm
 one). The vectors are clustered, as in bench_search.py: 2000 Gaussian clusters in the full
 dimension, varying within a shared 64-dimensional subspace, plus isotropic noise.
 
-    python benchmarks/bench_store.py                                   # full size, 15-25 minutes on 2 cores
+    python benchmarks/bench_store.py              # full size: 20-40 minutes on 2 cores, 13 GB of $TMPDIR
     python benchmarks/bench_store.py --sizes 2000,20000,100000 --search-rows 30000 --queries 20   # a quick check
 
 (With scaled-down sizes, keep the largest size's segments (size ÷ 9) in another tier than the new rows'
