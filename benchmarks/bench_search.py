@@ -26,7 +26,7 @@ from common import Figure, best_of, run_standalone
 
 from qvlsearch.quantize import binary_encode
 from qvlsearch.search import binary_candidates, search_params
-from qvlsearch.store import build_faiss, faiss_factory
+from qvlsearch.store import build_faiss
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS, RANK, QUERIES = 2000, 64, 200
@@ -67,20 +67,22 @@ def dataset(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tune(index: object) -> dict[str, int]:
-    """The efSearch and nprobe that SearchIndex searches with for a fetch of FETCH."""
-    params, _ = search_params(faiss.downcast_index(index), FETCH)
-    if isinstance(params, faiss.SearchParametersHNSW):
-        return {"efSearch": params.efSearch}
-    if isinstance(params, faiss.SearchParametersIVF):
-        return {"nprobe": params.nprobe, "nlist": faiss.downcast_index(index).nlist}
+    """Set efSearch and nprobe as SearchIndex does for a fetch of FETCH (`search_params`); return them."""
+    inner = faiss.downcast_index(index)
+    params, _ = search_params(inner, FETCH)
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = params.efSearch
+        return {"efSearch": inner.hnsw.efSearch}
+    if hasattr(inner, "nprobe"):
+        inner.nprobe = params.nprobe
+        return {"nprobe": inner.nprobe, "nlist": inner.nlist}
     return {}
 
 
 def searcher(index: object, quantize: str, x: np.ndarray):
     """A function from (Q, d) queries to (Q, K) ids, following the query path of each configuration."""
     if quantize != "binary":
-        params, _ = search_params(faiss.downcast_index(index), FETCH)
-        return lambda q: index.search(q, FETCH, params=params)[1][:, :K]
+        return lambda q: index.search(q, FETCH)[1][:, :K]
 
     def rescored(q: np.ndarray) -> np.ndarray:
         candidates = index.search(binary_encode(q), RESCORE)[1]
@@ -122,7 +124,7 @@ def faiss_figures() -> list[Figure]:
         size, truth, float_per_vector = f"{n // 1000}k×{d}", None, 0.0
         for name, quantize, index_type in configs:
             started = time.perf_counter()
-            index = build_faiss(x, d, quantize, faiss_factory(index_type, quantize, len(x)))
+            index = build_faiss(x, d, quantize, index_type)
             build_s = time.perf_counter() - started
             params = tune(index) if quantize != "binary" else {"rescored": RESCORE}
             search = searcher(index, quantize, x)
