@@ -1,7 +1,8 @@
 """`make bench`: the CPU benchmark suite. Prints each figure beside its goal and writes
 benchmarks/results/<machine>-<date>-cpu.json.
 
-    python benchmarks/run.py [index] [models] [search] [scale] [store]     (default: all but store)
+    python benchmarks/run.py [index] [models] [search] [scale] [server] [dupes] [moments] [store]
+                                                   (default: all but store)
 
 `store` runs only when named: it writes indexes of up to 1M × 2048 vectors, which takes 20–45
 minutes on 2 cores, 3 GiB of memory and 13 GB of free disk in the temporary folder ($TMPDIR).
