@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import threading
 import warnings
@@ -60,7 +59,6 @@ def quiet_ray() -> None:
         if type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's notes, read when Ray starts
 
 
 @dataclass

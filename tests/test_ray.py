@@ -160,4 +160,6 @@ def test_cli_ray_json_summary_matches_the_local_run(tmp_path, checkpoints):
     on_ray = cli(*base, "--index", str(tmp_path / "ray"), "--ray", "--ray-workers", "1")
     assert on_ray.returncode == local.returncode == 0, on_ray.stderr
     assert {**json.loads(on_ray.stdout), "seconds": 0} == {**json.loads(local.stdout), "seconds": 0}
-    assert on_ray.stderr == local.stderr  # the failed file's line, and nothing from Ray
+    ours = [line for line in on_ray.stderr.splitlines() if line.startswith("qvlsearch:")]
+    assert ours == local.stderr.splitlines()  # the failed file's line; Ray's own notes may come too
+    assert "Traceback" not in on_ray.stderr
