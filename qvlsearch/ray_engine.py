@@ -181,7 +181,7 @@ class RayEmbedder:
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 1.0), int(resources.get("GPU", 0))
         self.use_gpus = gpus > 0 and device != "cpu"
-        self.replicas = workers or (gpus if self.use_gpus else 1)
+        self.replicas = min(workers or gpus, gpus) if self.use_gpus else workers or 1
         if self.use_gpus:
             self.replica_resources: dict[str, float] = {"num_gpus": 1, "num_cpus": 1}
         else:  # CPU replicas share the cores, leaving half a core to the encoders
