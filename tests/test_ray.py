@@ -17,7 +17,7 @@ import pytest
 from conftest import SAMPLE_DATA
 from make_media import make_image
 from PIL import Image
-from test_index import ENV, assert_consistent, cli, run_index, vectors_by_path
+from test_index import ENV, assert_consistent, run_index, vectors_by_path
 
 from qvlsearch.indexer import IndexOptions
 
@@ -150,16 +150,3 @@ def test_without_ray_installed_ray_exits_2_with_the_pip_line(tmp_path, checkpoin
                                      "pip install 'qvlsearch[ray]'")
     assert not (tmp_path / "i").exists()
 
-
-def test_cli_ray_json_summary_matches_the_local_run(tmp_path, checkpoints):
-    root = tmp_path / "r"
-    make_image(root / "a.png")
-    (root / "b.jpg").write_text("not an image")
-    base = ["index", str(root), "--model", str(checkpoints["embedder"]), "--json"]
-    local = cli(*base, "--index", str(tmp_path / "local"))
-    on_ray = cli(*base, "--index", str(tmp_path / "ray"), "--ray", "--ray-workers", "1")
-    assert on_ray.returncode == local.returncode == 0, on_ray.stderr
-    assert {**json.loads(on_ray.stdout), "seconds": 0} == {**json.loads(local.stdout), "seconds": 0}
-    ours = [line for line in on_ray.stderr.splitlines() if line.startswith("qvlsearch:")]
-    assert ours == local.stderr.splitlines()  # the failed file's line; Ray's own notes may come too
-    assert "Traceback" not in on_ray.stderr
