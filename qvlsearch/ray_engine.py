@@ -37,7 +37,7 @@ QUEUED_CHUNKS = 16  # blocks waiting in the queue: bounds the driver's look-ahea
 ENCODE_BATCH = 4  # items per call of an encoding actor
 TASK_RETRIES = 2  # a batch whose actor died is tried this many more times on the restarted actor
 ROUNDS = 2  # passes over the items; the second tries each lost item alone
-BLOCK_BYTES = 4096
+BLOCK_BYTES = 4096  # Ray Data's target block size for these datasets (see `stages`)
 END = None  # the feeder's last message in the queue
 
 
@@ -228,7 +228,7 @@ class RayEmbedder:
         feeder = threading.Thread(target=feed, name="qvlsearch-ray-feed", daemon=True)
         feeder.start()
         try:
-            yield from self.run_round(self.dataset(queue, batch_size, alone=False), outstanding)
+            yield from self.run_round(self.dataset(queue, batch_size), outstanding)
             feeder.join()
             if feeder_error:
                 raise feeder_error[0]
@@ -265,11 +265,11 @@ class RayEmbedder:
         rows = [{"index": i, "item": item} for i, item in sorted(outstanding.items())]
         return self.stages(ray.data.from_items(rows, override_num_blocks=len(rows)), batch_size, alone=True)
 
-    def dataset(self, queue: Any, batch_size: int | None, alone: bool) -> Any:
+    def dataset(self, queue: Any, batch_size: int | None) -> Any:
         import ray.data
 
         source = ray.data.read_datasource(queue_datasource(queue), override_num_blocks=1, num_cpus=0)
-        return self.stages(source, batch_size, alone)
+        return self.stages(source, batch_size, alone=False)
 
     def stages(self, source: Any, batch_size: int | None, alone: bool) -> Any:
         from ray.data import ActorPoolStrategy
