@@ -12,7 +12,6 @@ their own, and after that are that file's error.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import threading
@@ -72,7 +71,7 @@ class ModelSettings:
 
 
 class EncodeItems:
-    """Ray Data stage on CPU actors: JSON items to pickled `Encoded` inputs (model-ready tensors)."""
+    """Ray Data stage on CPU actors: pickled items to pickled `Encoded` inputs (model-ready tensors)."""
 
     def __init__(self, settings: ModelSettings, dtype_name: str):
         import torch
@@ -85,7 +84,7 @@ class EncodeItems:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         encoded, errors = [], []
         for index, item in zip(batch["index"], batch["item"], strict=True):
-            result = self.encode(int(index), json.loads(item))
+            result = self.encode(int(index), pickle.loads(item))
             if isinstance(result, Failed):
                 encoded.append(b"")
                 errors.append(getattr(result.error, "reason", str(result.error)))
@@ -160,7 +159,7 @@ def read_queue(queue: Any) -> Iterator[Any]:
 
     while (chunk := queue.get(block=True)) is not END:
         yield pa.table({"index": pa.array([i for i, _ in chunk], pa.int64()),
-                        "item": pa.array([item for _, item in chunk], pa.string())})
+                        "item": pa.array([item for _, item in chunk], pa.binary())})
 
 
 class RayEmbedder:
@@ -198,7 +197,7 @@ class RayEmbedder:
         """Stream `Embedding`s as the cluster finishes them (not in input order); memory stays bounded."""
         from ray.util.queue import Queue
 
-        outstanding: dict[int, str] = {}  # index -> JSON item, until its result is back
+        outstanding: dict[int, bytes] = {}  # index -> pickled item (a path, or a PDF page), until its result is back
         queue = Queue(maxsize=QUEUED_CHUNKS, actor_options={"num_cpus": 0})
         stop = threading.Event()
         feeder_error: list[BaseException] = []
@@ -207,7 +206,7 @@ class RayEmbedder:
             try:
                 numbered = enumerate(items)
                 while not stop.is_set() and (chunk := list(islice(numbered, CHUNK_ITEMS))):
-                    rows = [(i, json.dumps(item)) for i, item in chunk]
+                    rows = [(i, pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)) for i, item in chunk]
                     outstanding.update(rows)
                     put(rows)
             except BaseException as exc:  # raised again in the consumer
@@ -248,7 +247,7 @@ class RayEmbedder:
 
             ray.kill(queue.actor)
 
-    def run_round(self, dataset: Any, outstanding: dict[int, str]) -> Iterator[Embedding]:
+    def run_round(self, dataset: Any, outstanding: dict[int, bytes]) -> Iterator[Embedding]:
         for row in dataset.iter_rows():
             r: Results = pickle.loads(row["results"])
             for index, vector, facts, error in zip(r.indexes.tolist(), r.vectors, r.facts, r.errors, strict=True):
@@ -259,7 +258,7 @@ class RayEmbedder:
                 else:
                     yield Embedding(index, vector, facts=facts)
 
-    def lost_items(self, outstanding: dict[int, str], batch_size: int | None) -> Any:
+    def lost_items(self, outstanding: dict[int, bytes], batch_size: int | None) -> Any:
         import ray.data
 
         rows = [{"index": i, "item": item} for i, item in sorted(outstanding.items())]
