@@ -161,6 +161,12 @@ def index(
     total_pixels: Annotated[int, typer.Option(help="Pixel budget across a video's frames.")] = 7864320,
     fps: Annotated[float, typer.Option(help="Video frames sampled per second.")] = 1.0,
     max_frames: Annotated[int, typer.Option(help="Most frames per video.")] = 64,
+    moment_seconds: Annotated[float | None, typer.Option(
+        help="Also embed each video in windows of this many seconds, so that search finds the moment; 0: off "
+             "(default: the index's, else 10).")] = None,
+    max_pages: Annotated[int | None, typer.Option(
+        help="Most pages indexed per PDF; later ones are skipped with a warning (default: the index's, else 200).")
+    ] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of files or folders to skip (repeatable).")] = None,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     follow_symlinks: Annotated[bool, typer.Option(help="Enter symlinked folders.")] = False,
@@ -171,7 +177,10 @@ def index(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Index photos, videos and text files into a FAISS + Parquet index; later runs redo only what changed."""
+    """Index photos, videos, PDFs and text files into a FAISS + Parquet index; later runs redo only what changed.
+
+    Each PDF page and each moment of a video gets a vector of its own, so that search finds the place.
+    """
     from .indexer import Indexer, IndexOptions
 
     if ray:
@@ -181,7 +190,8 @@ def index(
     options = IndexOptions(
         model=model, dim=dim, quantize=quantize, index_type=index_type, instruction=instruction,
         min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
-        device=None if device == "auto" else device, batch_size=batch_size, workers=workers,
+        moment_seconds=moment_seconds, max_pages=max_pages, device=None if device == "auto" else device,
+        batch_size=batch_size, workers=workers,
         processes=processes, exclude=tuple(exclude or ()), include_hidden=include_hidden,
         follow_symlinks=follow_symlinks, commit_every=commit_every, ray=ray, ray_address=ray_address,
         ray_workers=ray_workers, verbose=logging.getLogger("qvlsearch").isEnabledFor(logging.INFO),
@@ -194,6 +204,8 @@ def index(
         write_stdout(json.dumps(summary.to_json()) + "\n")
     for path, error in summary.failures:
         typer.echo(f"qvlsearch: {path}: {error}", err=True)
+    for path, warning in summary.warnings:
+        typer.echo(f"qvlsearch: warning: {path}: {warning}", err=True)
     if not (quiet or as_json):
         typer.echo(
             f"{'would index' if dry_run else 'indexed'} {summary.total} files in {summary.seconds:.1f}s: "
@@ -257,7 +269,9 @@ def info(
     deleted = sum(s["deleted"] for s in segments)
     lines = [f"index:     {target}", f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
              f"vectors:   dim {m['dim']} of {m['full_dim']}, quantize {m['quantize']}, index {m['index_type']}",
-             f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed); "
+             f"files:     {counts.get('files', counts.get('items', 0))}",
+             f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed; "
+             "a PDF page and a video moment are items of their own); "
              + ", ".join(f"{k} {v}" for k, v in sorted(counts.get("by_kind", {}).items())),
              f"segments:  {len(segments)}, {rows} rows of which {deleted} deleted "
              f"({deleted / max(rows, 1):.0%}); `qvlsearch optimize` merges them into one",
@@ -350,30 +364,35 @@ def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str
 
 
 def emit(records: list[dict], fmt: str, null: bool = False) -> None:
-    """Write result records to stdout in the chosen format."""
+    """Write result records to stdout in the chosen format (`--paths`: each file once)."""
     if fmt == "json":
         write_stdout(json.dumps(records) + "\n")
     elif fmt == "jsonl":
         write_stdout("".join(json.dumps(r) + "\n" for r in records))
     elif fmt == "paths":
-        write_stdout("".join(r["path"] + ("\0" if null else "\n") for r in records))
+        write_stdout("".join(path + ("\0" if null else "\n") for path in dict.fromkeys(r["path"] for r in records)))
     elif fmt == "tsv":
+        from .moments import place
+
+        placed = any(place(r) for r in records)
         rows = ([r["rank"], fmt_score(r.get("score"))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
-                else []) + [r.get("kind", ""), r["path"]] for r in records)
+                else []) + [r.get("kind", ""), r["path"]] + ([place(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
         from rich.console import Console
         from rich.table import Table
 
+        from .moments import place
+
         table = Table(box=None, header_style="bold")
         reranked = any("rerank_score" in r for r in records)
-        for title in ["#", "score"] + (["rerank"] if reranked else []) + ["kind", "path", "length"]:
-            table.add_column(title, justify="right" if title in ("#", "score", "rerank", "length") else "left")
+        for title in ["#", "score"] + (["rerank"] if reranked else []) + ["kind", "path", "where"]:
+            table.add_column(title, justify="right" if title in ("#", "score", "rerank", "where") else "left")
         for r in records:
-            length = f"{r['duration_s']:.1f}s" if r.get("duration_s") else ""
+            where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
             table.add_row(str(r["rank"]), fmt_score(r.get("score")),
                           *([fmt_score(r.get("rerank_score"))] if reranked else []), r.get("kind", ""), r["path"],
-                          length)
+                          where)
         Console().print(table)
 
 
@@ -390,7 +409,8 @@ def search(
         help="Query instruction (default: Retrieve images or text relevant to the user's query.)")] = None,
     index_dir: IndexOption = None,
     top_k: TopK = 10,
-    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="Only image, video, text or pdf (repeatable).")] = None,
     under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results with at least this score.")] = None,
     rerank: Annotated[bool, typer.Option("--rerank", help="Re-score the best candidates with the reranker.")] = False,
@@ -483,7 +503,8 @@ def rerank(
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")
     results = [SearchResult(rank=i, id=row.get("id"), path=row["path"], kind=row.get("kind") or candidate_kind(
-        row["path"]), score=row.get("score")) for i, row in enumerate(rows, 1)]
+        row["path"]), score=row.get("score"), page=row.get("page"), start_s=row.get("start_s"),
+        end_s=row.get("end_s")) for i, row in enumerate(rows, 1)]
     model = Reranker(reranker or DEFAULT_RERANKER, device=None if device == "auto" else device)
     scores = model.rerank(query_item(query, image or ()), [document_item(r) for r in results],
                           instruction=instruction, on_error="skip")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .moments import place
+from .pages import PdfPage
 from .search import SearchResult
 
 THUMB = 256
@@ -21,14 +23,19 @@ def thumbnail(result: SearchResult) -> Image.Image:
     """The picture for a result: the image, a middle frame of a video, or a card with the text's start."""
     path = result.fs_path or result.path
     try:
-        if result.kind == "image":
+        if result.kind == "pdf":
+            image = PdfPage(path, result.page or 1).render(4 * THUMB * THUMB)
+        elif result.kind == "image":
             with Image.open(path) as image:
                 image = image.convert("RGB")
         elif result.kind == "video":
             import decord
 
             reader = decord.VideoReader(path)
-            image = Image.fromarray(reader[len(reader) // 2].asnumpy())
+            middle = len(reader) // 2
+            if result.start_s is not None:  # the frame in the middle of the moment
+                middle = min(len(reader) - 1, int((result.start_s + result.end_s) / 2 * (reader.get_avg_fps() or 1)))
+            image = Image.fromarray(reader[middle].asnumpy())
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 image = text_card(f.read(600))
@@ -49,7 +56,8 @@ def caption(result: SearchResult) -> str:
     scores = f"score {result.score:.3f}" if result.score is not None else "no score"
     if result.reranked:
         scores += f"  rerank {result.rerank_score:.3f}" if result.rerank_score is not None else "  rerank -"
-    return f"#{result.rank}  {scores}\n{os.path.basename(result.path)[:40]}"
+    where = place({"page": result.page, "start_s": result.start_s, "end_s": result.end_s}).replace("–", "-")
+    return f"#{result.rank}  {scores}\n{os.path.basename(result.path)[:40 - len(where) - 1]} {where}".rstrip()
 
 
 def write_contact_sheet(results: Sequence[SearchResult], path: str | os.PathLike) -> Path:

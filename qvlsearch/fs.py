@@ -19,12 +19,13 @@ from typing import Any
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 TEXT_SUFFIXES = {".txt", ".md"}
+PDF_SUFFIXES = {".pdf"}
 SNIFF_BYTES = 64 * 1024
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header sizes a real BMP has at offset 14
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
-UNKNOWN_CONTENT = "unknown content (not an image, video or UTF-8 text)"
-_CONTENT_NAMES = {"image": "an image", "video": "a video", "text": "text"}
+UNKNOWN_CONTENT = "unknown content (not an image, video, PDF or UTF-8 text)"
+_CONTENT_NAMES = {"image": "an image", "video": "a video", "text": "text", "pdf": "a PDF"}
 
 
 class KindError(Exception):
@@ -43,7 +44,7 @@ class Found:
 
 
 def suffix_kind(path: str) -> str | None:
-    """'image', 'video' or 'text' by the file name's suffix (case-insensitive), else None."""
+    """'image', 'video', 'text' or 'pdf' by the file name's suffix (case-insensitive), else None."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
@@ -51,6 +52,8 @@ def suffix_kind(path: str) -> str | None:
         return "video"
     if suffix in TEXT_SUFFIXES:
         return "text"
+    if suffix in PDF_SUFFIXES:
+        return "pdf"
     return None
 
 
@@ -96,7 +99,7 @@ def _walk(tops: list[str], include_hidden: bool, follow_symlinks: bool, exclude:
         elif suffix_kind(name) and stat.S_ISREG(st.st_mode):
             yield _found_file(top, top, st)
         else:
-            yield Found(top, top, 0, 0, "not an image, video or text file")
+            yield Found(top, top, 0, 0, "not an image, video, PDF or text file")
 
 
 def _walk_folder(
@@ -215,6 +218,8 @@ def _content_kind(head: bytes) -> str | None:
         return "image" if head[8:12] in HEIF_BRANDS else "video"
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska and WebM
         return "video"
+    if head.startswith(b"%PDF-"):
+        return "pdf"
     if b"\x00" not in head and _is_utf8(head):
         return "text"
     return None

@@ -1,8 +1,10 @@
 """The indexing pipeline: walk → sniff and hash (threads) → embed in token batches → commit.
 
-Only what changed is done again: files with the same size and mtime are not opened, a
-moved or copied file reuses its stored vector by content hash, and deleted files leave
-the index. Work is committed every `commit_every` items or `commit_seconds` seconds.
+A file becomes one row per searchable unit: the whole file, each page of a PDF, each moment
+of a video. Only what changed is done again, file by file: files with the same size and mtime
+are not opened, a moved or copied file reuses its stored vectors by content hash, and deleted
+files leave the index with all their rows. Work is committed every `commit_every` files or
+`commit_seconds` seconds; a file's rows are always committed together.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import hashlib
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .errors import MediaError
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
+from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
+from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, now
 
@@ -38,6 +43,8 @@ class IndexOptions:
     total_pixels: int = 7864320
     fps: float = 1.0
     max_frames: int = 64
+    moment_seconds: float | None = None  # None: the existing index's, else MOMENT_SECONDS; 0: no moments
+    max_pages: int | None = None  # None: the existing index's, else MAX_PAGES
 
     device: str | None = None
     batch_size: int | None = None
@@ -67,23 +74,44 @@ class Summary:
     total: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # e.g. PDF pages past --max-pages, skipped
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
+        data["warnings"] = [{"path": p, "warning": w} for p, w in self.warnings]
         data["seconds"] = round(self.seconds, 3)
         return data
 
 
 @dataclass
+class Unit:
+    """One searchable unit of a file: the whole file, a page of a PDF or a moment of a video."""
+
+    item: dict[str, Any]  # the Embedder item
+    fields: dict[str, Any]  # kind, and page or start_s/end_s
+
+
+@dataclass
 class Sniffed:
-    """A new or changed file after the cheap look: its kind, content hash and model input."""
+    """A new or changed file after the cheap look: its kind, content hash and units."""
 
     found: Found
     kind: str | None
     content_hash: str | None
-    item: dict | None
+    units: list[Unit]
     error: str | None
+    warning: str | None = None
+
+
+@dataclass
+class FileJob:
+    """A file whose units are with the model: its rows are put together when the last one is back."""
+
+    sniffed: Sniffed
+    old: list[dict[str, Any]]  # the file's rows before this run
+    left: int
+    rows: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (row, vector or None)
 
 
 def content_hash(path: str) -> str:
@@ -94,24 +122,78 @@ def content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def sniff(found: Found, instruction: str) -> Sniffed:
-    """Kind by content, hash, and the Embedder item; any failure is this file's error."""
+def plan_units(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit], str | None]:
+    """The units of a file and a warning (pages skipped); MediaError when a PDF cannot be opened."""
+    instruction = options.instruction
+    if kind == "pdf":
+        count = page_count(path)
+        if count == 0:
+            raise MediaError(f"PDF {path!r} has no pages", reason="the PDF has no pages")
+        pages = min(count, options.max_pages or MAX_PAGES)
+        warning = f"{count - pages} of {count} pages skipped (past --max-pages {pages})" if count > pages else None
+        return [Unit({"image": PdfPage(path, page), "instruction": instruction}, {"kind": "pdf", "page": page})
+                for page in range(1, pages + 1)], warning
+    item = {**file_item(path, kind), "instruction": instruction}
+    units = [Unit(item, {"kind": kind})]
+    if kind == "video" and options.moment_seconds:
+        try:
+            duration = video_duration(path)
+        except Exception:  # noqa: BLE001 - the whole-file unit reports why the video cannot be read
+            duration = 0.0
+        units += [Unit({**item, "video_start": start, "video_end": end, "max_frames": MOMENT_FRAMES},
+                       {"kind": "video", "start_s": start, "end_s": end, "duration_s": duration})
+                  for start, end in windows(duration, options.moment_seconds)]
+    return units, None
+
+
+def sniff(found: Found, options: IndexOptions) -> Sniffed:
+    """Kind by content, hash, and the units to embed; any failure is this file's error."""
     try:
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
-        return Sniffed(found, kind, digest, {**file_item(found.path, kind), "instruction": instruction}, None)
+        units, warning = plan_units(found.path, kind, options)
+        return Sniffed(found, kind, digest, units, None, warning)
     except KindError as exc:
-        return Sniffed(found, None, None, None, str(exc))
+        return Sniffed(found, None, None, [], str(exc))
+    except MediaError as exc:
+        return Sniffed(found, "pdf", None, [], exc.reason)
     except OSError as exc:
-        return Sniffed(found, None, None, None, exc.strerror or str(exc))
+        return Sniffed(found, None, None, [], exc.strerror or str(exc))
+
+
+REUSED = ("kind", "content_hash", "width", "height", "duration_s", "frames", "tokens", "status", "error", "page",
+          "start_s", "end_s")
+
+
+def reusable(rows: list[dict[str, Any]]) -> bool:
+    """Whether a file's stored rows can serve a copy of it: it was read, and some unit has a vector."""
+    return bool(rows[0]["content_hash"]) and any(r["status"] == "ok" for r in rows)
+
+
+def rows_by_file(rows: Iterable[dict[str, Any]]) -> dict[bytes, list[dict[str, Any]]]:
+    """Every file's rows, whole-file row (or first page) first."""
+    files: dict[bytes, list[dict[str, Any]]] = {}
+    for row in rows:
+        files.setdefault(row["path_bytes"], []).append(row)
+    for unit_rows in files.values():
+        unit_rows.sort(key=lambda r: (r.get("start_s") is not None, r.get("page") or 0, r.get("start_s") or 0.0))
+    return files
+
+
+def under_roots(roots: list[str]) -> Callable[[bytes], bool]:
+    """Whether a stored path lies under the roots: a file root is matched exactly, a folder root by its prefix."""
+    files = {os.fsencode(r) for r in roots if not os.path.isdir(r)}
+    folders = tuple(os.fsencode(r.rstrip(os.sep) + os.sep) for r in roots if os.path.isdir(r))
+    return lambda path: path in files or path.startswith(folders)
 
 
 def settings_of(options: IndexOptions, dim: int, quantize: str, index_type: str) -> dict[str, Any]:
-    """What must be the same for vectors to be comparable (the model revision is recorded, not compared)."""
+    """What must be the same for vectors and rows to be comparable (the model revision is recorded, not compared)."""
     return {"model": options.model, "dim": dim,
             "quantize": quantize, "index_type": index_type, "instruction": options.instruction,
             "min_pixels": options.min_pixels, "max_pixels": options.max_pixels,
-            "total_pixels": options.total_pixels, "fps": options.fps, "max_frames": options.max_frames}
+            "total_pixels": options.total_pixels, "fps": options.fps, "max_frames": options.max_frames,
+            "moment_seconds": options.moment_seconds, "max_pages": options.max_pages}
 
 
 def model_revision(model: str) -> str | None:
@@ -213,9 +295,15 @@ class Indexer:
             store = Store.open(self.index_dir)
             store.tidy()  # what a killed writer left behind goes; the view catches up
             m, o = store.manifest, self.options
-            check_compatible(store, settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"],
-                                                o.index_type or m["index_type"]))
+            # moments and pages follow the index; one made before them adopts them
+            o = self.options = replace(o, **{k: v if v is not None else m.get(k, default) for k, v, default in (
+                ("moment_seconds", o.moment_seconds, MOMENT_SECONDS), ("max_pages", o.max_pages, MAX_PAGES))})
+            wanted = settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"], o.index_type or m["index_type"])
+            check_compatible(store, {k: v for k, v in wanted.items() if k in m})
+            m.update(moment_seconds=o.moment_seconds, max_pages=o.max_pages)
             return store
+        self.options = replace(self.options, moment_seconds=MOMENT_SECONDS if self.options.moment_seconds is None
+                               else self.options.moment_seconds, max_pages=self.options.max_pages or MAX_PAGES)
         full_dim = model_hidden_size(self.options.model)
         dim = self.options.dim or full_dim
         if not 32 <= dim <= full_dim:
@@ -225,57 +313,62 @@ class Indexer:
         return Store.create(self.index_dir, settings, full_dim)
 
     def update(self, store: Store, roots: list[str]) -> None:
-        by_path = {row["path_bytes"]: row for row in store.rows.values()}
+        files = rows_by_file(store.rows.values())
         found = list(walk(roots, include_hidden=self.options.include_hidden,
                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
         self.summary.total = len(found)
         seen = {os.fsencode(f.path) for f in found}
-        under_roots = [r if os.path.isfile(r) else r.rstrip(os.sep) + os.sep for r in roots]
-        gone = {row["content_hash"]: row for row in store.rows.values()
-                if row["path_bytes"] not in seen and row["status"] == "ok" and row["content_hash"]
-                and os.fsdecode(row["path_bytes"]).startswith(tuple(under_roots))}
-        gone_ids = {row["id"] for row in store.rows.values() if row["path_bytes"] not in seen
-                    and os.fsdecode(row["path_bytes"]).startswith(tuple(under_roots))}
-        live_by_hash = {row["content_hash"]: row for row in store.rows.values()
-                        if row["status"] == "ok" and row["id"] not in gone_ids}
-        todo: list[tuple[Found, dict | None]] = []
+        # a folder that cannot be read (an unmounted disk) keeps its rows: it is reported, not emptied
+        unreadable = tuple(os.fsencode(f.path.rstrip(os.sep) + os.sep) for f in found
+                           if f.error and f.error.startswith("cannot read folder"))
+        under = under_roots(roots)
+        gone = {path: rows for path, rows in files.items()
+                if path not in seen and under(path) and not path.startswith(unreadable)}
+        gone_by_hash = {rows[0]["content_hash"]: rows for rows in gone.values() if reusable(rows)}
+        live_by_hash = {rows[0]["content_hash"]: rows for path, rows in files.items()
+                        if path not in gone and reusable(rows)}
+        todo: list[tuple[Found, list[dict]]] = []
         for f in found:
-            row = by_path.get(os.fsencode(f.path))
-            if row is not None and row["size"] == f.size and row["mtime_ns"] == f.mtime_ns and not f.error:
-                if row["status"] == "error":  # still failing: reported again, not retried
+            rows = files.get(os.fsencode(f.path), [])
+            if rows and rows[0]["size"] == f.size and rows[0]["mtime_ns"] == f.mtime_ns and not f.error:
+                errors = [(place(r), r["error"]) for r in rows if r["status"] == "error"]
+                if errors:  # still failing: reported again, not retried
                     self.summary.failed += 1
-                    self.summary.failures.append((row["path"], row["error"]))
+                    self.summary.failures += [(display_path(f.path), f"{label}: {e}" if label else e)
+                                              for label, e in errors]
                 else:
                     self.summary.unchanged += 1
                 self.advance()
             elif f.error:
-                self.record_error(store, f, row, None, f.error)
+                self.record_error(store, f, rows, None, f.error)
             else:
-                todo.append((f, row))
+                todo.append((f, rows))
         if self.dry_run:  # what would be embedded or dropped; moves show as added + removed
-            self.summary.added = sum(row is None for _, row in todo)
+            self.summary.added = sum(not rows for _, rows in todo)
             self.summary.updated = len(todo) - self.summary.added
-            self.summary.removed = len(gone_ids)
+            self.summary.removed = len(gone)
             return
 
-        pending: dict[int, tuple[Sniffed, dict | None]] = {}
+        jobs: dict[int, tuple[FileJob, Unit]] = {}
         # The Embedder pulls `needs_model` in its own thread, so what it finds for the store
         # waits here, to be done in this thread (the store has one writer).
         deferred: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
         def needs_model() -> Iterator[dict]:
-            """Sniffed files that no stored vector serves, as Embedder items (the rest go to `deferred`)."""
-            sniffed = prefetch(lambda i, job: (sniff(job[0], self.options.instruction), job[1]), todo,
+            """The units of sniffed files that no stored vectors serve, as Embedder items (the rest: `deferred`)."""
+            sniffed = prefetch(lambda i, job: (sniff(job[0], self.options), job[1]), todo,
                                workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
-            for s, row in sniffed:
+            for s, rows in sniffed:
                 if s.error:
-                    deferred.put(partial(self.record_error, store, s.found, row, s.kind, s.error))
-                elif (source := gone.pop(s.content_hash, None) or live_by_hash.get(s.content_hash)) is not None:
-                    deferred.put(partial(self.reuse, store, s, row, source, gone_ids))
+                    deferred.put(partial(self.record_error, store, s.found, rows, s.kind, s.error))
+                elif (source := gone_by_hash.pop(s.content_hash, None) or live_by_hash.get(s.content_hash)):
+                    deferred.put(partial(self.reuse, store, s, rows, source, gone))
                 else:
-                    pending[self.model_runs] = (s, row)
-                    self.model_runs += 1
-                    yield s.item
+                    job = FileJob(s, rows, left=len(s.units))
+                    for unit in s.units:
+                        jobs[self.model_runs] = (job, unit)
+                        self.model_runs += 1
+                        yield unit.item
 
         def run_deferred() -> None:
             while not deferred.empty():
@@ -284,15 +377,23 @@ class Indexer:
         if todo:
             for result in self.get_embedder().embed_iter(needs_model(), batch_size=self.options.batch_size):
                 run_deferred()
-                s, row = pending.pop(result.index)
+                job, unit = jobs.pop(result.index)
                 if result.error is not None:
-                    self.record_error(store, s.found, row, s.kind, getattr(result.error, "reason", str(result.error)))
+                    reason = getattr(result.error, "reason", str(result.error))
+                    row = self.row(job.sniffed.found, **unit.fields, status="error", error=reason,
+                                   content_hash=job.sniffed.content_hash)
+                    job.rows.append((row, None))
                 else:
-                    self.record_ok(store, s, row, result.vector, result.facts)
+                    row = self.row(job.sniffed.found, **{**result.facts, **unit.fields}, status="ok",
+                                   content_hash=job.sniffed.content_hash)
+                    job.rows.append((row, result.vector))
+                job.left -= 1
+                if job.left == 0:
+                    self.finish(store, job)
             run_deferred()
-        for item_id in gone_ids:
-            if item_id in store.rows:
-                store.remove([item_id])
+        for rows in gone.values():
+            if any(r["id"] in store.rows for r in rows):
+                store.remove([r["id"] for r in rows])
                 self.summary.removed += 1
 
     def get_embedder(self):
@@ -312,51 +413,57 @@ class Indexer:
                                      workers=o.workers, processes=o.processes)
         return self.embedder
 
-    def row(self, store: Store, f: Found, old: dict | None, **values: Any) -> dict[str, Any]:
-        return {"id": old["id"] if old else store.new_id(), "path": display_path(f.path),
-                "path_bytes": os.fsencode(f.path), "root": display_path(f.root), "size": f.size,
-                "mtime_ns": f.mtime_ns, "content_hash": None, "width": None, "height": None, "duration_s": None,
-                "frames": None, "tokens": None, "error": None, "indexed_at": now(), **values}
+    def row(self, f: Found, **values: Any) -> dict[str, Any]:
+        """A new row for a unit of file `f` (stored under a new id: rows are never changed)."""
+        return {"id": self.store.new_id(), "path": display_path(f.path), "path_bytes": os.fsencode(f.path),
+                "root": display_path(f.root), "size": f.size, "mtime_ns": f.mtime_ns, "content_hash": None,
+                "width": None, "height": None, "duration_s": None, "frames": None, "tokens": None, "error": None,
+                "indexed_at": now(), "page": None, "start_s": None, "end_s": None, **values}
 
-    def record_error(self, store: Store, f: Found, old: dict | None, kind: str | None, error: str) -> None:
-        if old is not None:
-            store.remove([old["id"]])
-        store.put(self.row(store, f, old, kind=kind or suffix_kind(f.path) or "unknown", status="error",
-                           error=error))
+    def record_error(self, store: Store, f: Found, old: list[dict], kind: str | None, error: str) -> None:
+        """The whole file failed: its old rows go, one error row stands for it."""
+        store.remove([r["id"] for r in old])
+        store.put(self.row(f, kind=kind or suffix_kind(f.path) or "unknown", status="error", error=error))
         self.summary.failed += 1
         self.summary.failures.append((display_path(f.path), error))
         self.advance()
 
-    def record_ok(self, store: Store, s: Sniffed, old: dict | None, vector: Any, facts: dict) -> None:
-        store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts),
-                  vector)
-        if old is None:
-            self.summary.added += 1
-        else:
-            self.summary.updated += 1
+    def finish(self, store: Store, job: FileJob) -> None:
+        """All units of a file are back from the model: its rows replace the old ones, in one commit."""
+        store.remove([r["id"] for r in job.old])
+        for row, vector in sorted(job.rows, key=lambda rv: rv[0]["id"]):
+            store.put(row, vector)
+        path = display_path(job.sniffed.found.path)
+        errors = [(place(row), row["error"]) for row, _ in job.rows if row["status"] == "error"]
+        if errors:
+            self.summary.failed += 1
+            self.summary.failures += [(path, f"{label}: {e}" if label else e) for label, e in errors]
+        if len(errors) < len(job.rows):
+            if job.old:
+                self.summary.updated += 1
+            else:
+                self.summary.added += 1
+        if job.sniffed.warning:
+            self.summary.warnings.append((path, job.sniffed.warning))
         self.advance()
 
-    def reuse(self, store: Store, s: Sniffed, old: dict | None, source: dict, gone_ids: set[int]) -> None:
-        """A moved, copied or merely touched file: take the stored vector, run no model."""
-        facts = {k: source[k] for k in ("width", "height", "duration_s", "frames", "tokens")}
-        vector = store.vector(source["id"])  # ids are never reused: this is the vector of the source's content
-        if source["id"] in gone_ids:  # moved: the old path's row goes, its id and vector move along
-            gone_ids.discard(source["id"])
-            store.remove([source["id"]])
-            if old is not None:
-                store.remove([old["id"]])
-            store.put({**self.row(store, s.found, source, kind=s.kind, status="ok", content_hash=s.content_hash,
-                                  **facts)}, vector)
+    def reuse(self, store: Store, s: Sniffed, old: list[dict], source: list[dict],
+              gone: dict[bytes, list[dict]]) -> None:
+        """A moved, copied or merely touched file: its rows and stored vectors again, no model."""
+        moved = gone.pop(source[0]["path_bytes"], None) is not None  # the old path's rows go, vectors move along
+        rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}),
+                 store.vector(row["id"]) if row["status"] == "ok" else None) for row in source]
+        store.remove([r["id"] for r in old] + ([r["id"] for r in source] if moved else []))
+        for row, vector in rows:  # ids are never reused: these are the vectors of this content
+            store.put(row, vector)
+        if moved:
             self.summary.moved += 1
+        elif not old:
+            self.summary.added += 1
+        elif old[0]["content_hash"] == source[0]["content_hash"]:
+            self.summary.unchanged += 1  # touched, same content
         else:
-            store.put(self.row(store, s.found, old, kind=s.kind, status="ok", content_hash=s.content_hash, **facts),
-                      vector)
-            if old is None:
-                self.summary.added += 1
-            elif old["id"] == source["id"]:
-                self.summary.unchanged += 1  # touched, same content
-            else:
-                self.summary.updated += 1
+            self.summary.updated += 1
         self.advance()
 
     def advance(self) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, MediaError
+from .pages import PdfPage
 
 # qwen-vl-utils chooses its video reader once, at import; its torchvision reader is broken
 # with torchvision 0.29, so pin decord before the import.
@@ -39,7 +40,7 @@ try:  # HEIC/HEIF photos, where the optional pillow-heif plugin is installed
 except ImportError:
     pass
 
-ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames"}
+ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames", "video_start", "video_end"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
 IMAGE_PATCH_SIZE = 16
 URL_TIMEOUT_S = 30.0
@@ -124,8 +125,11 @@ def check_item(item: Any, index: int | None = None) -> Mapping:
         if not isinstance(text, str):
             raise InputError(f"{where}: text must be a string or a list of strings, got {type(text).__name__}")
     for image in _as_list(item.get("image")) if item.get("image") is not None else []:
-        if not isinstance(image, (str, os.PathLike, Image.Image)):
-            raise InputError(f"{where}: image must be a path, URL or PIL image, got {type(image).__name__}")
+        if not isinstance(image, (str, os.PathLike, Image.Image, PdfPage)):
+            raise InputError(f"{where}: image must be a path, URL, PIL image or PdfPage, got {type(image).__name__}")
+    for key in ("video_start", "video_end"):
+        if item.get(key) is not None and not isinstance(item[key], (int, float)):
+            raise InputError(f"{where}: {key} must be a number of seconds, got {type(item[key]).__name__}")
     for video in _videos_of(item["video"]) if item.get("video") is not None else []:
         frames = video if isinstance(video, list) else [video]
         if not frames or not all(isinstance(f, (str, os.PathLike, Image.Image)) for f in frames):
@@ -159,6 +163,7 @@ def content_parts(
                 }
             )
         else:
+            window = {k: float(item[k]) for k in ("video_start", "video_end") if item.get(k) is not None}
             parts.append(
                 {
                     "type": "video",
@@ -166,10 +171,11 @@ def content_parts(
                     "fps": fps,
                     "max_frames": max_frames,
                     "total_pixels": options.total_pixels,
+                    **window,
                 }
             )
     for image in images:
-        source = image if isinstance(image, Image.Image) else os.fspath(image)
+        source = image if isinstance(image, (Image.Image, PdfPage)) else os.fspath(image)
         parts.append(
             {"type": "image", "image": source, "min_pixels": options.min_pixels, "max_pixels": options.max_pixels}
         )
@@ -183,6 +189,8 @@ def describe(source: Any) -> str:
         return f"PIL image {source.size[0]}x{source.size[1]}"
     if isinstance(source, list):
         return f"frame list of {len(source)}"
+    if isinstance(source, PdfPage):
+        return str(source)
     return repr(os.fspath(source))
 
 
@@ -246,7 +254,8 @@ def open_image(source: str | Image.Image) -> Image.Image:
 
 
 def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
-    image = open_image(part["image"])
+    source = part["image"]
+    image = source.render(part["max_pixels"]) if isinstance(source, PdfPage) else open_image(source)
     try:
         resized = vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
         return resized, image.size

@@ -20,11 +20,13 @@ import numpy as np
 
 from .errors import InputError
 from .fs import KindError, file_item
+from .moments import MOMENT_FRAMES
+from .pages import PdfPage
 from .store import Snapshot, StoreError, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
-KINDS = ("image", "video", "text")
-RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status"]
+KINDS = ("image", "video", "text", "pdf")
+RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status", "page", "start_s", "end_s"]
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
@@ -41,6 +43,9 @@ class SearchResult:
     duration_s: float | None = None
     reranked: bool = False
     fs_path: str | None = None  # the path as the OS needs it (`path` is for display); not in JSON
+    page: int | None = None  # a PDF page's number, from 1
+    start_s: float | None = None  # a video moment's window, in seconds
+    end_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id."""
@@ -50,6 +55,10 @@ class SearchResult:
         record["id"] = self.id
         if self.duration_s is not None:
             record["duration_s"] = round(self.duration_s, 3)
+        if self.page is not None:
+            record["page"] = self.page
+        if self.start_s is not None:
+            record["start_s"], record["end_s"] = round(self.start_s, 3), round(self.end_s, 3)
         return record
 
 
@@ -193,9 +202,16 @@ class SearchIndex:
         keep = self.filter(kind, under)
         if len(self) == 0:
             return []
-        hits = self.nearest(self.query_vector(query, instruction), max(k, rerank_top if rerank else k), keep,
-                            min_score)
-        results = [self.result(rank, item_id, score) for rank, (item_id, score) in enumerate(hits, 1)]
+        vector, wanted = self.query_vector(query, instruction), max(k, rerank_top if rerank else k)
+        fetch = wanted
+        while True:  # adjacent moments merge into one hit: fetch more until `wanted` hits remain
+            hits = self.nearest(vector, fetch, keep, min_score)
+            results = merge_moments([self.result(rank, item_id, score) for rank, (item_id, score) in
+                                     enumerate(hits, 1)])
+            if len(results) >= wanted or len(hits) < fetch:
+                break
+            fetch *= 2
+        results = results[:wanted]
         if rerank and results:
             results = self.rerank_results(query, results, reranker)
         return results[:k]
@@ -259,7 +275,7 @@ class SearchIndex:
         scores, rows = segment.index.search(query, min(fetch, segment.live), params=params)
         del keep_alive
         hit = rows[0] >= 0
-        return scores[0][hit], segment.ok_ids[rows[0][hit]]
+        return scores[0][hit], rows[0][hit] if segment.answers_ids else segment.ok_ids[rows[0][hit]]
 
     def binary_search(self, segment, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The best of 16 times as many Hamming neighbours (at least 1024), by cosine with their stored vectors.
@@ -283,7 +299,8 @@ class SearchIndex:
     def result(self, rank: int, item_id: int, score: float) -> SearchResult:
         row = self.items.slice(self.position(item_id), 1).to_pylist()[0]
         return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
-                            duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]))
+                            duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]), page=row["page"],
+                            start_s=row["start_s"], end_s=row["end_s"])
 
     def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
         """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""
@@ -295,12 +312,48 @@ class SearchIndex:
 
 
 def document_item(result: SearchResult) -> dict[str, Any]:
-    """A result's file as reranker input; an unreadable one yields an item that fails, reported per item."""
+    """A result as reranker input: the file, or its page or moment; an unreadable one yields an item that fails,
+    reported per item."""
     path = result.fs_path or result.path
+    if result.page is not None or result.kind == "pdf":
+        return {"image": PdfPage(path, result.page or 1)}
+    if result.start_s is not None:
+        return {"video": path, "video_start": result.start_s, "video_end": result.end_s, "max_frames": MOMENT_FRAMES}
     try:
         return file_item(path, result.kind if result.kind in KINDS else None)
     except (OSError, KindError):
         return {"image": path} if result.kind != "video" else {"video": path}
+
+
+MOMENT_MERGE_MARGIN = 0.03  # an adjacent moment scoring within this of a hit's best extends that hit
+
+
+def merge_moments(results: list[SearchResult]) -> list[SearchResult]:
+    """Hits on adjacent (or overlapping) moments of one video that match alike (scores within
+    MOMENT_MERGE_MARGIN of the best) become one hit: the best score, the union of the windows.
+    `results` are best first; the ranks are numbered again."""
+    merged: list[SearchResult] = []
+    by_path: dict[str, list[SearchResult]] = {}
+    for r in results:
+        if r.start_s is None:
+            merged.append(r)
+            continue
+        group = by_path.setdefault(r.path, [])
+        touching = [m for m in group if m.start_s <= r.end_s + 1e-6 and r.start_s <= m.end_s + 1e-6
+                    and (r.score or 0.0) >= (m.score or 0.0) - MOMENT_MERGE_MARGIN]
+        if not touching:
+            group.append(r)
+            merged.append(r)
+            continue
+        best = touching[0]
+        best.start_s = min(m.start_s for m in (*touching, r))
+        best.end_s = max(m.end_s for m in (*touching, r))
+        for other in touching[1:]:
+            group.remove(other)
+            merged.remove(other)
+    for rank, r in enumerate(merged, 1):
+        r.rank = rank
+    return merged
 
 
 def ranked_by_rerank(results: list[SearchResult], scores: list[float | None]) -> list[SearchResult]:

@@ -49,3 +49,57 @@ def make_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
     return path
+
+
+def make_three_part_video(path: str | PathLike[str], seconds_each: int = 10, fps: int = 2,
+                          size: tuple[int, int] = (128, 96)) -> Path:
+    """A clip in three parts of `seconds_each`: solid red, then solid blue, then a moving black-and-white
+    checkerboard; each part's windows look alike and unlike the others'."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(3 * seconds_each * fps):
+            part = i // (seconds_each * fps)
+            rgb = np.zeros((height, width, 3), dtype=np.uint8)
+            if part == 0:
+                rgb[..., 0] = 220
+            elif part == 1:
+                rgb[..., 2] = 220
+            else:
+                rgb[...] = (((x + 4 * i) // 16 + y // 16) % 2 * 255)[..., None]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def make_pdf(path: str | PathLike[str], pages: list[Image.Image]) -> Path:
+    """A PDF with one page per image (Pillow writes it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first, *rest = [page.convert("RGB") for page in pages]
+    first.save(path, save_all=True, append_images=rest, resolution=72)
+    return path
+
+
+def make_color_video(path: str | PathLike[str], rgb: tuple[int, int, int], seconds: int = 4, fps: int = 2,
+                     size: tuple[int, int] = (128, 96)) -> Path:
+    """A clip of one solid colour (a query for one part of `make_three_part_video`)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    frame[...] = rgb
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for _ in range(seconds * fps):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

@@ -36,13 +36,14 @@ def test_suffix_kind():
     assert suffix_kind("x.heic") == "image"
     assert suffix_kind("clip.MkV") == "video"
     assert suffix_kind("notes.md") == "text"
-    assert suffix_kind("doc.pdf") is None
+    assert suffix_kind("doc.PDF") == "pdf"
+    assert suffix_kind("sheet.xlsx") is None
     assert suffix_kind(".jpg") is None  # a hidden file without a suffix
     assert suffix_kind("jpg") is None
 
 
 def test_walk_nested_folders_in_stable_order(tmp_path):
-    for name in ("z.jpg", "a.png", "b/m.md", "a/x.mp4", "a/sub/n.txt", "other.pdf", "README", "a/sub/raw.CR2"):
+    for name in ("z.jpg", "a.png", "b/m.md", "a/x.mp4", "a/sub/n.txt", "other.docx", "README", "a/sub/raw.CR2"):
         touch(tmp_path / name, b"data")
     found = walk([tmp_path])
     assert iter(found) is found  # a stream, not a list
@@ -99,10 +100,10 @@ def test_walk_file_root(tmp_path):
     image = touch(tmp_path / ".hidden" / "one.jpg", b"12345")
     [found] = walk([image])
     assert found == Found(str(image), str(image), 5, image.stat().st_mtime_ns)
-    other = touch(tmp_path / "notes.pdf")
+    other = touch(tmp_path / "notes.docx")
     [found] = walk([other])
     assert found.path == str(other)
-    assert found.error == "not an image, video or text file"
+    assert found.error == "not an image, video, PDF or text file"
 
 
 def test_walk_several_roots_each_folder_once(tmp_path):
@@ -122,7 +123,7 @@ def test_walk_missing_root_raises_at_once(tmp_path):
 
 
 def test_walk_ignores_unknown_suffixes_and_special_names(tmp_path):
-    touch(tmp_path / "doc.pdf")
+    touch(tmp_path / "doc.docx")
     touch(tmp_path / "archive.tar.gz")
     touch(tmp_path / "noext")
     touch(tmp_path / "album.jpg" / "inside.png")  # a folder with an image suffix is walked as a folder
@@ -132,7 +133,7 @@ def test_walk_ignores_unknown_suffixes_and_special_names(tmp_path):
 
 def test_walk_broken_symlink(tmp_path):
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
-    (tmp_path / "gone.pdf").symlink_to(tmp_path / "missing.pdf")
+    (tmp_path / "gone.docx").symlink_to(tmp_path / "missing.docx")
     assert list(walk([tmp_path])) == [
         Found(str(tmp_path / "gone.jpg"), str(tmp_path), 0, 0, "broken symbolic link"),
     ]

@@ -67,7 +67,7 @@ def test_2b_preset_has_qwen3_vl_2b_shapes(tokenizer):
         2048,
     )
     assert list(vision.deepstack_visual_indexes) == [5, 11, 17]
-    assert set(PRESETS) == {"tiny", "small", "2b"}
+    assert set(PRESETS) == {"tiny", "wide", "small", "2b"}
 
 
 def test_random_weights_keep_outputs_input_dependent(embedder):

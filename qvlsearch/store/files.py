@@ -43,10 +43,13 @@ ITEM_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("error", pa.string()),
     ("indexed_at", pa.timestamp("us", tz="UTC")),
+    ("page", pa.int32()),  # a PDF page's number (from 1); null for other rows
+    ("start_s", pa.float64()),  # a video moment's window, in seconds; null for whole files
+    ("end_s", pa.float64()),
 ])
 DELETED_SCHEMA = pa.schema([("id", pa.int64())])
 SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
-                 "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames")
+                 "min_pixels", "max_pixels", "total_pixels", "fps", "max_frames", "moment_seconds", "max_pages")
 
 
 class StoreError(QvlsearchError):

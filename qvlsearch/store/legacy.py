@@ -47,20 +47,23 @@ def legacy_rows_and_vectors(path: Path, manifest: dict[str, Any]) -> tuple[list[
 
 
 def legacy_segment(path: Path, manifest: dict[str, Any], columns: list[str], with_index: bool):
-    """The whole schema-1 index as one read-only segment: (rows, ok ids in FAISS row order, vectors, index)."""
+    """The whole schema-1 index as one read-only segment: (rows, ok ids in FAISS row order, their vectors,
+    the FAISS index, whether FAISS answers with item ids (an IDMap2) rather than rows)."""
     import faiss
 
     files = manifest["files"]
     table = read_items(path / files["items"]).sort_by("id")
     index = read_faiss(path / files["faiss"], manifest["quantize"])
-    if hasattr(index, "id_map"):  # written with an IDMap2: FAISS holds the ids
+    id_map = hasattr(index, "id_map")  # written with an IDMap2: FAISS holds the ids
+    if id_map:
         ok_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        outer, index = index, faiss.downcast_index(index.index)
-        outer.own_fields = False  # the inner index now belongs to its Python object, not to the IDMap2
-        index.this.own(True)
     else:
         ok_ids = table.filter(pc.equal(table["status"], "ok"))["id"].to_numpy()
-    vectors = legacy_vectors(path, manifest) if manifest["quantize"] == "binary" else {}
-    stacked = (np.stack([vectors[i] for i in ok_ids.tolist()]) if vectors and len(ok_ids)
+    vectors = legacy_vectors(path, manifest)
+    missing = [i for i in ok_ids.tolist() if i not in vectors]
+    if missing:
+        raise StoreError(f"the index at {path} lacks stored vectors for {len(missing)} of its items; "
+                         "delete that folder and index the files again")
+    stacked = (np.stack([vectors[i] for i in ok_ids.tolist()]) if len(ok_ids)
                else np.zeros((0, manifest["full_dim"]), dtype=np.float16))
-    return table.select(columns), ok_ids, stacked, index if with_index else None
+    return table.select(columns), ok_ids, stacked, index if with_index else None, id_map

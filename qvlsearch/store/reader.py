@@ -29,6 +29,7 @@ class OpenSegment:
     vectors: np.ndarray  # float16, full width, memory-mapped
     index: Any  # the FAISS index, or None when not asked for
     deleted_rows: np.ndarray  # FAISS rows whose items are deleted
+    answers_ids: bool = False  # FAISS answers with item ids, not rows (a schema-1 index with an IDMap2)
 
     @property
     def live(self) -> int:
@@ -62,8 +63,8 @@ class Snapshot:
             if not m.get("files", {}).get("items"):
                 self.segments, self.items = [], ITEM_SCHEMA.empty_table().select(columns)
                 return
-            table, ok_ids, vectors, index = legacy_segment(self.path, m, wanted, with_index)
-            self.segments = [OpenSegment("legacy", ok_ids, vectors, index, np.zeros(0, dtype=np.int64))]
+            table, ok_ids, vectors, index, id_map = legacy_segment(self.path, m, wanted, with_index)
+            self.segments = [OpenSegment("legacy", ok_ids, vectors, index, np.zeros(0, dtype=np.int64), id_map)]
             self.items = table.select(columns)
             return
         deleted = np.zeros(0, dtype=np.int64)

@@ -213,13 +213,15 @@ class Store:
         old = self.manifest.get("counts") or {}
         by_kind = dict(old.get("by_kind", {}))
         by_status = {"ok": old.get("ok", 0), "error": old.get("error", 0)}
+        files = old.get("files", old.get("items", 0))
         for sign, rows in ((1, self.pending_rows.values()), (-1, self.pending_deletes.values())):
             for row in rows:
                 if row:
                     by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + sign
                     by_status[row["status"]] = by_status.get(row["status"], 0) + sign
+                    files += sign * is_file_row(row)
         by_kind = {k: v for k, v in by_kind.items() if v}
-        return {"items": by_status["ok"] + by_status["error"], **by_status, "by_kind": by_kind}
+        return {"items": by_status["ok"] + by_status["error"], "files": files, **by_status, "by_kind": by_kind}
 
     # --- committing -----------------------------------------------------------------------------
 
@@ -427,15 +429,16 @@ class Store:
 
     def counted(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Counts read from the segments' rows (after an optimize: it drops deleted rows and damaged segments)."""
-        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", ["kind", "status"])
+        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", ["kind", "status", "page", "start_s"])
                   for s in manifest["segments"]]
         if not tables:
-            return {"items": 0, "ok": 0, "error": 0, "by_kind": {}}
+            return {"items": 0, "files": 0, "ok": 0, "error": 0, "by_kind": {}}
         table = pa.concat_tables(tables)
+        files = sum(is_file_row(row) for row in table.select(["page", "start_s"]).to_pylist())
         by_status = {r["values"]: r["counts"] for r in pc.value_counts(table["status"]).to_pylist()}
         by_kind = {r["values"]: r["counts"] for r in pc.value_counts(table["kind"]).to_pylist()}
-        return {"items": table.num_rows, "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),
-                "by_kind": by_kind}
+        return {"items": table.num_rows, "files": files, "ok": by_status.get("ok", 0),
+                "error": by_status.get("error", 0), "by_kind": by_kind}
 
     def rebuild(self, **settings: Any) -> list[str]:
         """Change dim, quantization or index type: every segment is rebuilt from the stored vectors.
@@ -464,6 +467,11 @@ class Store:
         sync_view(self.path, set(self.manifest["deletes"]), DELETED_VIEW)
         if not (self.path / DELETED_VIEW / "none.parquet").exists():  # so that reading the folder never fails
             pq.write_table(DELETED_SCHEMA.empty_table(), self.path / DELETED_VIEW / "none.parquet")
+
+
+def is_file_row(row: dict[str, Any]) -> bool:
+    """Each file has one row that stands for it: the whole-file row, or a PDF's first page."""
+    return row.get("start_s") is None and row.get("page") in (None, 1)
 
 
 def live_files(manifest: dict[str, Any]) -> set[str]:

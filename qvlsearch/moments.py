@@ -1,0 +1,55 @@
+"""Moments of videos: the time windows that get a vector of their own, besides the whole file's.
+
+A window of `seconds` (default 10) is embedded as a short video of at most MOMENT_FRAMES frames
+sampled within it. A video no longer than one window has no moments: its whole-file vector is
+the moment. At most `max_moments` windows a video keep the cost of a long video bounded: past
+that, the windows widen (a 10-hour video gets 120 s windows by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+MOMENT_SECONDS = 10.0
+MOMENT_FRAMES = 8
+MAX_MOMENTS = 300  # an hour of 12 s windows, or 10 hours of 120 s ones
+
+
+def video_duration(path: str) -> float:
+    """The container's duration in seconds (frames / frame rate), read without decoding frames."""
+    import decord
+
+    reader = decord.VideoReader(path)
+    fps = reader.get_avg_fps() or 0.0
+    return len(reader) / fps if fps else 0.0
+
+
+def windows(duration: float, seconds: float = MOMENT_SECONDS, max_moments: int = MAX_MOMENTS
+            ) -> list[tuple[float, float]]:
+    """The moments of a video of `duration` seconds: [(start_s, end_s), ...], end exclusive, covering it all."""
+    if seconds <= 0 or duration <= seconds:
+        return []
+    count = min(math.ceil(duration / seconds), max_moments)
+    width = duration / count if count == max_moments else seconds
+    if count > 1 and duration - (count - 1) * width < width / 2:  # a short tail joins the window before it
+        count -= 1
+    return [(round(k * width, 3), round(duration if k == count - 1 else (k + 1) * width, 3)) for k in range(count)]
+
+
+def clock(seconds: float) -> str:
+    """1:02 for 62 s; 1:02:03 past an hour."""
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def place(row: Mapping[str, Any]) -> str:
+    """Where in its file a row or hit is: 'p. 3' for a PDF page, '1:02–1:12' for a video moment, '' for the file."""
+    if row.get("page") is not None:
+        return f"p. {row['page']}"
+    if row.get("start_s") is not None:
+        return f"{clock(row['start_s'])}–{clock(row['end_s'])}"
+    return ""
