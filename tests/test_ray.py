@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from conftest import SAMPLE_DATA
 from make_media import make_image
 from PIL import Image
-from test_index import ENV, assert_consistent, run_index, vectors_by_path
+from test_index import ENV, assert_consistent, run_index
 
 from qvlsearch.indexer import IndexOptions
+from qvlsearch.store import Snapshot, StoredVectors
 
 ray = pytest.importorskip("ray")
 TESTS = Path(__file__).resolve().parent
@@ -48,18 +50,35 @@ def ray_options(options) -> IndexOptions:
     return dataclasses.replace(options, ray=True, ray_workers=2)
 
 
+def vectors_by_unit(index_dir: Path) -> dict[tuple, np.ndarray]:
+    """Stored vectors by (path, page, start_s): a PDF has a row per page, a video per moment."""
+    snapshot = Snapshot(index_dir, with_index=False)
+    ok = snapshot.items.filter(pc.equal(snapshot.items["status"], "ok"))
+    units = zip(ok["path"].to_pylist(), ok["page"].to_pylist(), ok["start_s"].to_pylist(), strict=True)
+    return dict(zip(units, StoredVectors(snapshot).get(ok["id"].to_numpy()), strict=True))
+
+
+def assert_same_vectors(got: dict, want: dict) -> None:
+    """Within 1e-5 or one float16 step: vectors are stored as float16, and a vector's last float32 bit
+    may depend on the batch it ran in."""
+    for unit, vector in want.items():
+        np.testing.assert_allclose(got[unit].astype(np.float32), vector.astype(np.float32),
+                                   rtol=2**-10, atol=1e-5, err_msg=str(unit))
+
+
 def assert_same_index(got_dir: Path, want_dir: Path) -> None:
-    """Same rows, statuses and errors; vectors within 1e-5 or one float16 step (they are stored as float16,
-    and a vector's last float32 bit may depend on the batch it ran in)."""
+    """Same rows (one per file, PDF page or video moment), statuses and errors; the same vectors."""
     got, want = assert_consistent(got_dir), assert_consistent(want_dir)
-    fields = ("path", "kind", "status", "error", "content_hash", "width", "height", "frames", "tokens")
-    rows = {r["path"]: {k: r[k] for k in fields} for r in got.rows.values()}
-    assert rows == {r["path"]: {k: r[k] for k in fields} for r in want.rows.values()}
-    got_vectors, want_vectors = vectors_by_path(got_dir), vectors_by_path(want_dir)
+    fields = ("path", "page", "start_s", "end_s", "kind", "status", "error", "content_hash", "width", "height",
+              "frames", "tokens")
+
+    def rows(store) -> list[tuple]:
+        return sorted(tuple(str(r[k]) for k in fields) for r in store.rows.values())
+
+    assert rows(got) == rows(want)
+    got_vectors, want_vectors = vectors_by_unit(got_dir), vectors_by_unit(want_dir)
     assert got_vectors.keys() == want_vectors.keys()
-    for path, vector in want_vectors.items():
-        np.testing.assert_allclose(got_vectors[path].astype(np.float32), vector.astype(np.float32),
-                                   rtol=2**-10, atol=1e-5, err_msg=path)
+    assert_same_vectors(got_vectors, want_vectors)
 
 
 def test_ray_index_equals_the_local_one_and_follows_changes(tmp_path, options, ray_options, embedder, ray_instance):
@@ -103,11 +122,9 @@ def test_a_replica_that_dies_is_restarted_and_a_file_that_kills_every_worker_is_
     (corpus / "poison.png").unlink()
     local = run_index(tmp_path / "local", [corpus], options, embedder)
     assert local.summary.added == 15
-    ray_vectors, local_vectors = vectors_by_path(tmp_path / "ray"), vectors_by_path(tmp_path / "local")
+    ray_vectors, local_vectors = vectors_by_unit(tmp_path / "ray"), vectors_by_unit(tmp_path / "local")
     assert set(local_vectors) <= set(ray_vectors)  # nothing lost
-    for path, vector in local_vectors.items():
-        np.testing.assert_allclose(ray_vectors[path].astype(np.float32), vector.astype(np.float32),
-                                   rtol=2**-10, atol=1e-5)
+    assert_same_vectors(ray_vectors, local_vectors)
 
 
 def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, checkpoints):
