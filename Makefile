@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,ray]"
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

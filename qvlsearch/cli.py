@@ -209,6 +209,13 @@ def index(
                             "folders (the model's thread does not wait for Python's lock); it costs a few "
                             "seconds to start them.")] = False,
     device: DeviceOption = "auto",
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Embed on a Ray cluster ($RAY_ADDRESS or --ray-address; else a local Ray instance using "
+                      "all GPUs here). Paths must be readable on the workers at the same mount point.")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join with --ray (default: $RAY_ADDRESS, else a local instance).")] = None,
+    ray_workers: Annotated[int | None, typer.Option(
+        help="Model replicas with --ray (default: one per GPU; on CPUs, 1).")] = None,
     min_pixels: Annotated[int, typer.Option(help="Smallest image size in pixels.")] = 4096,
     max_pixels: Annotated[int, typer.Option(help="Largest image size in pixels.")] = 1843200,
     total_pixels: Annotated[int, typer.Option(help="Pixel budget across a video's frames.")] = 7864320,
@@ -236,13 +243,18 @@ def index(
     """
     from .indexer import Indexer, IndexOptions
 
+    if ray:
+        from .ray_engine import require_ray
+
+        require_ray()
     options = IndexOptions(
         model=model, dim=dim, quantize=quantize, index_type=index_type, instruction=instruction,
         min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
         moment_seconds=moment_seconds, max_pages=max_pages, device=None if device == "auto" else device,
         batch_size=batch_size, workers=workers,
         processes=processes, exclude=tuple(exclude or ()), include_hidden=include_hidden,
-        follow_symlinks=follow_symlinks, commit_every=commit_every,
+        follow_symlinks=follow_symlinks, commit_every=commit_every, ray=ray, ray_address=ray_address,
+        ray_workers=ray_workers, verbose=logging.getLogger("qvlsearch").isEnabledFor(logging.INFO),
     )
     target = index_dir or default_index_dir()
     show_bar = sys.stderr.isatty() and not (quiet or as_json)

@@ -58,6 +58,10 @@ class IndexOptions:
     batch_size: int | None = None
     workers: int | None = None
     processes: bool = False  # decode in worker processes instead of threads
+    ray: bool = False  # embed on a Ray cluster (see ray_engine)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
+    ray_workers: int | None = None  # model replicas; None: one per GPU, else 1
+    verbose: bool = False
     exclude: Sequence[str] = ()
     include_hidden: bool = False
     follow_symlinks: bool = False
@@ -452,10 +456,17 @@ class Indexer:
         store.dirty = True
 
     def get_embedder(self):
-        if self.embedder is None:
+        o = self.options
+        if self.embedder is None and o.ray:
+            from .media import VisionOptions
+            from .ray_engine import RayEmbedder
+
+            self.embedder = RayEmbedder(o.model, address=o.ray_address, workers=o.ray_workers, device=o.device,
+                                        options=VisionOptions(o.min_pixels, o.max_pixels, o.total_pixels, o.fps,
+                                                              o.max_frames), verbose=o.verbose)
+        elif self.embedder is None:
             from .embedder import Embedder
 
-            o = self.options
             self.embedder = Embedder(o.model, device=o.device, min_pixels=o.min_pixels, max_pixels=o.max_pixels,
                                      total_pixels=o.total_pixels, fps=o.fps, max_frames=o.max_frames,
                                      workers=o.workers, processes=o.processes)
