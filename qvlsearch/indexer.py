@@ -527,11 +527,14 @@ class Indexer:
         self.advance()
 
     def advance(self) -> None:
-        """One more file dealt with: progress, and a commit when enough work is pending."""
+        """One more file dealt with: progress, and a commit when enough changed files are pending."""
         self.done += 1
-        self.since_commit += 1
-        if not self.dry_run and self.store.dirty and (self.since_commit >= self.options.commit_every
-                                 or time.monotonic() - self.last_commit >= self.options.commit_seconds):
-            self.store.commit()
-            self.last_commit, self.since_commit = time.monotonic(), 0
+        if self.dry_run or not self.store.dirty:  # nothing pending: unchanged files start no commit
+            self.last_commit = time.monotonic()
+        else:
+            self.since_commit += 1
+            if (self.since_commit >= self.options.commit_every
+                    or time.monotonic() - self.last_commit >= self.options.commit_seconds):
+                self.store.commit()
+                self.last_commit, self.since_commit = time.monotonic(), 0
         self.progress(self.done, self.summary.total, self.summary.failed)

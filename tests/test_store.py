@@ -386,3 +386,18 @@ def test_changes_across_segments_and_merges_end_as_a_fresh_index_would(tmp_path,
         a, b = SearchIndex(tmp_path / "i"), SearchIndex(tmp_path / "fresh")
         assert ([a.result(0, int(i), 0).path for i in a.raw_search(vector, 5)[1]]
                 == [b.result(0, int(i), 0).path for i in b.raw_search(vector, 5)[1]])
+
+
+def test_unchanged_files_do_not_cut_a_run_into_one_file_commits(tmp_path, checkpoints, embedder):
+    root = tmp_path / "notes"
+    root.mkdir()
+    for i in range(12):
+        (root / f"a{i:02d}.txt").write_text(f"note {i}")
+    options = IndexOptions(model=str(checkpoints["embedder"]), commit_every=5)
+    Indexer(tmp_path / "i", options, embedder=embedder).run([root])
+    before = len(Snapshot(tmp_path / "i").manifest["segments"])
+    for name in ("z1.txt", "z2.txt"):  # sorted after the 12 unchanged files
+        (root / name).write_text(name)
+    Indexer(tmp_path / "i", options, embedder=embedder).run([root])
+    segments = Snapshot(tmp_path / "i").manifest["segments"]
+    assert len(segments) == before + 1 and segments[-1]["rows"] == 2
