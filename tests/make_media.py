@@ -159,3 +159,15 @@ def set_creation_time(source: str | PathLike[str], path: str | PathLike[str], wh
                 packet.stream = stream
                 dst.mux(packet)
     return path
+
+
+def make_encrypted_pdf(path: str | PathLike[str]) -> Path:
+    """A one-page PDF whose trailer names a Standard security handler with a password nobody knows."""
+    path = Path(path)
+    make_pdf(path, [Image.new("RGB", (100, 100), (200, 30, 30))])
+    data = path.read_bytes()
+    at = data.rindex(b"trailer")
+    lock = (b"/Encrypt << /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>\n"
+            b"/ID [<" + b"33" * 16 + b"> <" + b"33" * 16 + b">]\n")
+    path.write_bytes(data[:at] + data[at:].replace(b"<<", b"<<\n" + lock, 1))
+    return path

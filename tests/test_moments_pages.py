@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from make_media import make_color_video, make_image, make_pdf, make_three_part_video, make_video
+from make_media import make_color_video, make_encrypted_pdf, make_image, make_pdf, make_three_part_video, make_video
 from PIL import Image
 from test_index import ENV, assert_consistent
 
@@ -179,6 +179,7 @@ def test_bad_pdfs_and_videos_become_error_rows(tmp_path, checkpoints, embedder):
     root = tmp_path / "bad"
     root.mkdir()
     (root / "damaged.pdf").write_bytes(b"%PDF-1.4\n" + b"\x00garbage" * 100)
+    make_encrypted_pdf(root / "locked.pdf")
     make_pdf(root / "good.pdf", pdf_pages()[:2])
     data = make_three_part_video(root / "full.mp4").read_bytes()
     (root / "cut.mp4").write_bytes(data[: len(data) * 2 // 3])  # the later part is gone
@@ -186,8 +187,10 @@ def test_bad_pdfs_and_videos_become_error_rows(tmp_path, checkpoints, embedder):
     rows = list(assert_consistent(tmp_path / "i").rows.values())
     damaged = [r for r in rows if r["path"].endswith("damaged.pdf")]
     assert len(damaged) == 1 and damaged[0]["status"] == "error" and "PDF" in damaged[0]["error"]
+    locked = [r for r in rows if r["path"].endswith("locked.pdf")]
+    assert len(locked) == 1 and locked[0]["status"] == "error" and "encrypted" in locked[0]["error"]
     assert sorted(r["page"] for r in rows if r["path"].endswith("good.pdf") and r["status"] == "ok") == [1, 2]
     assert len([r for r in rows if r["path"].endswith("full.mp4") and r["status"] == "ok"]) == 4
     assert [r for r in rows if r["path"].endswith("cut.mp4")]  # its rows are there: ok, or errors with a reason
     assert all(r["error"] for r in rows if r["status"] == "error")
-    assert summary.total == 4 and dict(summary.failures).get(str(root / "damaged.pdf"))
+    assert summary.total == 5 and dict(summary.failures).get(str(root / "damaged.pdf"))
