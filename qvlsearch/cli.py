@@ -380,9 +380,10 @@ def optimize(index_dir: IndexOption = None) -> None:
     A segment that cannot be read is dropped and named; `qvlsearch index` then embeds its files again.
     """
     from .indexer import lock_index
-    from .store import Store
+    from .store import Store, read_manifest
 
     target = index_dir or default_index_dir()
+    read_manifest(target)  # no index there: say so, and create no folder or lock
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .store import is_file_row
 
 DEFAULT_THRESHOLD = 0.95
 PREFIX_DIM = 256  # candidates are searched on this many leading values of each vector
@@ -33,7 +34,7 @@ IVF_TRAINING_PER_LIST = 32  # k-means trains on this many vectors per list (at m
 NEIGHBOURS = 64  # candidates per vector, itself included: memory stays n × 64 at any threshold
 DURATION_TOLERANCE_S, DURATION_TOLERANCE = 0.5, 0.02  # videos: lengths within the larger of these
 COLUMNS = ["id", "path", "path_bytes", "kind", "status", "size", "width", "height", "duration_s", "content_hash",
-           "taken_at", "mtime_ns"]
+           "taken_at", "mtime_ns", "page", "start_s"]
 
 
 @dataclass
@@ -93,7 +94,10 @@ def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, *, kind: s
         raise InputError(f"threshold must be a cosine similarity between -1 and 1, got {threshold}")
     keep = index.filter(kind, under)
     table = index.item_columns(COLUMNS)
-    ok = np.array([s == "ok" for s in table["status"].to_pylist()], dtype=bool)
+    # one row a file: its whole-file row (a PDF: its first page), not the pages and moments that share its hash
+    ok = np.array([s == "ok" and is_file_row(r) for s, r in zip(table["status"].to_pylist(),
+                                                                 table.select(["page", "start_s"]).to_pylist(),
+                                                                 strict=True)], dtype=bool)
     ok &= np.fromiter((keep(int(i)) for i in table["id"].to_numpy()), dtype=bool, count=len(table))
     rows = table.filter(ok).to_pylist()
     if len(rows) < 2:

@@ -194,3 +194,16 @@ def test_bad_pdfs_and_videos_become_error_rows(tmp_path, checkpoints, embedder):
     assert [r for r in rows if r["path"].endswith("cut.mp4")]  # its rows are there: ok, or errors with a reason
     assert all(r["error"] for r in rows if r["status"] == "error")
     assert summary.total == 5 and dict(summary.failures).get(str(root / "damaged.pdf"))
+
+
+def test_dupes_see_files_not_their_pages_and_moments(index_dir, library, tmp_path, checkpoints, embedder):
+    from qvlsearch.dupes import find_duplicates
+
+    assert find_duplicates(SearchIndex(index_dir)) == []  # a PDF's pages share its hash, but are one file
+    root = tmp_path / "lib"
+    shutil.copytree(library, root)
+    shutil.copy(root / "doc.pdf", root / "doc copy.pdf")
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
+    (group,) = find_duplicates(SearchIndex(tmp_path / "i"))
+    assert group.type == "exact" and sorted(m.path for m in group.members) == [str(root / "doc copy.pdf"),
+                                                                              str(root / "doc.pdf")]
