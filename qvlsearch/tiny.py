@@ -83,23 +83,6 @@ PRESETS: dict[str, dict] = {
         v_pos=256,
         deepstack=[0, 1],
     ),
-    # The real 2B model's vector width (2048) on one cheap layer: for store, scale and server benchmarks.
-    "wide": dict(
-        vocab=1024,
-        hidden=2048,
-        layers=1,
-        heads=4,
-        kv_heads=2,
-        head_dim=16,
-        mlp=128,
-        mrope=[4, 2, 2],
-        v_depth=1,
-        v_hidden=32,
-        v_heads=2,
-        v_mlp=64,
-        v_pos=256,
-        deepstack=[0],
-    ),
     "small": dict(
         vocab=4096,
         hidden=512,
@@ -133,6 +116,9 @@ PRESETS: dict[str, dict] = {
         deepstack=[5, 11, 17],
     ),
 }
+
+# The real 2B model's vector width (2048) on one cheap layer: for store, scale and server benchmarks.
+PRESETS["wide"] = {**PRESETS["tiny"], "hidden": 2048, "layers": 1, "v_depth": 1, "deepstack": [0]}
 
 CORPUS = """\
 Represent the user's input. Retrieve images or text relevant to the user's query.

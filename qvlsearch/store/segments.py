@@ -103,12 +103,6 @@ def build_faiss(vectors: np.ndarray, dim: int, quantize: str, factory: str, trai
     return index
 
 
-def needs_training(factory: str, dim: int) -> bool:
-    import faiss
-
-    return factory != "BinaryFlat" and not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
-
-
 def write_faiss(index: Any, path: Path) -> None:
     import faiss
 
