@@ -341,7 +341,7 @@ def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints, decoders):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["qvlsearch: interrupted"]  # and no worker's traceback
-    assert_consistent(tmp_path / "i")
+    assert_consistent(tmp_path / "i", view=False)  # an interrupt may land before the view catches up
 
 
 def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):

@@ -467,10 +467,12 @@ class Store:
         (self.path / ".manifest.json.tmp").unlink(missing_ok=True)
         if expired:
             self.manifest["superseded"] = [g for g in self.manifest["superseded"] if g not in expired]
+        (self.path / DELETED_VIEW).mkdir(exist_ok=True)
+        if not (self.path / DELETED_VIEW / "none.parquet").exists():  # first, so that reading the folder never fails
+            write_atomically(self.path / DELETED_VIEW / "none.parquet",
+                             lambda tmp: pq.write_table(DELETED_SCHEMA.empty_table(), tmp))
         sync_view(self.path, {s["name"] + ".parquet" for s in self.manifest["segments"]}, ITEMS_VIEW)
         sync_view(self.path, set(self.manifest["deletes"]), DELETED_VIEW)
-        if not (self.path / DELETED_VIEW / "none.parquet").exists():  # so that reading the folder never fails
-            pq.write_table(DELETED_SCHEMA.empty_table(), self.path / DELETED_VIEW / "none.parquet")
 
 
 def is_file_row(row: dict[str, Any]) -> bool:
