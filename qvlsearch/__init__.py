@@ -13,6 +13,7 @@ from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 __version__ = "0.1.0"
 DEFAULT_EMBEDDER = "Qwen/Qwen3-VL-Embedding-2B"
 DEFAULT_RERANKER = "Qwen/Qwen3-VL-Reranker-2B"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; see QwenModel
 __all__ = ["Embedder", "Reranker", "open_index", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
 
 if TYPE_CHECKING:

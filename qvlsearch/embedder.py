@@ -90,6 +90,8 @@ class Embedder(QwenModel):
     `max_frames` (see README). Media are decoded in worker threads (or, with
     `processes=True`, worker processes: faster on a GPU) while the model runs, and items
     are batched by token count; a vector never depends on its batch neighbours.
+    `compile="default"` (or "reduce-overhead", "max-autotune") runs the model's layers
+    under `torch.compile` after a warm-up; if compiling fails, it runs them as before.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Embedder(QwenModel):
         max_batch_tokens: int | None = None,
         workers: int | None = None,
         processes: bool = False,
+        compile: str | None = None,
     ):
         from transformers import Qwen3VLModel
 
@@ -122,6 +125,7 @@ class Embedder(QwenModel):
             default_instruction=default_instruction,
             max_batch_tokens=max_batch_tokens,
             workers=workers,
+            compile=compile,
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         self.dim = self.model.config.text_config.hidden_size

@@ -58,6 +58,7 @@ class IndexOptions:
     batch_size: int | None = None
     workers: int | None = None
     processes: bool = False  # decode in worker processes instead of threads
+    compile: str | None = None  # torch.compile mode of the model's layers (None: eager)
     ray: bool = False  # embed on a Ray cluster (see ray_engine)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
     ray_workers: int | None = None  # model replicas; None: one per GPU, else 1
@@ -463,13 +464,14 @@ class Indexer:
 
             self.embedder = RayEmbedder(o.model, address=o.ray_address, workers=o.ray_workers, device=o.device,
                                         options=VisionOptions(o.min_pixels, o.max_pixels, o.total_pixels, o.fps,
-                                                              o.max_frames), verbose=o.verbose)
+                                                              o.max_frames), verbose=o.verbose,
+                                        compile=o.compile)
         elif self.embedder is None:
             from .embedder import Embedder
 
             self.embedder = Embedder(o.model, device=o.device, min_pixels=o.min_pixels, max_pixels=o.max_pixels,
                                      total_pixels=o.total_pixels, fps=o.fps, max_frames=o.max_frames,
-                                     workers=o.workers, processes=o.processes)
+                                     workers=o.workers, processes=o.processes, compile=o.compile)
         return self.embedder
 
     def row(self, f: Found, **values: Any) -> dict[str, Any]:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import COMPILE_MODES
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import LoadedMedia, VisionOptions
 from .parallel import WorkerProcesses, in_background, prefetch
@@ -95,6 +97,13 @@ def load_checkpoint(
     except RuntimeError as exc:  # a bad device ordinal, or out of memory
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot put model {name_or_path!r} on {device}: {first_line}") from None
+
+
+def check_compile_mode(mode: str | None) -> str | None:
+    """None (eager), or one of torch.compile's modes ("reduce-overhead" adds CUDA graphs)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 @dataclass
@@ -277,6 +286,7 @@ class QwenModel:
         default_instruction: str,
         max_batch_tokens: int | None,
         workers: int | None,
+        compile: str | None = None,
     ):
         self.model_name_or_path = str(model_name_or_path)
         self.device = pick_device(device)
@@ -301,6 +311,9 @@ class QwenModel:
         )
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.compile_mode = check_compile_mode(compile)
+        self.compiled_layers: list[torch.nn.Module] = []
+        self.first_compiled_batch_s: float | None = None  # the compile warm-up, for reports
 
     def batches(self, encode: Callable[[int, Any], Encoded | Failed], items: Iterable[Any], batch_size: int | None,
                 processes: WorkerProcesses | None = None) -> Iterator[Batch | Failed]:
@@ -321,10 +334,49 @@ class QwenModel:
         """`token_batches` with this model's token budget and padding cap."""
         return token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding)
 
+    def repeated_layers(self) -> list[torch.nn.Module]:
+        """The vision blocks and decoder layers: where the time goes, and one compiled graph serves each kind."""
+        return [*self.model.visual.blocks, *self.model.language_model.layers]
+
+    def compile_layers(self) -> None:
+        """Regional compilation: each repeated layer under `torch.compile` (dynamic shapes), so that
+        the elementwise work between matrix products is fused. Compiling happens at the first
+        batch, and again for a few new kinds of shapes (dynamo's recompile limit bounds it)."""
+        self.compiled_layers = self.repeated_layers()
+        for layer in self.compiled_layers:
+            layer.compile(dynamic=True, mode=None if self.compile_mode == "default" else self.compile_mode)
+
+    def run_eagerly(self, reason: BaseException) -> None:
+        """Undo `compile_layers` after compilation failed, saying why in one line."""
+        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+        log.warning("torch.compile failed (%s%s); running the model without it",
+                    type(reason).__name__, f": {first_line[:200]}" if first_line else "")
+        for layer in self.compiled_layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; None is the eager call
+        self.compiled_layers = []
+        self.compile_mode = None
+
+    def compiled_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model with compiled layers, or without them from the first failure on."""
+        try:
+            return self.model(**inputs).last_hidden_state
+        except Exception as exc:  # the compiler's many error types; the same batch then runs eagerly
+            self.run_eagerly(exc)
+            return self.model(**inputs).last_hidden_state
+
     @torch.inference_mode()
     def forward_last_hidden(self, batch: Batch) -> torch.Tensor:
         """Final hidden state of the last token of each item (the pooled token)."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        hidden = self.model(**inputs).last_hidden_state
+        if self.compile_mode and not self.compiled_layers:  # at the first batch: the Reranker swaps its model
+            self.compile_layers()
+            started = time.perf_counter()
+            hidden = self.compiled_forward(inputs)
+            self.first_compiled_batch_s = time.perf_counter() - started
+            log.info("first batch with compiled layers: %.1f s, compiling included", self.first_compiled_batch_s)
+        elif self.compiled_layers:
+            hidden = self.compiled_forward(inputs)
+        else:
+            hidden = self.model(**inputs).last_hidden_state
         last = torch.tensor([len(e) - 1 for e in batch.items], device=hidden.device)
         return hidden[torch.arange(len(batch.items), device=hidden.device), last]

@@ -68,6 +68,7 @@ class ModelSettings:
     device: str | None
     options: VisionOptions
     torch_threads: int | None  # CPU replicas share the machine's cores
+    compile: str | None = None  # torch.compile mode of the replicas' model layers
 
 
 class EncodeItems:
@@ -108,7 +109,7 @@ class EmbedEncoded:
         o = settings.options
         self.embedder = Embedder(settings.model, device=settings.device, min_pixels=o.min_pixels,
                                  max_pixels=o.max_pixels, total_pixels=o.total_pixels, fps=o.fps,
-                                 max_frames=o.max_frames, workers=0)
+                                 max_frames=o.max_frames, workers=0, compile=settings.compile)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -166,7 +167,8 @@ class RayEmbedder:
     """`Embedder.embed_iter` on a Ray cluster: same items in, same `Embedding`s out."""
 
     def __init__(self, model: str, *, address: str | None = None, workers: int | None = None,
-                 device: str | None = None, options: VisionOptions | None = None, verbose: bool = False):
+                 device: str | None = None, options: VisionOptions | None = None, verbose: bool = False,
+                 compile: str | None = None):
         require_ray()
         import ray
         import ray.data
@@ -187,7 +189,7 @@ class RayEmbedder:
             self.replica_resources = {"num_cpus": max(0.5, (cpus - 0.5) / self.replicas)}
         self.encoders = max(1, int(cpus - (self.replicas if self.use_gpus else 0)))
         self.settings = ModelSettings(model, device, options or VisionOptions(),
-                                      None if self.use_gpus else max(1, int(cpus) // self.replicas))
+                                      None if self.use_gpus else max(1, int(cpus) // self.replicas), compile)
         self.dtype_name = "bfloat16" if self.use_gpus else "float32"
         log.info("ray: %d model replicas (%s), up to %d encoding actors, on %s", self.replicas,
                  "1 GPU each" if self.use_gpus else f"{self.replica_resources['num_cpus']:.2f} CPUs each",

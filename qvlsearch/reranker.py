@@ -47,6 +47,7 @@ class Reranker(QwenModel):
         default_instruction: str = "Given a search query, retrieve relevant candidates that answer the query.",
         max_batch_tokens: int | None = None,
         workers: int | None = None,
+        compile: str | None = None,
     ):
         from transformers import Qwen3VLForConditionalGeneration
 
@@ -60,6 +61,7 @@ class Reranker(QwenModel):
             default_instruction=default_instruction,
             max_batch_tokens=max_batch_tokens,
             workers=workers,
+            compile=compile,
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         tokenizer = self.processor.tokenizer
