@@ -112,6 +112,7 @@ class Embedder(QwenModel):
         workers: int | None = None,
         processes: bool = False,
         compile: str | None = None,
+        packing: bool = False,
     ):
         from transformers import Qwen3VLModel
 
@@ -126,6 +127,7 @@ class Embedder(QwenModel):
             max_batch_tokens=max_batch_tokens,
             workers=workers,
             compile=compile,
+            packing=packing,
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         self.dim = self.model.config.text_config.hidden_size

@@ -4,6 +4,7 @@ other threads so that media decoding overlaps the forward pass."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -232,22 +233,93 @@ def collate(items: list[Encoded], pad_id: int, pin: bool) -> Batch:
     return Batch(items, inputs)
 
 
+def pack(items: list[Encoded], rope_index: Callable[..., tuple[torch.Tensor, torch.Tensor]], pin: bool) -> Batch:
+    """All items in one row, without padding.
+
+    The position ids restart at each item (row 0: text positions, rows 1-3: M-RoPE from the
+    model's `rope_index`), so that transformers' attention keeps each item to itself: a
+    block-diagonal mask with SDPA or FlexAttention, variable-length kernels with FlashAttention.
+    """
+    positions = []
+    for e in items:
+        ids = torch.tensor([e.input_ids])
+        types = torch.tensor([e.mm_token_type_ids], dtype=torch.int)
+        text = torch.arange(len(e)).view(1, 1, -1)
+        if types.any():
+            rope, _ = rope_index(ids, mm_token_type_ids=types, image_grid_thw=e.vision.get("image_grid_thw"),
+                                 video_grid_thw=e.vision.get("video_grid_thw"))
+        else:
+            rope = text.expand(3, 1, -1)
+        positions.append(torch.cat([text, rope]))
+    inputs = {
+        "input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
+        "mm_token_type_ids": torch.tensor([[t for e in items for t in e.mm_token_type_ids]], dtype=torch.int),
+        "position_ids": torch.cat(positions, dim=2),
+    }
+    for key in VISION_KEYS:
+        parts = [e.vision[key] for e in items if key in e.vision]
+        if parts:
+            inputs[key] = torch.cat(parts)
+    if pin:
+        inputs = {k: v.pin_memory() for k, v in inputs.items()}
+    return Batch(items, inputs)
+
+
+PACKED_ATTENTION = "qvlsearch_packed"
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention within each item of a packed row (transformers' attention-function interface).
+
+    An item starts where the text positions restart at 0. On CUDA this is one call of torch's
+    variable-length (FlashAttention) kernel; elsewhere, one SDPA call an item. Either way no
+    padded or cross-item pair is computed, unlike SDPA with a block-diagonal mask.
+    """
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    spans = list(itertools.pairwise(starts))
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head dim)
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        bounds = torch.tensor(starts, dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in spans)
+        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=True)
+    else:
+        out = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+                scale=scaling, enable_gqa=True).transpose(0, 1)
+            for a, b in spans
+        ])
+    return out[None], None
+
+
+def no_mask(*args: Any, **kwargs: Any) -> None:
+    """`packed_attention` needs no mask: it finds the items from the position ids."""
+    return None
+
+
 def token_batches(
     encoded: Iterable[Encoded | Failed], max_tokens: int, max_items: int, window_items: int = 256,
-    max_padding: float = float("inf"),
+    max_padding: float = float("inf"), packed: bool = False,
 ) -> Iterator[list[Encoded] | Failed]:
     """Group items into batches whose padded size stays within `max_tokens`; pass failures on at once.
 
     Items are sorted by length inside a window (at most `window_items` items or 2 batches'
     worth of tokens), so that memory stays bounded and the model starts early. A batch
-    also ends before padding would exceed `max_padding` of its tokens.
+    also ends before padding would exceed `max_padding` of its tokens. `packed` batches
+    (see `pack`) have no padding: their size is the sum of the items' lengths.
     """
 
     def flush(pending: list[Encoded]) -> Iterator[list[Encoded]]:
         batch: list[Encoded] = []
         real = 0
         for e in sorted(pending, key=len):
-            padded, real_after = len(e) * (len(batch) + 1), real + len(e)
+            real_after = real + len(e)
+            padded = real_after if packed else len(e) * (len(batch) + 1)
             if batch and (len(batch) >= max_items or padded > max_tokens or padded > (1 + max_padding) * real_after):
                 yield batch
                 batch, real = [], 0
@@ -287,6 +359,7 @@ class QwenModel:
         max_batch_tokens: int | None,
         workers: int | None,
         compile: str | None = None,
+        packing: bool = False,
     ):
         self.model_name_or_path = str(model_name_or_path)
         self.device = pick_device(device)
@@ -302,6 +375,7 @@ class QwenModel:
         # 1.81 s with at most 10% padding). On the H200 the mixed embedding set ran at 38 items/s
         # without this cap and 33 with it: a GPU does better with fewer, fuller batches.
         self.max_padding = 0.1 if self.device.type == "cpu" else float("inf")
+        self.packing = packing
         self.model, self.processor = load_checkpoint(
             model_class,
             self.model_name_or_path,
@@ -309,6 +383,13 @@ class QwenModel:
             attn=self.attn_implementation,
             device=self.device,
         )
+        if packing and self.attn_implementation != "flash_attention_2":  # which finds the items by itself
+            from transformers import AttentionInterface, AttentionMaskInterface
+
+            AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+            AttentionMaskInterface.register(PACKED_ATTENTION, no_mask)
+            base = getattr(self.model, "model", self.model)  # the Reranker's generation model holds the base model
+            base.language_model.config._attn_implementation = PACKED_ATTENTION  # the vision tower keeps its own
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.compile_mode = check_compile_mode(compile)
@@ -327,12 +408,14 @@ class QwenModel:
         return in_background(batches, depth=2)
 
     def collate(self, items: list[Encoded]) -> Batch:
-        return collate(items, self.pad_id, pin=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        return pack(items, self.model.get_rope_index, pin) if self.packing else collate(items, self.pad_id, pin)
 
     def token_batches(self, encoded: Iterable[Encoded | Failed], batch_size: int | None = None
                       ) -> Iterator[list[Encoded] | Failed]:
         """`token_batches` with this model's token budget and padding cap."""
-        return token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding)
+        return token_batches(encoded, self.max_batch_tokens, batch_size or 64, max_padding=self.max_padding,
+                             packed=self.packing)
 
     def repeated_layers(self) -> list[torch.nn.Module]:
         """The vision blocks and decoder layers: where the time goes, and one compiled graph serves each kind."""
@@ -359,10 +442,10 @@ class QwenModel:
     def compiled_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model with compiled layers, or without them from the first failure on."""
         try:
-            return self.model(**inputs).last_hidden_state
+            return self.model(**inputs, use_cache=False).last_hidden_state
         except Exception as exc:  # the compiler's many error types; the same batch then runs eagerly
             self.run_eagerly(exc)
-            return self.model(**inputs).last_hidden_state
+            return self.model(**inputs, use_cache=False).last_hidden_state
 
     @torch.inference_mode()
     def forward_last_hidden(self, batch: Batch) -> torch.Tensor:
@@ -377,6 +460,9 @@ class QwenModel:
         elif self.compiled_layers:
             hidden = self.compiled_forward(inputs)
         else:
-            hidden = self.model(**inputs).last_hidden_state
+            hidden = self.model(**inputs, use_cache=False).last_hidden_state
+        if "position_ids" in inputs:  # packed: one row, the items one after another
+            ends = torch.tensor([len(e) for e in batch.items], device=hidden.device).cumsum(0) - 1
+            return hidden[0, ends]
         last = torch.tensor([len(e) - 1 for e in batch.items], device=hidden.device)
         return hidden[torch.arange(len(batch.items), device=hidden.device), last]

@@ -48,6 +48,7 @@ class Reranker(QwenModel):
         max_batch_tokens: int | None = None,
         workers: int | None = None,
         compile: str | None = None,
+        packing: bool = False,
     ):
         from transformers import Qwen3VLForConditionalGeneration
 
@@ -62,6 +63,7 @@ class Reranker(QwenModel):
             max_batch_tokens=max_batch_tokens,
             workers=workers,
             compile=compile,
+            packing=packing,
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         tokenizer = self.processor.tokenizer
