@@ -63,8 +63,12 @@ def synchronized_clock(device) -> float:
 
 def prepared_batches(embedder, items: list) -> list:
     """`items` decoded, processed and padded into batches as `embed` batches them (failures dropped)."""
+    from qvlsearch.qwen import Failed
+
     encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
-    return [embedder.collate(b) for b in embedder.token_batches(encoded) if isinstance(b, list)]
+    # `formed`, not `collate`: with decode_jpeg_on_device, JPEGs are decoded as the batches form
+    batches = (batch for group in embedder.token_batches(encoded) for batch in embedder.formed(group))
+    return [b for b in batches if not isinstance(b, Failed)]
 
 
 def model_alone_s(embedder, items: list) -> float:

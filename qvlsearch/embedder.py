@@ -16,7 +16,8 @@ import torch
 
 from . import DEFAULT_EMBEDDER
 from .errors import InputError, MediaError, QvlsearchError
-from .media import VisionOptions, check_item, content_parts, load_media
+from .jpeg import deferred_inputs
+from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
 from .parallel import WorkerProcesses
 from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
 
@@ -52,16 +53,25 @@ class ItemEncoder:
     max_length: int
     default_instruction: str
     dtype: torch.dtype
+    decode_jpeg_on_device: bool = False  # JPEG files: read here, decoded when batched (see jpeg.py)
 
     def __call__(self, index: int, item: Any) -> Encoded | Failed:
         def build() -> Encoded:
             parts = content_parts(check_item(item, index), self.options)
-            media = load_media(parts)
-            inputs = run_processor(self.processor, self.conversation(item, parts), media)
+            conversation = self.conversation(item, parts)
+            deferred = deferred_inputs(self.processor, conversation, parts) if self.decode_jpeg_on_device else None
+            if deferred is not None:
+                inputs, jpeg = deferred
+                media = LoadedMedia(parts, [], [], [(jpeg.width, jpeg.height)])
+            else:
+                jpeg, media = None, load_media(parts)
+                inputs = run_processor(self.processor, conversation, media)
             ids = inputs["input_ids"][0].tolist()
             if len(ids) > self.max_length:
                 ids = self.truncate(ids)
-            return encoded_from(index, inputs, ids, media, self.processor, self.dtype)
+            encoded = encoded_from(index, inputs, ids, media, self.processor, self.dtype)
+            encoded.jpeg = jpeg
+            return encoded
 
         return encode_or_fail(index, build)
 
@@ -89,7 +99,10 @@ class Embedder(QwenModel):
     Items are dicts with any of `text`, `image`, `video`, `instruction`, `fps`,
     `max_frames` (see README). Media are decoded in worker threads (or, with
     `processes=True`, worker processes: faster on a GPU) while the model runs, and items
-    are batched by token count; a vector never depends on its batch neighbours.
+    are batched by token count; a vector never depends on its batch neighbours. With
+    `decode_jpeg_on_device=True`, items that are one local JPEG file are decoded, resized
+    and patchified on the model's device instead, a batch at a time (for GPUs, where the
+    CPU side is the limit); vectors then differ from the PIL path's by resampling noise.
     `compile="default"` (or "reduce-overhead", "max-autotune") runs the model's layers
     under `torch.compile` after a warm-up; if compiling fails, it runs them as before.
     """
@@ -113,6 +126,7 @@ class Embedder(QwenModel):
         processes: bool = False,
         compile: str | None = None,
         packing: bool = False,
+        decode_jpeg_on_device: bool = False,
     ):
         from transformers import Qwen3VLModel
 
@@ -131,7 +145,8 @@ class Embedder(QwenModel):
             options=VisionOptions(min_pixels, max_pixels, total_pixels, fps, max_frames),
         )
         self.dim = self.model.config.text_config.hidden_size
-        self.item_encoder = ItemEncoder(self.processor, self.options, max_length, default_instruction, self.dtype)
+        self.item_encoder = ItemEncoder(self.processor, self.options, max_length, default_instruction, self.dtype,
+                                        decode_jpeg_on_device)
         self.processes = processes
 
     def encode(self, index: int, item: Any) -> Encoded | Failed:

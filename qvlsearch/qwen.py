@@ -16,6 +16,7 @@ import torch
 
 from . import COMPILE_MODES
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
+from .jpeg import PendingJpeg, decode_pending
 from .media import LoadedMedia, VisionOptions
 from .parallel import WorkerProcesses, in_background, prefetch
 
@@ -116,6 +117,7 @@ class Encoded:
     mm_token_type_ids: list[int]  # 0 text, 1 image and 2 video placeholder tokens (what M-RoPE needs)
     vision: dict[str, torch.Tensor]  # pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw
     facts: dict[str, Any] = field(default_factory=dict)  # tokens, width, height, frames, duration_s
+    jpeg: PendingJpeg | None = None  # decoded on the model's device when the batch is formed (no pixel_values yet)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -224,13 +226,19 @@ def collate(items: list[Encoded], pad_id: int, pin: bool) -> Batch:
         input_ids[row, : len(e)] = torch.tensor(e.input_ids)
         mm_token_type_ids[row, : len(e)] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
     inputs = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids}
+    return Batch(items, with_vision(inputs, items, pin))
+
+
+def with_vision(inputs: dict[str, torch.Tensor], items: list[Encoded], pin: bool) -> dict[str, torch.Tensor]:
+    """`inputs` and the items' pixels and grids, concatenated in item order; pinned on GPU machines
+    (pixels decoded on the GPU are there already)."""
     for key in VISION_KEYS:
         parts = [e.vision[key] for e in items if key in e.vision]
         if parts:
             inputs[key] = torch.cat(parts)
     if pin:
-        inputs = {k: v.pin_memory() for k, v in inputs.items()}
-    return Batch(items, inputs)
+        inputs = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in inputs.items()}
+    return inputs
 
 
 def pack(items: list[Encoded], rope_index: Callable[..., tuple[torch.Tensor, torch.Tensor]], pin: bool) -> Batch:
@@ -256,13 +264,7 @@ def pack(items: list[Encoded], rope_index: Callable[..., tuple[torch.Tensor, tor
         "mm_token_type_ids": torch.tensor([[t for e in items for t in e.mm_token_type_ids]], dtype=torch.int),
         "position_ids": torch.cat(positions, dim=2),
     }
-    for key in VISION_KEYS:
-        parts = [e.vision[key] for e in items if key in e.vision]
-        if parts:
-            inputs[key] = torch.cat(parts)
-    if pin:
-        inputs = {k: v.pin_memory() for k, v in inputs.items()}
-    return Batch(items, inputs)
+    return Batch(items, with_vision(inputs, items, pin))
 
 
 PACKED_ATTENTION = "qvlsearch_packed"
@@ -404,8 +406,20 @@ class QwenModel:
         thread forms and pads the batches, so both go on while the model runs.
         """
         encoded = prefetch(encode, items, workers=self.workers, ahead=2 * self.workers + 2, processes=processes)
-        batches = (b if isinstance(b, Failed) else self.collate(b) for b in self.token_batches(encoded, batch_size))
+        batches = (b for group in self.token_batches(encoded, batch_size) for b in self.formed(group))
         return in_background(batches, depth=2)
+
+    def formed(self, group: list[Encoded] | Failed) -> Iterator[Batch | Failed]:
+        """A failure as it is; a group as its batch, once its pending JPEGs are decoded on the model's
+        device (a JPEG that cannot be decoded at all becomes its item's failure)."""
+        if isinstance(group, Failed):
+            yield group
+            return
+        if any(e.jpeg is not None for e in group):
+            group, errors = decode_pending(group, self.processor.image_processor, self.device, self.dtype)
+            yield from (Failed(error.index, error) for error in errors)
+        if group:
+            yield self.collate(group)
 
     def collate(self, items: list[Encoded]) -> Batch:
         pin = self.device.type == "cuda"

@@ -71,3 +71,11 @@ def test_packed_attention_equals_sdpa_with_a_block_diagonal_causal_mask():
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=0.3,
                                                                 enable_gqa=True)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_packing_and_jpeg_decoding_on_the_device_go_together(checkpoints):
+    items = [{"image": str(PHOTOS / name)} for name in ("cat.jpg", "bee.jpg", "cake.jpg")] + [{"text": "a cat"}]
+    path = str(checkpoints["embedder"])
+    padded = Embedder(path, device="cpu", decode_jpeg_on_device=True).embed(items)
+    packed = Embedder(path, device="cpu", decode_jpeg_on_device=True, packing=True).embed(items)
+    np.testing.assert_allclose(packed, padded, atol=1e-5)
