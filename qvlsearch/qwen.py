@@ -213,7 +213,10 @@ class Batch:
     inputs: dict[str, torch.Tensor]
 
 
-def collate(items: list[Encoded], pad_id: int, pin: bool) -> Batch:
+RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the model's get_rope_index
+
+
+def collate(items: list[Encoded], pad_id: int, rope_index: RopeIndex, pin: bool) -> Batch:
     """Right-pad the items and concatenate their pixels in item order.
 
     There is no attention mask: attention is causal and the padding comes after every real
@@ -225,46 +228,54 @@ def collate(items: list[Encoded], pad_id: int, pin: bool) -> Batch:
     for row, e in enumerate(items):
         input_ids[row, : len(e)] = torch.tensor(e.input_ids)
         mm_token_type_ids[row, : len(e)] = torch.tensor(e.mm_token_type_ids, dtype=torch.int)
-    inputs = {"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids}
-    return Batch(items, with_vision(inputs, items, pin))
+    inputs = with_vision({"input_ids": input_ids, "mm_token_type_ids": mm_token_type_ids}, items)
+    inputs["position_ids"] = positions(rope_index, inputs)
+    return Batch(items, pinned(inputs) if pin else inputs)
 
 
-def with_vision(inputs: dict[str, torch.Tensor], items: list[Encoded], pin: bool) -> dict[str, torch.Tensor]:
-    """`inputs` and the items' pixels and grids, concatenated in item order; pinned on GPU machines
-    (pixels decoded on the GPU are there already)."""
+def pack(items: list[Encoded], rope_index: RopeIndex, pin: bool) -> Batch:
+    """All items in one row, without padding.
+
+    The position ids restart at each item, which is how `packed_attention` (and FlashAttention's
+    own variable-length path) keeps each item's attention to itself.
+    """
+    inputs = with_vision({
+        "input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
+        "mm_token_type_ids": torch.tensor([[t for e in items for t in e.mm_token_type_ids]], dtype=torch.int),
+        "position_ids": torch.cat([positions(rope_index, with_vision({
+            "input_ids": torch.tensor([e.input_ids]),
+            "mm_token_type_ids": torch.tensor([e.mm_token_type_ids], dtype=torch.int)}, [e])) for e in items], dim=2),
+    }, items)
+    return Batch(items, pinned(inputs) if pin else inputs)
+
+
+def with_vision(inputs: dict[str, torch.Tensor], items: list[Encoded]) -> dict[str, torch.Tensor]:
+    """`inputs` and the items' pixels and grids, concatenated in item order."""
     for key in VISION_KEYS:
         parts = [e.vision[key] for e in items if key in e.vision]
         if parts:
             inputs[key] = torch.cat(parts)
-    if pin:
-        inputs = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in inputs.items()}
     return inputs
 
 
-def pack(items: list[Encoded], rope_index: Callable[..., tuple[torch.Tensor, torch.Tensor]], pin: bool) -> Batch:
-    """All items in one row, without padding.
+def pinned(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors in pinned memory, for asynchronous copies to the GPU (pixels decoded there stay)."""
+    return {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in inputs.items()}
 
-    The position ids restart at each item (row 0: text positions, rows 1-3: M-RoPE from the
-    model's `rope_index`), so that transformers' attention keeps each item to itself: a
-    block-diagonal mask with SDPA or FlexAttention, variable-length kernels with FlashAttention.
+
+def positions(rope_index: RopeIndex, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Position ids as the model would compute them, (4, rows, tokens): text positions, then M-RoPE's three.
+
+    Computing them here, while batches form, spares the model's forward pass the
+    device-to-host copies its own M-RoPE code makes on GPUs.
     """
-    positions = []
-    for e in items:
-        ids = torch.tensor([e.input_ids])
-        types = torch.tensor([e.mm_token_type_ids], dtype=torch.int)
-        text = torch.arange(len(e)).view(1, 1, -1)
-        if types.any():
-            rope, _ = rope_index(ids, mm_token_type_ids=types, image_grid_thw=e.vision.get("image_grid_thw"),
-                                 video_grid_thw=e.vision.get("video_grid_thw"))
-        else:
-            rope = text.expand(3, 1, -1)
-        positions.append(torch.cat([text, rope]))
-    inputs = {
-        "input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
-        "mm_token_type_ids": torch.tensor([[t for e in items for t in e.mm_token_type_ids]], dtype=torch.int),
-        "position_ids": torch.cat(positions, dim=2),
-    }
-    return Batch(items, with_vision(inputs, items, pin))
+    input_ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    text = torch.arange(input_ids.shape[1]).expand(1, *input_ids.shape)
+    if not types.any():
+        return text.expand(4, -1, -1)
+    rope, _ = rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
+                         video_grid_thw=inputs.get("video_grid_thw"))
+    return torch.cat([text, rope])
 
 
 PACKED_ATTENTION = "qvlsearch_packed"
@@ -423,7 +434,9 @@ class QwenModel:
 
     def collate(self, items: list[Encoded]) -> Batch:
         pin = self.device.type == "cuda"
-        return pack(items, self.model.get_rope_index, pin) if self.packing else collate(items, self.pad_id, pin)
+        if self.packing:
+            return pack(items, self.model.get_rope_index, pin)
+        return collate(items, self.pad_id, self.model.get_rope_index, pin)
 
     def token_batches(self, encoded: Iterable[Encoded | Failed], batch_size: int | None = None
                       ) -> Iterator[list[Encoded] | Failed]:
@@ -475,7 +488,7 @@ class QwenModel:
             hidden = self.compiled_forward(inputs)
         else:
             hidden = self.model(**inputs, use_cache=False).last_hidden_state
-        if "position_ids" in inputs:  # packed: one row, the items one after another
+        if hidden.shape[0] == 1:  # one item, or packed items one after another
             ends = torch.tensor([len(e) for e in batch.items], device=hidden.device).cumsum(0) - 1
             return hidden[0, ends]
         last = torch.tensor([len(e) - 1 for e in batch.items], device=hidden.device)

@@ -9,7 +9,7 @@ import torch
 from conftest import PHOTOS
 
 from qvlsearch import Embedder, Reranker
-from qvlsearch.qwen import packed_attention
+from qvlsearch.qwen import Batch, packed_attention
 
 
 def mixed_items(media) -> list[dict]:
@@ -79,3 +79,19 @@ def test_packing_and_jpeg_decoding_on_the_device_go_together(checkpoints):
     padded = Embedder(path, device="cpu", decode_jpeg_on_device=True).embed(items)
     packed = Embedder(path, device="cpu", decode_jpeg_on_device=True, packing=True).embed(items)
     np.testing.assert_allclose(packed, padded, atol=1e-5)
+
+
+def test_padded_batches_bring_their_position_ids_so_the_model_computes_none(embedder, media, monkeypatch):
+    """M-RoPE positions are computed as batches form (on GPUs the model's own code syncs with the host)."""
+    items = [{"text": "a cat"}, {"image": str(PHOTOS / "cat.jpg")}, {"video": str(media["video"])}]
+    batch = embedder.collate([embedder.encode(i, item) for i, item in enumerate(items)])
+    assert batch.inputs["position_ids"].shape == (4, *batch.inputs["input_ids"].shape)
+    calls = []
+    model = embedder.model
+    monkeypatch.setattr(model, "get_rope_index", lambda *a, **k: calls.append(1) or type(model).get_rope_index(
+        model, *a, **k))
+    with_positions = embedder.forward_last_hidden(batch)
+    assert calls == []
+    without = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
+    torch.testing.assert_close(embedder.forward_last_hidden(Batch(batch.items, without)), with_positions)
+    assert calls == [1]  # the model's own computation, for comparison
