@@ -53,12 +53,12 @@ def timed(fn) -> float:
 
 
 def embedding(workdir: Path, path: str, device: str | None = None, goal: str = ">= 1.5", scale: int = 1,
-              repeats: int = 1, processes: bool = False) -> list[Figure]:
+              repeats: int = 1, options: dict | None = None) -> list[Figure]:
     """Mixed items (texts of 10–300 tokens, photos of mixed sizes, two videos) through three strategies.
 
     `scale` multiplies the set (each copy has its own texts and photos); each strategy's
     time is the best of `repeats` rounds, the strategies taking turns within a round. With
-    `processes`, qvlsearch is also timed with worker processes instead of threads.
+    `options` (Embedder options, e.g. the GPU levers), qvlsearch is also timed with them.
     """
     from reference import ReferenceEmbedder
 
@@ -72,10 +72,10 @@ def embedding(workdir: Path, path: str, device: str | None = None, goal: str = "
         items += [{"image": p} for p in images(workdir / "embed-images", sizes, 2 + 10 * copy)]
     items += [{"video": v} for v in videos * scale]
     random.Random(3).shuffle(items)
-    ours = {"threads": Embedder(path, device=device)}
-    if processes:
-        ours["processes"] = Embedder(path, device=device, processes=True)
-    first = ours["threads"]
+    ours = {"defaults": Embedder(path, device=device)}
+    if options:
+        ours[", ".join(f"{k}={v}" for k, v in options.items())] = Embedder(path, device=device, **options)
+    first = ours["defaults"]
     reference = ReferenceEmbedder(path, device=str(first.device), dtype=first.dtype)
     for embedder in ours.values():
         embedder.embed(items[:4])  # warm-up (and worker processes started)
@@ -94,7 +94,7 @@ def embedding(workdir: Path, path: str, device: str | None = None, goal: str = "
         Figure("embed", "official-style, one item per call", len(items) / t_single, "items/s", detail=detail),
     ]
     for mode, t in zip(ours, t_ours, strict=True):
-        suffix = "" if len(ours) == 1 else f", worker {mode}"
+        suffix = "" if len(ours) == 1 else f", {mode}"
         figures += [
             Figure("embed", f"qvlsearch Embedder.embed{suffix}", len(items) / t, "items/s", detail=detail),
             Figure("embed", f"speed-up over the faster baseline{suffix}", baseline / t, "x", goal=goal, detail=detail),
@@ -103,8 +103,9 @@ def embedding(workdir: Path, path: str, device: str | None = None, goal: str = "
 
 
 def reranking(workdir: Path, path: str, device: str | None = None, goal: str = ">= 2", scale: int = 1,
-              repeats: int = 1) -> list[Figure]:
-    """One query against 100 text documents and 20 image documents (times `scale`), best of `repeats` rounds."""
+              repeats: int = 1, options: dict | None = None) -> list[Figure]:
+    """One query against 100 text documents and 20 image documents (times `scale`), best of `repeats` rounds;
+    with `options` (Reranker options), qvlsearch is also timed with them."""
     from reference import ReferenceReranker
 
     from qvlsearch import Reranker
@@ -114,20 +115,31 @@ def reranking(workdir: Path, path: str, device: str | None = None, goal: str = "
         docs += [{"text": t} for t in texts(100, 10, 200, 4 + 10 * copy)]
         docs += [{"image": p} for p in images(workdir / "rerank-images", [(320, 240), (640, 480)] * 10, 5 + 10 * copy)]
     inputs = {"query": {"text": "a cat sleeping on a chair near the window"}, "documents": docs}
-    ours = Reranker(path, device=device)
-    reference = ReferenceReranker(path, device=str(ours.device), dtype=ours.dtype)
-    ours.process({**inputs, "documents": docs[:4]})  # warm-up
+    ours = {"defaults": Reranker(path, device=device)}
+    if options:
+        ours[", ".join(f"{k}={v}" for k, v in options.items())] = Reranker(path, device=device, **options)
+    first = ours["defaults"]
+    reference = ReferenceReranker(path, device=str(first.device), dtype=first.dtype)
+    for reranker in ours.values():
+        reranker.process({**inputs, "documents": docs[:4]})  # warm-up (and compiling)
     reference.process({**inputs, "documents": docs[:2]})
-    rounds = [(timed(lambda: reference.process(inputs)), timed(lambda: ours.process(inputs))) for _ in range(repeats)]
-    t_reference, t_ours = (min(times) for times in zip(*rounds, strict=True))
-    detail = {"documents": len(docs), "one_pair_per_forward_s": round(t_reference, 3), "ours_s": round(t_ours, 3),
+    rounds = [(timed(lambda: reference.process(inputs)), *(timed(lambda r=r: r.process(inputs)) for r in ours.values()))
+              for _ in range(repeats)]
+    t_reference, *t_ours = (min(times) for times in zip(*rounds, strict=True))
+    detail = {"documents": len(docs), "one_pair_per_forward_s": round(t_reference, 3),
+              **{f"ours_{mode}_s": round(t, 3) for mode, t in zip(ours, t_ours, strict=True)},
               "rounds": [[round(t, 3) for t in r] for r in rounds],
-              "device": str(ours.device), "dtype": str(ours.dtype)}
-    return [
-        Figure("rerank", "official-style, one pair per forward", len(docs) / t_reference, "docs/s", detail=detail),
-        Figure("rerank", "qvlsearch Reranker.rerank", len(docs) / t_ours, "docs/s", detail=detail),
-        Figure("rerank", "speed-up over one pair per forward", t_reference / t_ours, "x", goal=goal, detail=detail),
-    ]
+              "device": str(first.device), "dtype": str(first.dtype)}
+    figures = [Figure("rerank", "official-style, one pair per forward", len(docs) / t_reference, "docs/s",
+                      detail=detail)]
+    for mode, t in zip(ours, t_ours, strict=True):
+        suffix = "" if len(ours) == 1 else f", {mode}"
+        figures += [
+            Figure("rerank", f"qvlsearch Reranker.rerank{suffix}", len(docs) / t, "docs/s", detail=detail),
+            Figure("rerank", f"speed-up over one pair per forward{suffix}", t_reference / t, "x", goal=goal,
+                   detail=detail),
+        ]
+    return figures
 
 
 def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:

@@ -27,8 +27,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from common import Figure, model_alone_s, prepared_batches, report, save, synchronized_clock  # noqa: E402
 
-from qvlsearch import COMPILE_MODES  # noqa: E402
-
 GFLOP_PER_VISUAL_TOKEN = 5.45
 GFLOP_PER_TEXT_TOKEN = 2.82
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -69,20 +67,25 @@ def profile_model(embedder, items: list, path: Path) -> None:
     path.write_text("\n\n".join(tables) + "\n")
 
 
-def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: int | None = None,
-               profile_dir: Path | None = None, processes: bool = False, compiled: str | None = None) -> list[Figure]:
-    """Throughput on uniform inputs, converted to achieved TFLOP/s and utilization; `processes`
-    decodes in worker processes instead of threads; `compiled` is the Embedder's `compile` mode."""
+# The levers of the GPU-efficiency issue, as Embedder options, in the order a short run measures them.
+LEVERS = {
+    "eager": {},
+    "compile": {"compile": "default"},
+    "packing": {"packing": True},
+    "jpeg-on-device": {"decode_jpeg_on_device": True},
+    "all": {"compile": "default", "packing": True, "decode_jpeg_on_device": True},
+    "processes": {"processes": True},
+    "cuda-graphs": {"compile": "reduce-overhead"},  # texts only: fixed shapes are where graphs pay
+    "all+processes": {"compile": "default", "packing": True, "decode_jpeg_on_device": True, "processes": True},
+}
+
+
+def efficiency_cases(workdir: Path, count: int) -> dict[str, list[dict]]:
+    """Uniform inputs: `count` 512x512 and 1024x768 JPEG photos (32 files, reused) and 128-token texts."""
     import numpy as np
-    import torch
     from bench_models import texts
     from corpus import photo
 
-    from qvlsearch import Embedder
-
-    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, processes=processes, compile=compiled)
-    card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
-    peak = peak_tflops(card)
     rng = np.random.default_rng(0)
     cases = {}
     for w, h in ((512, 512), (1024, 768)):
@@ -94,8 +97,40 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
             photo((w, h), rng).save(paths[-1], quality=90)
         cases[f"{w}x{h} photos"] = [{"image": paths[i % len(paths)]} for i in range(count)]
     cases["128-token texts"] = [{"text": t} for t in texts(count, 100, 100, 9)]
+    return cases
+
+
+def float32_vectors(path: str, device: str, cases: dict[str, list[dict]], count: int = 16) -> dict:
+    """The float32 model's vectors for the first `count` items of each case: what bfloat16 must stay near."""
+    import torch
+
+    from qvlsearch import Embedder
+
+    reference = Embedder(path, device=device, dtype="float32")
+    vectors = {name: reference.embed(items[:count]) for name, items in cases.items()}
+    del reference
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return vectors
+
+
+def efficiency(cases: dict[str, list[dict]], path: str, device: str, lever: str, options: dict,
+               reference: dict | None = None, batch_tokens: int | None = None,
+               profile_dir: Path | None = None) -> list[Figure]:
+    """Throughput on uniform inputs with the Embedder `options` of `lever`, converted to achieved
+    TFLOP/s and utilization; beside it the model alone on prepared inputs and the feeding alone,
+    and the lowest cosine to the float32 model's vectors (`reference`)."""
+    import numpy as np
+    import torch
+
+    from qvlsearch import Embedder
+
+    embedder = Embedder(path, device=device, max_batch_tokens=batch_tokens, **options)
+    card = torch.cuda.get_device_name(0) if embedder.device.type == "cuda" else "cpu"
+    peak = peak_tflops(card)
     figures = []
     for name, items in cases.items():
+        if lever == "cuda-graphs" and "texts" not in name:
+            continue
         warm_up_started = time.perf_counter()
         embedder.embed(items[:16])  # warm-up (and compiling)
         warm_up_s = time.perf_counter() - warm_up_started
@@ -108,28 +143,34 @@ def efficiency(workdir: Path, path: str, device: str, count: int, batch_tokens: 
         seconds = synchronized_clock(embedder.device) - started
         model_seconds = model_alone_s(embedder, items)
         feeding_seconds = feeding_alone_s(embedder, items)
-        if profile_dir and not (batch_tokens or processes or compiled):
-            profile_model(embedder, items[:64], profile_dir / f"profile-{name.split()[0]}.txt")
+        if profile_dir:
+            profile_model(embedder, items[:64], profile_dir / f"profile-{lever}-{name.split()[0]}.txt")
         gflop = tokens["visual"] * GFLOP_PER_VISUAL_TOKEN + tokens["text"] * GFLOP_PER_TEXT_TOKEN
         detail = {"items": len(items), **tokens, "seconds": round(seconds, 3), "model_only_s": round(model_seconds, 3),
-                  "feeding_only_s": round(feeding_seconds, 3),
-                  "workers": embedder.workers, "processes": processes, "compiled": embedder.compile_mode,
-                  "warm_up_s": round(warm_up_s, 1),
-                  "max_batch_tokens": embedder.max_batch_tokens,
+                  "feeding_only_s": round(feeding_seconds, 3), "warm_up_s": round(warm_up_s, 1),
+                  "options": options, "compiled_in_the_end": embedder.compile_mode,
+                  "workers": embedder.workers, "max_batch_tokens": embedder.max_batch_tokens,
                   "attn": embedder.attn_implementation, "card": card, "peak_tflops": peak}
-        name = f"{name}, batches of {embedder.max_batch_tokens} tokens" if batch_tokens else name
-        name = f"{name}, worker processes" if processes else name
-        name = f"{name}, torch.compile {compiled}" if compiled else name
-        figures.append(Figure("gpu", f"{name}: throughput", len(items) / seconds, "items/s", detail=detail))
-        figures.append(Figure("gpu", f"{name}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail))
-        figures.append(Figure("gpu", f"{name}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s",
-                              detail=detail))
-        figures.append(Figure("gpu", f"{name}: inputs prepared only, no model", len(items) / feeding_seconds,
-                              "items/s", detail=detail))
+        label = f"{name}, {lever}" + (f", batches of {embedder.max_batch_tokens} tokens" if batch_tokens else "")
+        figures += [
+            Figure("gpu", f"{label}: throughput", len(items) / seconds, "items/s", detail=detail),
+            Figure("gpu", f"{label}: achieved", gflop / 1e3 / seconds, "TFLOP/s", detail=detail),
+            Figure("gpu", f"{label}: model only, inputs ready", gflop / 1e3 / model_seconds, "TFLOP/s", detail=detail),
+            Figure("gpu", f"{label}: inputs prepared only, no model", len(items) / feeding_seconds, "items/s",
+                   detail=detail),
+            Figure("gpu", f"{label}: pipeline / model alone", model_seconds / seconds, "", ">= 0.9", detail),
+        ]
         if peak:
             goal = ">= 0.4" if name.startswith("1024x768") and not batch_tokens else ""
-            figures.append(Figure("gpu", f"{name}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
+            figures.append(Figure("gpu", f"{label}: model FLOP utilization", gflop / 1e3 / seconds / peak, "", goal,
                                   detail))
+        if reference is not None:
+            ours = embedder.embed(items[: len(reference[name])])
+            figures.append(Figure("gpu", f"{label}: lowest cosine to float32", float(np.min(np.sum(
+                ours * reference[name], axis=1))), "", ">= 0.999", detail))
+        print(f"[{label} done]", file=sys.stderr, flush=True)
+    del embedder
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return figures
 
 
@@ -137,27 +178,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="2b", help="checkpoint shapes (default: 2b)")
     parser.add_argument("--device", default="cuda", help="device (default: cuda)")
-    parser.add_argument("--count", type=int, default=256, help="items per efficiency case (default: 256)")
+    parser.add_argument("--count", type=int, default=128, help="items per efficiency case (default: 128)")
     parser.add_argument("--scale", type=int, default=3,
                         help="copies of the CPU suite's embed and rerank sets (default: 3, so that the GPU's "
                              "share is not lost in noise)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the embed and rerank comparisons; "
                         "each strategy's best counts (default: 2)")
-    parser.add_argument("--processes", action="store_true",
-                        help="also measure efficiency with media decoded in worker processes")
-    parser.add_argument("--compile", action="append", default=[], choices=COMPILE_MODES,
-                        help="also measure efficiency with the model's layers under torch.compile in this mode "
-                             "(repeatable)")
+    parser.add_argument("--levers", default=",".join(LEVERS),
+                        help=f"efficiency runs, in this order, comma-separated (default: all: {','.join(LEVERS)})")
+    parser.add_argument("--best", default="compile,packing,jpeg-on-device",
+                        help="levers also used for the embed and rerank comparisons (default: %(default)s; "
+                             "'' for none)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="start no lever after this many seconds; the rest are listed as skipped (default: 540)")
+    parser.add_argument("--no-comparisons", action="store_true", help="skip the embed and rerank comparisons")
     parser.add_argument("--profile", action="store_true",
                         help="also write torch.profiler tables of the model on each efficiency case to --out")
     parser.add_argument("--batch-tokens", type=int, action="append", default=[],
-                        help="also measure efficiency with batches of this many tokens (repeatable)")
+                        help="also measure eager efficiency with batches of this many tokens (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="also copy the results JSON into this folder")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="work folder (default: a temporary one); clips already there are used as they are, "
                              "for machines without PyAV: `python benchmarks/gpu.py --clips-only --workdir DIR`")
     parser.add_argument("--clips-only", action="store_true", help="only write the video clips into --workdir")
     args = parser.parse_args(argv)
+    levers = [name for name in args.levers.split(",") if name]
+    unknown = [name for name in levers if name not in LEVERS]
+    if unknown:
+        parser.error(f"unknown lever(s) {', '.join(unknown)}; known: {', '.join(LEVERS)}")
+    best = {k: v for name in args.best.split(",") if name for k, v in LEVERS[name].items()}
     import bench_models
 
     from qvlsearch.tiny import build_checkpoints
@@ -166,27 +215,43 @@ def main(argv: list[str] | None = None) -> int:
         bench_models.clips(args.workdir or Path("."))
         return 0
     started = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[{what} at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
+
     with tempfile.TemporaryDirectory(prefix="qvlsearch-gpu-") as tmp:
         work = args.workdir or Path(tmp)
         checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
-        print(f"[checkpoints built in {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
-        figures = bench_models.embedding(work, str(checkpoints["embedder"]), device=args.device, goal=">= 4",
-                                            scale=args.scale, repeats=args.repeats, processes=True)
-        print(f"[embedding done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
-        figures += bench_models.reranking(work, str(checkpoints["reranker"]), device=args.device, goal=">= 8",
-                                             scale=args.scale, repeats=args.repeats)
-        print(f"[reranking done at {time.monotonic() - started:.0f}s]", file=sys.stderr, flush=True)
+        embedder_path, reranker_path = str(checkpoints["embedder"]), str(checkpoints["reranker"])
+        progress("checkpoints built")
+        figures = []
+        if not args.no_comparisons:
+            figures += bench_models.embedding(work, embedder_path, device=args.device, goal=">= 4", scale=args.scale,
+                                              repeats=args.repeats, options=best)
+            progress("embedding comparison done")
+            figures += bench_models.reranking(work, reranker_path, device=args.device, goal=">= 8", scale=args.scale,
+                                              repeats=args.repeats, options={k: v for k, v in best.items()
+                                                                             if k != "decode_jpeg_on_device"})
+            progress("reranking comparison done")
+        cases = efficiency_cases(work, args.count)
+        reference = float32_vectors(embedder_path, args.device, cases)
         profile_dir = args.out if args.profile else None
         if profile_dir:
             profile_dir.mkdir(parents=True, exist_ok=True)
-        figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, profile_dir=profile_dir)
-        if args.processes:
-            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, processes=True)
-        for mode in args.compile:
-            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, compiled=mode)
+        skipped = []
+        for lever in levers:
+            if time.monotonic() - started > args.budget_s:
+                skipped.append(lever)
+                continue
+            figures += efficiency(cases, embedder_path, args.device, lever, LEVERS[lever], reference,
+                                  profile_dir=profile_dir if lever == "eager" else None)
+            progress(f"lever {lever} done")
         for tokens in args.batch_tokens:
-            figures += efficiency(work, str(checkpoints["embedder"]), args.device, args.count, tokens)
+            figures += efficiency(cases, embedder_path, args.device, "eager", {}, reference, batch_tokens=tokens)
     print(report(figures))
+    if skipped:
+        print(f"\nskipped (over --budget-s): {','.join(skipped)}; run them with --no-comparisons --levers "
+              f"{','.join(skipped)}")
     path = save(figures, "gpu")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

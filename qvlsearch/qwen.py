@@ -4,6 +4,8 @@ other threads so that media decoding overlaps the forward pass."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -293,13 +295,14 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
     spans = list(itertools.pairwise(starts))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head dim)
-    if q.is_cuda:
+    if q.is_cuda and varlen_options() is not None:
         from torch.nn.attention.varlen import varlen_attn
 
+        if "enable_gqa" not in varlen_options() and k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         bounds = torch.tensor(starts, dtype=torch.int32, device=q.device)
         longest = max(b - a for a, b in spans)
-        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=True)
+        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **varlen_options())
     else:
         out = torch.cat([
             torch.nn.functional.scaled_dot_product_attention(
@@ -308,6 +311,23 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             for a, b in spans
         ])
     return out[None], None
+
+
+@functools.cache
+def varlen_options() -> dict[str, Any] | None:
+    """How this torch's `varlen_attn` is told "causal" (and to share key/value heads), or None
+    without it (or with arguments this code does not know): they changed across torch versions."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    gqa = {"enable_gqa": True} if "enable_gqa" in parameters else {}
+    if "window_size" in parameters:
+        return {"window_size": (-1, 0), **gqa}
+    if "is_causal" in parameters:
+        return {"is_causal": True, **gqa}
+    return None
 
 
 def no_mask(*args: Any, **kwargs: Any) -> None:
