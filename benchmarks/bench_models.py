@@ -52,6 +52,14 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def contenders(model_class: type, path: str, device: str | None, options: dict | None) -> dict:
+    """qvlsearch's model with its defaults, and with `options` when given, by name."""
+    ours = {"defaults": model_class(path, device=device)}
+    if options:
+        ours[", ".join(f"{k}={v}" for k, v in options.items())] = model_class(path, device=device, **options)
+    return ours
+
+
 def embedding(workdir: Path, path: str, device: str | None = None, goal: str = ">= 1.5", scale: int = 1,
               repeats: int = 1, options: dict | None = None) -> list[Figure]:
     """Mixed items (texts of 10–300 tokens, photos of mixed sizes, two videos) through three strategies.
@@ -72,9 +80,7 @@ def embedding(workdir: Path, path: str, device: str | None = None, goal: str = "
         items += [{"image": p} for p in images(workdir / "embed-images", sizes, 2 + 10 * copy)]
     items += [{"video": v} for v in videos * scale]
     random.Random(3).shuffle(items)
-    ours = {"defaults": Embedder(path, device=device)}
-    if options:
-        ours[", ".join(f"{k}={v}" for k, v in options.items())] = Embedder(path, device=device, **options)
+    ours = contenders(Embedder, path, device, options)
     first = ours["defaults"]
     reference = ReferenceEmbedder(path, device=str(first.device), dtype=first.dtype)
     for embedder in ours.values():
@@ -115,9 +121,7 @@ def reranking(workdir: Path, path: str, device: str | None = None, goal: str = "
         docs += [{"text": t} for t in texts(100, 10, 200, 4 + 10 * copy)]
         docs += [{"image": p} for p in images(workdir / "rerank-images", [(320, 240), (640, 480)] * 10, 5 + 10 * copy)]
     inputs = {"query": {"text": "a cat sleeping on a chair near the window"}, "documents": docs}
-    ours = {"defaults": Reranker(path, device=device)}
-    if options:
-        ours[", ".join(f"{k}={v}" for k, v in options.items())] = Reranker(path, device=device, **options)
+    ours = contenders(Reranker, path, device, options)
     first = ours["defaults"]
     reference = ReferenceReranker(path, device=str(first.device), dtype=first.dtype)
     for reranker in ours.values():
