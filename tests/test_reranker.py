@@ -111,6 +111,16 @@ def test_the_shared_prefix_runs_once_and_the_batches_only_over_the_documents_tok
     assert [full - tokens for (_, tokens), (_, full) in zip(batches, full_shapes, strict=True)] == [prefix] * 3
 
 
+def test_the_query_image_goes_through_the_vision_encoder_once(reranker):
+    calls = []
+    hook = reranker.model.visual.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        reranker.rerank({"image": CAT}, ["a cat", "a boat", "a bee"], batch_size=1)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("query", sorted(QUERIES))
 def test_shared_prefix_gives_the_scores_of_the_full_path(reranker, full_path, media, query):
     same_size_images = [{"image": str(media["frames"][0])}, {"image": str(media["frames"][1])}]  # same pad ids
