@@ -227,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         figures = []
         if not args.no_comparisons:
             figures += bench_models.embedding(work, embedder_path, device=args.device, goal=">= 4", scale=args.scale,
-                                              repeats=args.repeats, options=best)
+                                              repeats=args.repeats, variants=[best] if best else None)
             progress("embedding comparison done")
+            rerank_best = {k: v for k, v in best.items() if k == "compile"}  # packing turns the shared prefix off
+            variants = [{"share_prefix": False}] + ([rerank_best] if rerank_best else [])
             figures += bench_models.reranking(work, reranker_path, device=args.device, goal=">= 8", scale=args.scale,
-                                              repeats=args.repeats, options={k: v for k, v in best.items()
-                                                                             if k != "decode_jpeg_on_device"})
+                                              repeats=args.repeats, variants=variants)
             progress("reranking comparison done")
         cases = efficiency_cases(work, args.count)
         reference = float32_vectors(embedder_path, args.device, cases)

@@ -486,28 +486,34 @@ class QwenModel:
         self.compiled_layers = []
         self.compile_mode = None
 
-    def compiled_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The model with compiled layers, or without them from the first failure on."""
+    def run_model(self, inputs: dict[str, torch.Tensor], **options: Any) -> torch.Tensor:
+        """The model's last hidden states for `inputs` (on the device), through the compiled layers
+        when `compile` asked for them: compiled at the first call, and eager from a failure on."""
+        if self.compile_mode and not self.compiled_layers:  # at the first call: the Reranker swaps its model
+            self.compile_layers()
+            started = time.perf_counter()
+            hidden = self.run_model(inputs, **options)
+            self.first_compiled_batch_s = time.perf_counter() - started
+            log.info("first batch with compiled layers: %.1f s, compiling included", self.first_compiled_batch_s)
+            return hidden
+        if not self.compiled_layers:
+            return self.model(**inputs, **options).last_hidden_state
+        cache = options.get("cache")
+        cached = cache.get_seq_length() if cache is not None else 0
         try:
-            return self.model(**inputs, use_cache=False).last_hidden_state
+            return self.model(**inputs, **options).last_hidden_state
         except Exception as exc:  # the compiler's many error types; the same batch then runs eagerly
             self.run_eagerly(exc)
-            return self.model(**inputs, use_cache=False).last_hidden_state
+            for layer in cache.layers if cache is not None else []:  # what the failed call added goes
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys[..., :cached, :], layer.values[..., :cached, :]
+            return self.model(**inputs, **options).last_hidden_state
 
     @torch.inference_mode()
     def forward_last_hidden(self, batch: Batch) -> torch.Tensor:
         """Final hidden state of the last token of each item (the pooled token)."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        if self.compile_mode and not self.compiled_layers:  # at the first batch: the Reranker swaps its model
-            self.compile_layers()
-            started = time.perf_counter()
-            hidden = self.compiled_forward(inputs)
-            self.first_compiled_batch_s = time.perf_counter() - started
-            log.info("first batch with compiled layers: %.1f s, compiling included", self.first_compiled_batch_s)
-        elif self.compiled_layers:
-            hidden = self.compiled_forward(inputs)
-        else:
-            hidden = self.model(**inputs, use_cache=False).last_hidden_state
+        hidden = self.run_model(inputs, use_cache=False)  # no KV cache: nothing reads it
         if hidden.shape[0] == 1:  # one item, or packed items one after another
             ends = torch.tensor([len(e) for e in batch.items], device=hidden.device).cumsum(0) - 1
             return hidden[0, ends]

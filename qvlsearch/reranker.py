@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from . import DEFAULT_RERANKER
 from .errors import InputError, MediaError, QvlsearchError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
-from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
+from .qwen import Batch, Encoded, Failed, QwenModel, collate, encode_or_fail, encoded_from, run_processor
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 log = logging.getLogger("qvlsearch")
 
@@ -22,13 +26,28 @@ JUDGE_PROMPT = (
 )
 # `<|im_end|>\n<|im_start|>assistant\n` closes every prompt: 5 tokens, never truncated.
 CLOSING_TOKENS = 5
+# A shorter shared prefix is not worth its own forward pass (the system prompt alone is ~40 tokens).
+MIN_SHARED_TOKENS = 8
+
+
+@dataclass
+class Prefix:
+    """The tokens that every pair of one query starts with, and their KV cache (batch of one)."""
+
+    input_ids: list[int]
+    cache: DynamicCache
+    vision_end: int  # tokens up to the query's last image/video placeholder: a usable prefix covers them
+    images: int  # the query's images and videos: their grids and pixels come first in every pair
+    videos: int
 
 
 class Reranker(QwenModel):
     """Qwen3-VL-Reranker: score = P("yes") for a (query, document) pair, from 0 to 1.
 
     Many pairs run in one forward pass (batches by length); the query's media are
-    decoded once and shared by all pairs.
+    decoded once and shared by all pairs. The tokens all pairs start with (system prompt,
+    instruction, query) run once per call, and the batches only over the rest, on their
+    KV cache (`share_prefix=False` runs every pair's whole sequence).
     """
 
     def __init__(
@@ -49,6 +68,7 @@ class Reranker(QwenModel):
         workers: int | None = None,
         compile: str | None = None,
         packing: bool = False,
+        share_prefix: bool = True,
     ):
         from transformers import Qwen3VLForConditionalGeneration
 
@@ -72,6 +92,7 @@ class Reranker(QwenModel):
         self.score_weight = (head[yes] - head[no]).detach().clone()  # the yes−no row of the LM head
         self.model = self.model.model  # the LM head itself is not needed
         self.special_ids = set(tokenizer.all_special_ids)
+        self.share_prefix = share_prefix
 
     def conversation(self, instruction: str, query_parts: list[dict], doc_parts: list[dict]) -> list[dict]:
         content = [{"type": "text", "text": "<Instruct>: " + instruction}, {"type": "text", "text": "<Query>:"}]
@@ -164,6 +185,8 @@ class Reranker(QwenModel):
 
         scores: list[float | None] = [None] * len(documents)
         errors: dict[int, QvlsearchError] = {}
+        want_prefix = self.share_prefix and not self.packing and len(documents) > 1  # packed rows hold many pairs
+        prefix: Prefix | None = None
         with contextlib.closing(self.batches(encode, documents, batch_size)) as batches:
             for batch in batches:
                 if isinstance(batch, Failed):
@@ -171,14 +194,84 @@ class Reranker(QwenModel):
                     if stop_at_error:
                         break
                     continue
-                for e, score in zip(batch.items, self.scores(batch), strict=True):
+                if want_prefix:  # once, when the first pairs are ready (the others are encoded meanwhile)
+                    prefix, want_prefix = self.shared_prefix(instruction, query_parts, query_media), False
+                for e, score in zip(batch.items, self.scores(batch, prefix), strict=True):
                     scores[e.index] = score
         return scores, dict(sorted(errors.items()))
 
-    def scores(self, batch: Batch) -> list[float]:
-        last = self.forward_last_hidden(batch)
+    def scores(self, batch: Batch, prefix: Prefix | None = None) -> list[float]:
+        length = self.shared_length(batch, prefix) if prefix else 0
+        last = self.forward_suffix_last_hidden(batch, prefix, length) if length else self.forward_last_hidden(batch)
         logits = last @ self.score_weight.to(last.device, last.dtype)
         return torch.sigmoid(logits).float().cpu().tolist()
+
+    @torch.inference_mode()
+    def shared_prefix(self, instruction: str, query_parts: list[dict], query_media: LoadedMedia) -> Prefix | None:
+        """The KV cache of the prompt up to "<Document>:", from one forward pass (with the query's media).
+
+        These are the ids of the pair with no document, less the closing tokens: each batch then
+        uses as many of them as all its pairs start with (BPE may merge the last ":" with a
+        document's first characters, truncation may cut the query). None when the model did not
+        fill the cache.
+        """
+        from transformers import DynamicCache
+
+        inputs = run_processor(self.processor, self.conversation(instruction, query_parts, []), query_media)
+        ids = self.truncate(inputs["input_ids"][0].tolist())[:-CLOSING_TOKENS]
+        e = encoded_from(0, inputs, ids, query_media, self.processor, self.dtype)
+        inputs = collate([e], self.pad_id, self.model.get_rope_index, pin=False).inputs
+        cache = DynamicCache(config=self.model.config)
+        self.run_model({k: v.to(self.device) for k, v in inputs.items()}, cache=cache)
+        if cache.get_seq_length() != len(ids):
+            return None
+        vision_end = max((i + 1 for i, kind in enumerate(e.mm_token_type_ids) if kind), default=0)
+        return Prefix(ids, cache, vision_end, len(query_media.images), len(query_media.videos))
+
+    @staticmethod
+    def shared_length(batch: Batch, prefix: Prefix) -> int:
+        """How many of the prefix's tokens all pairs of `batch` start with, leaving each pair its last
+        token; 0 when that is too few, or would leave some of the query's media out of the prefix."""
+        ids = batch.inputs["input_ids"]
+        width = min(len(prefix.input_ids), ids.shape[1])
+        same = (ids[:, :width] == torch.tensor(prefix.input_ids[:width])).cumprod(dim=1).sum(dim=1)
+        length = min(int(same.min()), min(len(e) for e in batch.items) - 1)
+        return length if length >= max(MIN_SHARED_TOKENS, prefix.vision_end) else 0
+
+    @torch.inference_mode()
+    def forward_suffix_last_hidden(self, batch: Batch, prefix: Prefix, length: int) -> torch.Tensor:
+        """`forward_last_hidden` that runs only the tokens after the first `length`, on the prefix's cache.
+
+        The query's pixels, in the cache already, are left out; the positions are the whole
+        pairs' (computed as the batch formed), from `length` on.
+        """
+        from transformers import DynamicCache
+
+        suffix = {k: batch.inputs[k][..., length:] for k in ("input_ids", "mm_token_type_ids", "position_ids")}
+        suffix |= self.document_vision(batch, prefix)
+        kept = [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in prefix.cache.layers]
+        cache = DynamicCache(kept, config=self.model.config)
+        cache.batch_repeat_interleave(len(batch.items))
+        suffix = {k: v.to(self.device, non_blocking=True) for k, v in suffix.items()}
+        hidden = self.run_model(suffix, cache=cache)
+        last = torch.tensor([len(e) - 1 - length for e in batch.items], device=hidden.device)
+        return hidden[torch.arange(len(batch.items), device=hidden.device), last]
+
+    @staticmethod
+    def document_vision(batch: Batch, prefix: Prefix) -> dict[str, torch.Tensor]:
+        """The pixels and grids of the batch's documents; each pair's first ones are the query's."""
+        vision = {}
+        for pixels, grids, in_query in (("pixel_values", "image_grid_thw", prefix.images),
+                                        ("pixel_values_videos", "video_grid_thw", prefix.videos)):
+            if grids not in batch.inputs:
+                continue
+            keep = torch.cat([torch.arange(len(e.vision.get(grids, ()))) >= in_query for e in batch.items])
+            if keep.all():
+                vision |= {pixels: batch.inputs[pixels], grids: batch.inputs[grids]}
+            elif keep.any():
+                rows = keep.repeat_interleave(batch.inputs[grids].prod(-1))
+                vision |= {pixels: batch.inputs[pixels][rows], grids: batch.inputs[grids][keep]}
+        return vision
 
     def process(self, inputs: Mapping[str, Any]) -> list[float]:
         """Drop-in for the official `Qwen3VLReranker.process`."""

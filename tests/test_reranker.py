@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from PIL import Image
 from reference import ReferenceReranker
 
 from qvlsearch import InputError, MediaError, Reranker
+from qvlsearch.qwen import Encoded, collate
+from qvlsearch.reranker import Prefix
 
 CAT, BEE, CAKE = str(PHOTOS / "cat.jpg"), str(PHOTOS / "bee.jpg"), str(PHOTOS / "cake.jpg")
 
@@ -65,14 +69,99 @@ def test_default_instruction_fps_and_max_frames_follow_the_official_inputs(model
     assert ours.process({**inputs, "fps": 4.0}) != ours.process(inputs)
 
 
-def test_many_pairs_run_in_one_forward_pass(reranker):
-    calls = []
-    hook = reranker.model.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+@pytest.fixture(scope="module")
+def full_path(checkpoints):
+    """The tiny reranker that runs every pair's whole sequence."""
+    return Reranker(str(checkpoints["reranker"]), device="cpu", share_prefix=False)
+
+
+@contextlib.contextmanager
+def language_model_inputs(reranker: Reranker) -> Iterator[list[tuple[int, int]]]:
+    """(pairs, tokens) of each forward pass through the language model."""
+    shapes: list[tuple[int, int]] = []
+    hook = reranker.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
     try:
-        scores = reranker.rerank("a cat", [f"document number {i}" for i in range(20)])
+        yield shapes
     finally:
         hook.remove()
-    assert len(scores) == 20 and len(calls) == 1
+
+
+def test_many_pairs_run_in_one_forward_pass(reranker):
+    with language_model_inputs(reranker) as shapes:
+        scores = reranker.rerank("a cat", [f"document number {i}" for i in range(20)])
+    assert len(scores) == 20 and [pairs for pairs, _ in shapes] == [1, 20]  # the shared prefix, then all pairs
+    with language_model_inputs(reranker) as shapes:
+        reranker.rerank("a cat", ["one document"])
+    assert [pairs for pairs, _ in shapes] == [1]  # nothing to share: its whole sequence at once
+
+
+def test_the_shared_prefix_runs_once_and_the_batches_only_over_the_documents_tokens(reranker, full_path):
+    docs = [f"document number {i} " * (1 + i % 3) for i in range(12)]
+    with language_model_inputs(reranker) as shapes:
+        scores = reranker.rerank("a cat", docs, batch_size=4)
+    with language_model_inputs(full_path) as full_shapes:
+        expected = full_path.rerank("a cat", docs, batch_size=4)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    (one, prefix), *batches = shapes
+    assert one == 1 and prefix > 40  # system prompt, instruction, query
+    assert [pairs for pairs, _ in batches] == [pairs for pairs, _ in full_shapes] == [4, 4, 4]
+    # The tiny tokenizer merges nothing across "<Document>:", so every batch shares the whole prefix.
+    assert [full - tokens for (_, tokens), (_, full) in zip(batches, full_shapes, strict=True)] == [prefix] * 3
+
+
+def test_the_query_image_goes_through_the_vision_encoder_once(reranker):
+    calls = []
+    hook = reranker.model.visual.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        reranker.rerank({"image": CAT}, ["a cat", "a boat", "a bee"], batch_size=1)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("query", sorted(QUERIES))
+def test_shared_prefix_gives_the_scores_of_the_full_path(reranker, full_path, media, query):
+    same_size_images = [{"image": str(media["frames"][0])}, {"image": str(media["frames"][1])}]  # same pad ids
+    docs = documents(media) + same_size_images + [{"image": str(media["corrupt.jpg"])}]
+    for batch_size in (None, 1):
+        with language_model_inputs(reranker) as shapes:
+            scores, errors = reranker.scores_and_errors(QUERIES[query], docs, batch_size=batch_size)
+        with language_model_inputs(full_path) as full_shapes:
+            expected, expected_errors = full_path.scores_and_errors(QUERIES[query], docs, batch_size=batch_size)
+        assert errors.keys() == expected_errors.keys() == {len(docs) - 1}
+        np.testing.assert_allclose(np.array(scores, dtype=float), np.array(expected, dtype=float), atol=1e-5)
+        assert len(shapes) == len(full_shapes) + 1  # the prefix pass
+        assert sum(p * t for p, t in shapes) < sum(p * t for p, t in full_shapes)
+
+
+@pytest.mark.parametrize("max_length", [20, 60])
+def test_shared_prefix_with_truncation_gives_the_scores_of_the_full_path(checkpoints, media, max_length):
+    path = str(checkpoints["reranker"])
+    ours = Reranker(path, max_length=max_length, device="cpu")
+    full = Reranker(path, max_length=max_length, device="cpu", share_prefix=False)
+    query = {"text": "cats and more cats " * 10, "image": BEE}
+    docs = [{"text": "long text about cats " * 30}, {"image": CAT}, {"text": "short"}, {"image": media["frames"][2]}]
+    for batch_size in (None, 1):
+        np.testing.assert_allclose(ours.rerank(query, docs, batch_size=batch_size),
+                                   full.rerank(query, docs, batch_size=batch_size), atol=1e-5)
+
+
+def test_shared_length_is_the_common_prefix_of_the_ids_within_limits():
+    def batch(*rows: list[int]):
+        return collate([Encoded(i, row, [0] * len(row), {}) for i, row in enumerate(rows)], pad_id=0,
+                       rope_index=None, pin=False)  # text only: no M-RoPE index needed
+
+    prefix = Prefix(list(range(1, 21)), cache=None, vision_end=0, images=0, videos=0)
+    pair = list(range(1, 21)) + [50, 51]
+    assert Reranker.shared_length(batch(pair, pair[:19] + [99, 50]), prefix) == 19  # BPE merged ":" and the text
+    assert Reranker.shared_length(batch(pair[:21]), prefix) == 20
+    assert Reranker.shared_length(batch(pair[:20]), prefix) == 19  # each pair keeps its last token
+    assert Reranker.shared_length(batch(pair, [1, 2, 3, 4, 5, 99]), prefix) == 0  # too few to be worth a pass
+    with_image = Prefix(list(range(1, 21)), cache=None, vision_end=15, images=1, videos=0)
+    assert Reranker.shared_length(batch(pair, pair[:16] + [99]), with_image) == 16
+    assert Reranker.shared_length(batch(pair, pair[:12] + [99]), with_image) == 0  # the query's image cut
 
 
 def test_scores_are_probabilities_in_input_order(reranker):
