@@ -20,7 +20,7 @@ from torch.nn import functional
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import MediaError
-from .media import IMAGE_PATCH_SIZE, _is_url, _local_path, _reason, failure, is_data_uri, vision_process
+from .media import IMAGE_PATCH_SIZE, failure, is_data_uri, is_url, local_path, media_reason, vision_process
 
 if TYPE_CHECKING:
     from .qwen import Encoded
@@ -50,10 +50,10 @@ def read_jpeg(parts: list[dict]) -> PendingJpeg | None:
         return None
     part = images[0]
     source = part["image"]
-    if not isinstance(source, str) or _is_url(source) or is_data_uri(source):
+    if not isinstance(source, str) or is_url(source) or is_data_uri(source):
         return None
     try:
-        with open(_local_path(source), "rb") as file:
+        with open(local_path(source), "rb") as file:
             data = file.read()
         if not data.startswith(JPEG_MAGIC):
             return None
@@ -99,7 +99,7 @@ def pil_decode(jpeg: PendingJpeg) -> torch.Tensor:
             image.load()
             resized = vision_process.to_rgb(image).resize(jpeg.resized[::-1])
     except Exception as exc:
-        raise failure("image", jpeg.source, _reason(exc)) from None
+        raise failure("image", jpeg.source, media_reason(exc)) from None
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
 

@@ -86,7 +86,7 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _is_url(source: str) -> bool:
+def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
@@ -100,7 +100,7 @@ def _looks_like_image(source: Any) -> bool:
     if isinstance(source, str) and is_data_uri(source):
         return source.startswith("data:image/")
     if isinstance(source, (str, os.PathLike)):
-        name = str(source).split("?")[0] if _is_url(str(source)) else str(source)
+        name = str(source).split("?")[0] if is_url(str(source)) else str(source)
         return Path(name).suffix.lower() in IMAGE_SUFFIXES
     return False
 
@@ -209,7 +209,7 @@ def failure(kind: str, source: Any, reason: str) -> MediaError:
     return MediaError(f"{kind} {describe(source)}: {reason}", reason=reason)
 
 
-def _reason(exc: BaseException) -> str:
+def media_reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, PermissionError):
@@ -230,7 +230,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _local_path(source: str) -> str:
+def local_path(source: str) -> str:
     return source[7:] if source.startswith("file://") else source
 
 
@@ -270,8 +270,8 @@ def open_image(source: str | Image.Image) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     try:
-        remote = _is_url(source) or is_data_uri(source)
-        with Image.open(io.BytesIO(remote_bytes(source)) if remote else _local_path(source)) as image:
+        remote = is_url(source) or is_data_uri(source)
+        with Image.open(io.BytesIO(remote_bytes(source)) if remote else local_path(source)) as image:
             image.load()
             if image.mode == "P" and "transparency" in image.info:
                 # Pillow's advice (it warns when such an image becomes RGB); transparent parts then turn white.
@@ -280,7 +280,7 @@ def open_image(source: str | Image.Image) -> Image.Image:
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many types for bad files
-        raise failure("image", source, _reason(exc)) from None
+        raise failure("image", source, media_reason(exc)) from None
 
 
 def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
@@ -290,7 +290,7 @@ def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
         resized = vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
         return resized, image.size
     except Exception as exc:
-        raise failure("image", part["image"], _reason(exc)) from None
+        raise failure("image", part["image"], media_reason(exc)) from None
 
 
 def _load_video_file(part: dict) -> tuple[Any, dict]:
@@ -299,14 +299,14 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
     source = part["video"]
     temp = None
     try:
-        if _is_url(source) or is_data_uri(source):
+        if is_url(source) or is_data_uri(source):
             suffix = ".mp4" if is_data_uri(source) else Path(source.split("?")[0]).suffix or ".mp4"
             fd, temp = tempfile.mkstemp(suffix=suffix)
             with os.fdopen(fd, "wb") as out:
                 out.write(remote_bytes(source))
             path = temp
         else:
-            path = _local_path(source)
+            path = local_path(source)
         try:
             if os.path.isdir(path):
                 raise IsADirectoryError(path)
@@ -314,7 +314,7 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
                 pass
             frames = len(decord.VideoReader(path))
         except Exception as exc:
-            raise failure("video", source, _reason(exc)) from None
+            raise failure("video", source, media_reason(exc)) from None
         if frames < 2:
             raise failure("video", source, f"has {frames} frame(s); at least 2 are needed")
         try:
@@ -325,7 +325,7 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
                 return_video_metadata=True,
             )
         except Exception as exc:
-            raise failure("video", source, f"cannot decode frames ({_reason(exc)})") from None
+            raise failure("video", source, f"cannot decode frames ({media_reason(exc)})") from None
         return video, metadata
     finally:
         if temp is not None:
@@ -342,7 +342,7 @@ def _load_frame_list(part: dict) -> tuple[Any, dict]:
             return_video_metadata=True,
         )
     except Exception as exc:
-        raise failure("video", part["video"], _reason(exc)) from None
+        raise failure("video", part["video"], media_reason(exc)) from None
     return video, metadata
 
 
