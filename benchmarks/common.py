@@ -63,7 +63,7 @@ def synchronized_clock(device) -> float:
 
 def prepared_batches(embedder, items: list) -> list:
     """`items` decoded, processed and padded into batches as `embed` batches them (failures dropped)."""
-    from qvlsearch.qwen import Failed
+    from qvlsearch.batching import Failed
 
     encoded = [embedder.encode(i, item) for i, item in enumerate(items)]
     # `formed`, not `collate`: with decode_jpeg_on_device, JPEGs are decoded as the batches form

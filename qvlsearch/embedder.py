@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from . import DEFAULT_EMBEDDER
+from .batching import Batch, Encoded, Failed
 from .errors import InputError, MediaError, QvlsearchError
 from .jpeg import deferred_inputs
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
 from .parallel import WorkerProcesses
-from .qwen import Batch, Encoded, Failed, QwenModel, encode_or_fail, encoded_from, run_processor
+from .qwen import QwenModel, encode_or_fail, encoded_from, run_processor
 
 log = logging.getLogger("qvlsearch")
 

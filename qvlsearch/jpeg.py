@@ -23,7 +23,7 @@ from .errors import MediaError
 from .media import IMAGE_PATCH_SIZE, failure, is_data_uri, is_url, local_path, media_reason, vision_process
 
 if TYPE_CHECKING:
-    from .qwen import Encoded
+    from .batching import Encoded
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

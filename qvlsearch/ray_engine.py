@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .batching import Failed
 from .embedder import Embedding, ItemEncoder
 from .errors import MediaError, QvlsearchError
 from .media import VisionOptions
-from .qwen import Failed
 
 log = logging.getLogger("qvlsearch")
 

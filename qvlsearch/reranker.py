@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from . import DEFAULT_RERANKER
+from .batching import Batch, Encoded, Failed, collate
 from .errors import InputError, MediaError, QvlsearchError
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
-from .qwen import Batch, Encoded, Failed, QwenModel, collate, encode_or_fail, encoded_from, run_processor
+from .qwen import QwenModel, encode_or_fail, encoded_from, run_processor
 
 if TYPE_CHECKING:
     from transformers import DynamicCache

@@ -9,7 +9,7 @@ import torch
 from conftest import PHOTOS
 
 from qvlsearch import Embedder, Reranker
-from qvlsearch.qwen import Batch, packed_attention
+from qvlsearch.batching import Batch, packed_attention
 
 
 def mixed_items(media) -> list[dict]:

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
+from qvlsearch.batching import Encoded, Failed, token_batches
 from qvlsearch.errors import MediaError
 from qvlsearch.parallel import in_background, prefetch
-from qvlsearch.qwen import Encoded, Failed, token_batches
 
 
 def encoded(index: int, length: int) -> Encoded:

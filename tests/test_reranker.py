@@ -13,7 +13,7 @@ from PIL import Image
 from reference import ReferenceReranker
 
 from qvlsearch import InputError, MediaError, Reranker
-from qvlsearch.qwen import Encoded, collate
+from qvlsearch.batching import Encoded, collate
 from qvlsearch.reranker import Prefix
 
 CAT, BEE, CAKE = str(PHOTOS / "cat.jpg"), str(PHOTOS / "bee.jpg"), str(PHOTOS / "cake.jpg")
