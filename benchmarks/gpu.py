@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,7 +133,7 @@ def efficiency(cases: dict[str, list[dict]], path: str, device: str, lever: str,
         if lever == "cuda-graphs" and "texts" not in name:
             continue
         warm_up_started = time.perf_counter()
-        embedder.embed(items[:16])  # warm-up (and compiling)
+        embedder.embed(items if options.get("compile") else items[:16])  # warm-up (compiling: every batch shape)
         warm_up_s = time.perf_counter() - warm_up_started
         tokens = {"visual": 0, "text": 0}
         started = synchronized_clock(embedder.device)
@@ -224,41 +225,66 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = build_checkpoints(work / args.preset, preset=args.preset, device=args.device)
         embedder_path, reranker_path = str(checkpoints["embedder"]), str(checkpoints["reranker"])
         progress("checkpoints built")
-        figures = []
-        if not args.no_comparisons:
-            figures += bench_models.embedding(work, embedder_path, device=args.device, goal=">= 4", scale=args.scale,
-                                              repeats=args.repeats, variants=[best] if best else None)
-            progress("embedding comparison done")
-            rerank_best = {k: v for k, v in best.items() if k == "compile"}  # packing turns the shared prefix off
-            variants = [{"share_prefix": False}] + ([rerank_best] if rerank_best else [])
-            figures += bench_models.reranking(work, reranker_path, device=args.device, goal=">= 8", scale=args.scale,
-                                              repeats=args.repeats, variants=variants)
-            progress("reranking comparison done")
+        figures, failed = [], []
+        rerank_best = {k: v for k, v in best.items() if k == "compile"}  # packing turns the shared prefix off
+        comparisons = [] if args.no_comparisons else [
+            ("embedding comparison", lambda: bench_models.embedding(
+                work, embedder_path, device=args.device, goal=">= 4", scale=args.scale, repeats=args.repeats,
+                variants=[best] if best else None)),
+            ("reranking comparison", lambda: bench_models.reranking(
+                work, reranker_path, device=args.device, goal=">= 8", scale=args.scale, repeats=args.repeats,
+                variants=[{"share_prefix": False}] + ([rerank_best] if rerank_best else []))),
+        ]
+        for name, compare in comparisons:
+            try:
+                figures += compare()
+            except Exception as exc:  # as below: keep going
+                failed.append(failure(name, exc))
+            progress(f"{name} done")
+            keep(figures, args.out)
         cases = efficiency_cases(work, args.count)
         reference = float32_vectors(embedder_path, args.device, cases)
         profile_dir = args.out if args.profile else None
         if profile_dir:
             profile_dir.mkdir(parents=True, exist_ok=True)
         skipped = []
-        for lever in levers:
+        runs = [(lever, LEVERS[lever], None) for lever in levers] + [("eager", {}, n) for n in args.batch_tokens]
+        for lever, options, tokens in runs:
             if time.monotonic() - started > args.budget_s:
                 skipped.append(lever)
                 continue
-            figures += efficiency(cases, embedder_path, args.device, lever, LEVERS[lever], reference,
-                                  profile_dir=profile_dir if lever == "eager" else None)
+            try:
+                figures += efficiency(cases, embedder_path, args.device, lever, options, reference, tokens,
+                                      profile_dir if lever == "eager" and not tokens else None)
+            except Exception as exc:  # one lever that breaks on this machine must not lose the others' figures
+                failed.append(failure(lever, exc))
             progress(f"lever {lever} done")
-        for tokens in args.batch_tokens:
-            figures += efficiency(cases, embedder_path, args.device, "eager", {}, reference, batch_tokens=tokens)
+            keep(figures, args.out)  # after each lever: a run cut short keeps what it measured
     print(report(figures))
+    for line in failed:
+        print(f"\nFAILED {line}")
     if skipped:
         print(f"\nskipped (over --budget-s): {','.join(skipped)}; run them with --no-comparisons --levers "
               f"{','.join(skipped)}")
-    path = save(figures, "gpu")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / path.name).write_text(path.read_text())
+    path = keep(figures, args.out)
     print(f"\nresults: {path} ({time.monotonic() - started:.0f}s in all)")
-    return 0
+    return 1 if failed else 0
+
+
+def failure(name: str, exc: Exception) -> str:
+    """Print the traceback (into the log) and return one line for the summary."""
+    traceback.print_exc()
+    first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{name}: {type(exc).__name__}: {first_line}"
+
+
+def keep(figures: list[Figure], out: Path | None) -> Path:
+    """Save the figures so far (benchmarks/results/, and a copy in `out`); the results file's path."""
+    path = save(figures, "gpu")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / path.name).write_text(path.read_text())
+    return path
 
 
 if __name__ == "__main__":
