@@ -135,18 +135,19 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention within each item of a packed row (transformers' attention-function interface).
 
-    An item starts where the text positions restart at 0. On CUDA this is one call of torch's
-    variable-length (FlashAttention) kernel; elsewhere, one SDPA call an item. Either way no
+    An item starts where the text positions restart at 0. On CUDA in 16-bit floats this is one
+    call of torch's variable-length (FlashAttention) kernel; elsewhere, one SDPA call an item. Either way no
     padded or cross-item pair is computed, unlike SDPA with a block-diagonal mask.
     """
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
     spans = list(itertools.pairwise(starts))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head dim)
-    if q.is_cuda and varlen_options() is not None:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_options() is not None:
         from torch.nn.attention.varlen import varlen_attn
 
         if "enable_gqa" not in varlen_options() and k.shape[1] != q.shape[1]:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        q, k, v = (t.contiguous() for t in (q, k, v))  # FlashAttention's kernels want dense rows
         bounds = torch.tensor(starts, dtype=torch.int32, device=q.device)
         longest = max(b - a for a, b in spans)
         out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling, **varlen_options())
