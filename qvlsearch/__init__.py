@@ -16,6 +16,14 @@ DEFAULT_RERANKER = "Qwen/Qwen3-VL-Reranker-2B"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; see QwenModel
 __all__ = ["Embedder", "Reranker", "open_index", "QvlsearchError", "InputError", "MediaError", "ModelLoadError"]
 
+
+def check_compile_mode(mode: str | None) -> str | None:
+    """None (eager), or one of torch.compile's modes ("reduce-overhead" adds CUDA graphs)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}: must be one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 if TYPE_CHECKING:
     from .embedder import Embedder
     from .reranker import Reranker

@@ -52,6 +52,7 @@ class Failed:
 
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+GRID_KEYS = ("image_grid_thw", "video_grid_thw")
 
 
 @dataclass
@@ -88,12 +89,13 @@ def pack(items: list[Encoded], rope_index: RopeIndex, pin: bool) -> Batch:
     The position ids restart at each item, which is how `packed_attention` (and FlashAttention's
     own variable-length path) keeps each item's attention to itself.
     """
+    rows = [{"input_ids": torch.tensor([e.input_ids]),
+             "mm_token_type_ids": torch.tensor([e.mm_token_type_ids], dtype=torch.int),
+             **{k: e.vision[k] for k in GRID_KEYS if k in e.vision}} for e in items]  # grids only: no pixel copies
     inputs = with_vision({
-        "input_ids": torch.tensor([[t for e in items for t in e.input_ids]]),
-        "mm_token_type_ids": torch.tensor([[t for e in items for t in e.mm_token_type_ids]], dtype=torch.int),
-        "position_ids": torch.cat([positions(rope_index, with_vision({
-            "input_ids": torch.tensor([e.input_ids]),
-            "mm_token_type_ids": torch.tensor([e.mm_token_type_ids], dtype=torch.int)}, [e])) for e in items], dim=2),
+        "input_ids": torch.cat([row["input_ids"] for row in rows], dim=1),
+        "mm_token_type_ids": torch.cat([row["mm_token_type_ids"] for row in rows], dim=1),
+        "position_ids": torch.cat([positions(rope_index, row) for row in rows], dim=2),
     }, items)
     return Batch(items, pinned(inputs) if pin else inputs)
 

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from . import COMPILE_MODES, DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
+from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
 from .errors import QvlsearchError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -183,9 +183,10 @@ def default_index_dir() -> Path:
 
 
 def compile_mode_choice(mode: str | None) -> str | None:
-    if mode is not None and mode not in COMPILE_MODES:
-        raise typer.BadParameter(f"must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    return mode
+    try:
+        return check_compile_mode(mode)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 CompileOption = Annotated[str | None, typer.Option(

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import COMPILE_MODES
+from . import check_compile_mode
 from .batching import (
     PACKED_ATTENTION,
     VISION_KEYS,
@@ -109,13 +109,6 @@ def load_checkpoint(
     except RuntimeError as exc:  # a bad device ordinal, or out of memory
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot put model {name_or_path!r} on {device}: {first_line}") from None
-
-
-def check_compile_mode(mode: str | None) -> str | None:
-    """None (eager), or one of torch.compile's modes ("reduce-overhead" adds CUDA graphs)."""
-    if mode is not None and mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
-    return mode
 
 
 
