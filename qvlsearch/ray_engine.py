@@ -7,7 +7,7 @@ them; CPU actors turn them into model inputs (`ItemEncoder`), a pool of model re
 (one per GPU, or `workers` on CPUs) embeds them, and float16 vectors come back as they
 finish, each with its index (Ray does not keep order). A replica that dies is restarted and
 its batch tried again; items whose worker died on every try are tried once more each on
-their own, and after that are that file's error.
+their own, one task per actor at a time, and after that are that file's error.
 """
 
 from __future__ import annotations
@@ -286,11 +286,14 @@ class RayEmbedder:
         # the named remote parameters that replace `ray_remote_args` (deprecated in 2.60) have no retries yet.
         retries = {"max_restarts": -1, "max_task_retries": TASK_RETRIES}
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        # Alone, an actor holds one task at a time, so an item that kills it takes no other item down with it.
+        in_flight = {"max_tasks_in_flight_per_actor": 1} if alone else {}
         encoded = source.map_batches(
             EncodeItems, fn_constructor_args=(self.settings, self.dtype_name), batch_size=1 if alone else ENCODE_BATCH,
-            batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.encoders),
+            batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=self.encoders, **in_flight),
             num_cpus=0.25 if not self.use_gpus else 1, **retries)
         return encoded.map_batches(
             EmbedEncoded, fn_constructor_args=(self.settings, batch_size), batch_size=1 if alone else CHUNK_ITEMS,
-            batch_format="numpy", compute=ActorPoolStrategy(size=self.replicas), **self.replica_resources, **retries)
+            batch_format="numpy", compute=ActorPoolStrategy(size=self.replicas, **in_flight),
+            **self.replica_resources, **retries)
 
