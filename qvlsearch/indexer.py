@@ -16,12 +16,14 @@ import logging
 import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
 from .errors import MediaError
@@ -180,14 +182,50 @@ def reusable(rows: list[dict[str, Any]]) -> bool:
     return bool(rows[0]["content_hash"]) and any(r["status"] == "ok" for r in rows)
 
 
+def unit_order(row: dict[str, Any]) -> tuple:
+    """A file's rows in order: the whole-file row (or first page) first, then pages, then moments."""
+    return row.get("start_s") is not None, row.get("page") or 0, row.get("start_s") or 0.0
+
+
 def rows_by_file(rows: Iterable[dict[str, Any]]) -> dict[bytes, list[dict[str, Any]]]:
-    """Every file's rows, whole-file row (or first page) first."""
+    """Every file's rows, in `unit_order`."""
     files: dict[bytes, list[dict[str, Any]]] = {}
     for row in rows:
         files.setdefault(row["path_bytes"], []).append(row)
     for unit_rows in files.values():
-        unit_rows.sort(key=lambda r: (r.get("start_s") is not None, r.get("page") or 0, r.get("start_s") or 0.0))
+        unit_rows.sort(key=unit_order)
     return files
+
+
+class StoredFiles:
+    """What an index holds, file by file, kept as Arrow columns: a run compares every file it finds with
+    these, and only the files that changed or went become Python rows (100k rows as dicts took a second)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.positions: dict[bytes, list[int]] = {}
+        for position, path in enumerate(table["path_bytes"].to_pylist()):
+            self.positions.setdefault(path, []).append(position)
+        self.sizes, self.mtimes = table["size"].to_pylist(), table["mtime_ns"].to_pylist()
+        failing = pc.equal(table["status"], "error")
+        self.failing = set(table["path_bytes"].filter(failing).to_pylist())  # files with an error row
+
+    def rows(self, path: bytes) -> list[dict[str, Any]]:
+        """A file's rows in `unit_order`; [] when the index has none."""
+        positions = self.positions.get(path)
+        return sorted(self.table.take(positions).to_pylist(), key=unit_order) if positions else []
+
+    def same_stat(self, path: bytes, size: int, mtime_ns: int) -> bool:
+        """Whether the index has the file with this size and mtime (so it is not opened again)."""
+        positions = self.positions.get(path)
+        return bool(positions) and (self.sizes[positions[0]], self.mtimes[positions[0]]) == (size, mtime_ns)
+
+    def by_hash(self, leave_out: Collection[bytes]) -> dict[str, bytes]:
+        """A file with each content hash that has a vector, among the files not in `leave_out`."""
+        ok = pc.equal(self.table["status"], "ok")
+        hashes = self.table["content_hash"].filter(ok).to_pylist()
+        paths = self.table["path_bytes"].filter(ok).to_pylist()
+        return {h: path for h, path in zip(hashes, paths, strict=True) if h and path not in leave_out}
 
 
 def model_setting(model: str | os.PathLike) -> str:
@@ -345,36 +383,36 @@ class Indexer:
         return self.store
 
     def update(self, store: Store, roots: list[str]) -> None:
-        files = rows_by_file(store.rows.values())
+        files = StoredFiles(store.live_table())
         found = list(walk(roots, include_hidden=self.options.include_hidden,
                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
         self.summary.total = len(found)
         seen = {os.fsencode(f.path) for f in found}
         in_roots = path_filter([r for r in roots if not os.path.isdir(r)], [r for r in roots if os.path.isdir(r)])
         unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
-        gone = {path: rows for path, rows in files.items()
+        gone = {path: files.rows(path) for path in files.positions
                 if path not in seen and in_roots(path) and not unlisted(path)}
         gone_by_hash = {rows[0]["content_hash"]: rows for rows in gone.values() if reusable(rows)}
-        live_by_hash = {rows[0]["content_hash"]: rows for path, rows in files.items()
-                        if path not in gone and reusable(rows)}
+        gone_at_start = frozenset(gone)
         todo: list[tuple[Found, list[dict]]] = []
-        unchanged_ok: list[dict] = []
+        unchanged: set[bytes] = set()
         for f in found:
-            rows = files.get(os.fsencode(f.path), [])
-            if rows and rows[0]["size"] == f.size and rows[0]["mtime_ns"] == f.mtime_ns and not f.error:
-                errors = [(place(r), r["error"]) for r in rows if r["status"] == "error"]
+            path = os.fsencode(f.path)
+            if not f.error and files.same_stat(path, f.size, f.mtime_ns):
+                errors = [(place(r), r["error"]) for r in files.rows(path) if r["status"] == "error"] \
+                    if path in files.failing else []
                 if errors:  # still failing: reported again, not retried
                     self.summary.failed += 1
                     self.summary.failures += [(display_path(f.path), f"{label}: {e}" if label else e)
                                               for label, e in errors]
                 else:
                     self.summary.unchanged += 1
-                    unchanged_ok += rows
+                    unchanged.add(path)
                 self.advance()
             elif f.error:
-                self.record_error(store, f, rows, None, f.error)
+                self.record_error(store, f, files.rows(path), None, f.error)
             else:
-                todo.append((f, rows))
+                todo.append((f, files.rows(path)))
         if self.dry_run:  # what would be embedded or dropped; moves show as added + removed
             self.summary.added = sum(not rows for _, rows in todo)
             self.summary.updated = len(todo) - self.summary.added
@@ -390,10 +428,16 @@ class Indexer:
             """The units of sniffed files that no stored vectors serve, as Embedder items (the rest: `deferred`)."""
             sniffed = prefetch(lambda i, job: (sniff(job[0], self.options), job[1]), todo,
                                workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
+            live_by_hash: dict[str, bytes] | None = None  # made at the first file that needs it
             for s, rows in sniffed:
                 if s.error:
                     deferred.put(partial(self.record_error, store, s.found, rows, s.kind, s.error))
-                elif (source := gone_by_hash.pop(s.content_hash, None) or live_by_hash.get(s.content_hash)):
+                    continue
+                source = gone_by_hash.pop(s.content_hash, None)
+                if source is None:
+                    live_by_hash = files.by_hash(gone_at_start) if live_by_hash is None else live_by_hash
+                    source = files.rows(live_by_hash[s.content_hash]) if s.content_hash in live_by_hash else None
+                if source:
                     deferred.put(partial(self.reuse, store, s, rows, source, gone))
                 else:
                     job = FileJob(s, rows, left=len(s.units))
@@ -423,13 +467,13 @@ class Indexer:
                 if job.left == 0:
                     self.finish(store, job)
             run_deferred()
-        for rows in gone.values():
-            if any(r["id"] in store.rows for r in rows):
-                store.remove([r["id"] for r in rows])
-                self.summary.removed += 1
-        if store.manifest.get("metadata_version") != METADATA_VERSION:
-            elsewhere = [row for row in store.rows.values() if row["status"] == "ok" and row["path_bytes"] not in seen]
-            self.add_metadata(store, unchanged_ok + elsewhere)
+        gone_ids = [r["id"] for rows in gone.values() for r in rows]
+        live = store.committed_rows(gone_ids)
+        self.summary.removed += sum(any(r["id"] in live for r in rows) for rows in gone.values())
+        store.remove(gone_ids)
+        if store.manifest.get("metadata_version") != METADATA_VERSION:  # unchanged files, and files elsewhere
+            self.add_metadata(store, [row for row in store.rows.values() if row["status"] == "ok" and (
+                row["path_bytes"] in unchanged or row["path_bytes"] not in seen)])
 
     def add_metadata(self, store: Store, rows: list[dict]) -> None:
         """Give an index written before the metadata columns existed those columns: each unchanged file's

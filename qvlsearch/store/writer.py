@@ -74,6 +74,8 @@ class Store:
         self.deleted_now: set[int] = set()  # tombstoned by this writer: merges keep their rows, a reuse may read them
         self.deleted = np.zeros(0, dtype=np.int64)  # every committed tombstone, sorted
         self.segment_ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (all ids, ok ids in vector order)
+        self.segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `vector`
+        self._committed: tuple[np.ndarray, pa.Table] | None = None  # see `committed_table`
         self._rows: dict[int, dict[str, Any]] | None = None
         self.issued: set[int] = set()  # ids from new_id() not yet put
         self.dirty = False
@@ -137,15 +139,39 @@ class Store:
             table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(self.deleted))))
         return table
 
+    def committed_table(self) -> tuple[np.ndarray, pa.Table]:
+        """The live committed rows, every column, ascending id, and their ids: read once a generation."""
+        if self._committed is None:
+            table = self.committed_items().sort_by("id")
+            self._committed = (table["id"].to_numpy(), table)
+        return self._committed
+
+    def live_table(self) -> pa.Table:
+        """Every live row, committed and pending, as Arrow columns: what a run compares files with."""
+        _, table = self.committed_table()
+        if self.pending_deletes:
+            table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(list(self.pending_deletes)))))
+        if self.pending_rows:
+            table = pa.concat_tables([table, pa.Table.from_pylist(list(self.pending_rows.values()), ITEM_SCHEMA)])
+        return table
+
     @property
     def rows(self) -> dict[int, dict[str, Any]]:
-        """Every live row by id, committed and pending (read from disk on first use, then kept in step)."""
+        """Every live row by id as Python dicts (read from disk on first use, then kept in step); for tests and
+        small indexes: a run over a large one reads `live_table` and `committed_rows` instead."""
         if self._rows is None:
-            self._rows = {row["id"]: row for row in self.committed_items().to_pylist()}
-            self._rows.update(self.pending_rows)
-            for item_id in self.pending_deletes:
-                self._rows.pop(item_id, None)
+            self._rows = {row["id"]: row for row in self.live_table().to_pylist()}
         return self._rows
+
+    def committed_rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The live committed rows among `ids`, by id (ids pending deletion or never committed are left out)."""
+        wanted = np.array([i for i in ids if i not in self.pending_deletes], dtype=np.int64)
+        if not len(wanted):
+            return {}
+        all_ids, table = self.committed_table()
+        at = np.minimum(np.searchsorted(all_ids, wanted), max(len(all_ids) - 1, 0))
+        found = at[all_ids[at] == wanted] if len(all_ids) else at[:0]
+        return {row["id"]: row for row in table.take(pa.array(found)).to_pylist()}
 
     def ids_of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A segment's ids, and its ok rows' ids in vector order."""
@@ -160,11 +186,19 @@ class Store:
         if item_id in self.pending_vectors:
             return self.pending_vectors[item_id]
         for segment in self.manifest["segments"]:
-            _, ok_ids = self.ids_of(segment["name"])
-            where = np.flatnonzero(ok_ids == item_id)
-            if len(where):
-                return np.array(read_vectors(self.path / SEGMENTS / f"{segment['name']}.npy")[where[0]])
+            sorted_ids, order, vectors = self.vectors_of(segment["name"])
+            at = int(np.searchsorted(sorted_ids, item_id))
+            if at < len(sorted_ids) and sorted_ids[at] == item_id:
+                return np.array(vectors[order[at]])
         return None
+
+    def vectors_of(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A segment's ok ids sorted, where each is in its vectors, and those vectors (memory-mapped)."""
+        if name not in self.segment_vectors:
+            _, ok_ids = self.ids_of(name)
+            order = np.argsort(ok_ids, kind="stable")
+            self.segment_vectors[name] = (ok_ids[order], order, read_vectors(self.path / SEGMENTS / f"{name}.npy"))
+        return self.segment_vectors[name]
 
     # --- changing it ----------------------------------------------------------------------------
 
@@ -196,12 +230,14 @@ class Store:
 
     def remove(self, ids) -> None:
         """Delete live rows by id (a committed one gets a tombstone); other ids are ignored."""
+        ids = [int(i) for i in ids]
+        committed = self.committed_rows([i for i in ids if i not in self.pending_rows])
         for item_id in ids:
             if item_id in self.pending_rows:
                 self.pending_rows.pop(item_id)
                 self.pending_vectors.pop(item_id, None)
-            elif item_id in self.rows:
-                self.pending_deletes[item_id] = self.rows[item_id]
+            elif item_id in committed:
+                self.pending_deletes[item_id] = committed[item_id]
                 self.deleted_now.add(item_id)
             else:
                 continue
@@ -250,7 +286,7 @@ class Store:
             raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}"
                              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}; the index is "
                              f"intact at its last commit (generation {self.manifest['generation']})") from None
-        self.manifest, self.deleted = manifest, deleted
+        self.manifest, self.deleted, self._committed = manifest, deleted, None
         self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, {}
         self.dirty = False
         self.tidy()
@@ -409,6 +445,7 @@ class Store:
             raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}; the index is intact at its last "
                              f"commit (generation {self.manifest['generation']})") from None
         self.manifest, self.deleted, self.segment_ids, self._rows = manifest, np.zeros(0, dtype=np.int64), {}, None
+        self.segment_vectors, self._committed = {}, None
         self.tidy()
         return damaged
 
