@@ -9,6 +9,7 @@ one for the same index and models (`client.py`), and then import no model librar
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -951,4 +952,7 @@ def main() -> None:
     except typer.TyperException as exc:  # usage errors: Click prints them itself
         exc.show()
         code = getattr(exc, "exit_code", EXIT_USAGE)
+    # The process ends here: keep the garbage collector's last passes over every object torch and
+    # transformers made (0.9 s of a 7 s `index` run that adds 10 files); files still close, handlers still run.
+    gc.freeze()
     sys.exit(code if isinstance(code, int) else EXIT_OK)

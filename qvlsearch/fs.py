@@ -138,8 +138,9 @@ def _walk_folder(
         if entry is None:
             stack.pop()
             continue
-        rel = os.path.join(prefix, entry.name)
-        if (entry.name.startswith(".") and not include_hidden) or _excluded(rel, entry.name, exclude):
+        if entry.name.startswith(".") and not include_hidden:
+            continue
+        if exclude and _excluded(os.path.join(prefix, entry.name), entry.name, exclude):
             continue
         kind = suffix_kind(entry.name)
         try:
@@ -158,7 +159,7 @@ def _walk_folder(
                 if any(key == ancestor for ancestor, _, _ in stack):
                     yield Found(entry.path, top, 0, 0, "symbolic link loop")
                 continue
-            if error := enter(entry.path, rel, st):
+            if error := enter(entry.path, os.path.join(prefix, entry.name), st):
                 yield error
         elif kind and stat.S_ISREG(st.st_mode):
             yield _found_file(entry.path, top, st)
