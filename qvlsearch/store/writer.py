@@ -147,12 +147,14 @@ class Store:
         return self._committed
 
     def live_table(self) -> pa.Table:
-        """Every live row, committed and pending, as Arrow columns: what a run compares files with."""
+        """Every live row, committed and pending, ascending id, as Arrow columns: what a run compares files with
+        (pending rows have fresh ids, above every committed one)."""
         _, table = self.committed_table()
         if self.pending_deletes:
             table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(list(self.pending_deletes)))))
         if self.pending_rows:
-            table = pa.concat_tables([table, pa.Table.from_pylist(list(self.pending_rows.values()), ITEM_SCHEMA)])
+            rows = sorted(self.pending_rows.values(), key=lambda r: r["id"])
+            table = pa.concat_tables([table, pa.Table.from_pylist(rows, ITEM_SCHEMA)])
         return table
 
     @property
@@ -269,6 +271,7 @@ class Store:
         """
         if not self.dirty and self.manifest["generation"] > 0:
             return
+        committed_after = self.live_table() if self._committed is not None else None  # kept, not read again
         manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
                     "segments": [dict(s) for s in self.manifest["segments"]], "deletes": list(self.manifest["deletes"])}
         try:
@@ -286,7 +289,8 @@ class Store:
             raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}"
                              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}; the index is "
                              f"intact at its last commit (generation {self.manifest['generation']})") from None
-        self.manifest, self.deleted, self._committed = manifest, deleted, None
+        self.manifest, self.deleted = manifest, deleted
+        self._committed = None if committed_after is None else (committed_after["id"].to_numpy(), committed_after)
         self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, {}
         self.dirty = False
         self.tidy()
