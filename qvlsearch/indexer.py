@@ -529,11 +529,18 @@ class Indexer:
 
         workers = self.options.workers or min(8, os.cpu_count() or 1)
         by_file = list(rows_by_file(rows).values())
+        done = 0
         for unit_rows, metadata in prefetch(lambda i, unit_rows: (unit_rows, read_if_unchanged(unit_rows)), by_file,
                                             workers=workers, ahead=64):
-            if metadata is not None:
-                for row in unit_rows:  # the rows again, with fresh metadata columns and the same vectors
-                    store.put({**row, **metadata}, store.vector(row["id"]))
+            if metadata is None:
+                continue
+            vectors = [store.vector(row["id"]) for row in unit_rows]
+            store.remove([row["id"] for row in unit_rows])
+            for row, vector in zip(unit_rows, vectors, strict=True):  # the rows again, fresh metadata, same vectors
+                store.put({**row, **metadata, "id": store.new_id()}, vector)
+            done += 1
+            if done % self.options.commit_every == 0:  # committed as it goes: the vectors are not all held at once
+                store.commit()
         store.manifest["metadata_version"] = METADATA_VERSION
         store.dirty = True
 

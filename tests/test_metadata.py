@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -107,8 +108,10 @@ def test_an_older_index_gains_the_columns_on_its_next_run_without_the_model(tmp_
     store.manifest.pop("metadata_version")
     store.commit()
     assert all(r["taken_at"] is None for r in Store.open(tmp_path / "i").rows.values())
+    before = store.manifest["generation"]
 
-    again = Indexer(tmp_path / "i", options)  # no embedder: it would load the model if it needed one
+    # no embedder: it would load the model if it needed one; every 2 files a commit, not all rows held at once
+    again = Indexer(tmp_path / "i", dataclasses.replace(options, commit_every=2))
     summary = again.run([album / "sydney.jpg"])  # one root of several: the other files are read too
     assert again.embedder is None and again.model_runs == 0 and summary.unchanged == 1
     store = Store.open(tmp_path / "i")
@@ -120,6 +123,7 @@ def test_an_older_index_gains_the_columns_on_its_next_run_without_the_model(tmp_
         np.testing.assert_array_equal(vector, vectors[path])
     assert store.manifest["metadata_version"] == 1
     generation = store.manifest["generation"]
+    assert generation >= before + 3  # committed as it went (the album's 6 files)
     Indexer(tmp_path / "i", options).run([album])  # marked: not read again
     assert Store.open(tmp_path / "i").manifest["generation"] == generation
 
