@@ -112,10 +112,12 @@ def embed(
             item["instruction"] = instruction
         items = [item]
     server = None if no_server else find_server(default_index_dir(), model=model)
-    answer = embed_remotely(server, items, dim) if server else None
+    answer = server.embed(items, dim) if server else None
     if answer is None:
         answer = embed_here(items, dim, model, device)
     vectors, errors = answer
+    for message in errors.values():
+        typer.echo(f"qvlsearch: {message}", err=True)
     for index in range(len(items)):
         record = (
             {"index": index, "error": errors[index]}
@@ -128,7 +130,7 @@ def embed(
 
 
 def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> tuple[dict, dict[int, str]]:
-    """(vectors, errors) by item index, with the model loaded in this process; errors also go to stderr."""
+    """(vectors, errors) by item index, with the model loaded in this process."""
     from .hub import require_model
 
     require_model(model)
@@ -140,32 +142,6 @@ def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> t
             vectors[result.index] = result.vector
         else:
             errors[result.index] = str(result.error)
-            typer.echo(f"qvlsearch: {result.error}", err=True)
-    return vectors, errors
-
-
-def embed_remotely(server, items: list[dict], dim: int | None) -> tuple[dict, dict[int, str]] | None:
-    """(vectors, errors) by item index from a server; None when it may not read a file (then embed here)."""
-    import array
-    import base64
-
-    from .client import ServerError, absolute_sources, given_names
-
-    sent = [absolute_sources(item) for item in items]
-    body = {"model": server.health["model"], "input": [item for item, _ in sent], "encoding_format": "base64"}
-    try:
-        answer = server.request("/v1/embeddings", {**body, **({"dimensions": dim} if dim else {})})
-    except ServerError as exc:
-        if exc.status == 403:
-            log.info("the server may not read this: %s; embedding here", exc)
-            return None
-        if exc.status != 422 or "data" not in exc.body:
-            raise
-        answer = exc.body
-    errors = {f["index"]: given_names(f["message"], sent[f["index"]][1]) for f in answer["error"]["failed"]}
-    for message in errors.values():
-        typer.echo(f"qvlsearch: {message}", err=True)
-    vectors = {d["index"]: array.array("f", base64.b64decode(d["embedding"])) for d in answer["data"]}
     return vectors, errors
 
 
@@ -589,20 +565,14 @@ class Searcher:
         return [r.to_json() for r in self.results]
 
     def search_remotely(self, item: dict) -> list[dict] | None:
-        from .client import ServerError, absolute_sources, given_names
+        from .client import ServerError
 
-        sent, names = absolute_sources(item)
-        under = self.options["under"]
-        body = {**self.options, "query": sent, "under": os.path.abspath(os.path.expanduser(under)) if under else None}
         try:
-            return self.server.request("/v1/search", body)
+            return self.server.search(item, self.options)
         except ServerError as exc:
-            if exc.status == 403:
-                log.info("the server may not read this: %s; searching here", exc)
-                return None
             if exc.kind == "empty_index":
                 self.empty()
-            raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
+            raise
 
     def open(self):
         from .indexer import model_setting
@@ -696,7 +666,7 @@ def rerank(
     places = any(r.page is not None or r.start_s is not None or r.kind == "pdf" for r in results)
     # pages and moments are reranked here: the server takes files and items, not places in them
     server = None if no_server or places else find_server(default_index_dir(), reranker=reranker)
-    scores = rerank_remotely(server, question, documents, instruction) if server else None
+    scores = server.rerank(question, documents, instruction) if server else None
     if scores is None:
         from .hub import require_model
 
@@ -711,34 +681,6 @@ def rerank(
     emit([{**row_of[id(r)], "rank": r.rank, "kind": r.kind, "rerank_score": r.to_json()["rerank_score"]}
           for r in ordered], fmt, null)
     raise typer.Exit(EXIT_OK if any(s is not None for s in scores) else EXIT_FAILED)
-
-
-def rerank_remotely(server, query: dict, documents: list[dict], instruction: str | None) -> list[float | None] | None:
-    """Scores from a server; None when it may not read a file (then rerank here)."""
-    from .client import ServerError, absolute_sources, given_names
-
-    query, names = absolute_sources(query)
-    sent = []
-    for document in documents:
-        fixed, more = absolute_sources(document)
-        sent.append(fixed)
-        names.update(more)
-    body = {"model": server.health["reranker"], "query": query, "documents": sent, "instruction": instruction}
-    try:
-        answer = server.request("/v1/rerank", body)
-    except ServerError as exc:
-        if exc.status == 403:
-            log.info("the server may not read this: %s; reranking here", exc)
-            return None
-        if exc.status != 422 or "results" not in exc.body:
-            raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
-        answer = exc.body
-        for failed in answer["error"]["failed"]:
-            log.warning("skipped document %s", given_names(failed["message"], names))
-    scores: list[float | None] = [None] * len(documents)
-    for result in answer["results"]:
-        scores[result["index"]] = result["relevance_score"]
-    return scores
 
 
 @app.command()

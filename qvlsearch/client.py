@@ -67,6 +67,68 @@ class Server:
             raise QvlsearchError(f"the qvlsearch server at {self.url} stopped answering ({reason}); "
                                  "run the command again, or with --no-server") from None
 
+    # Each call below answers None when the server may not read one of the files named (403): the
+    # command then does that work in its own process. Other refusals raise ServerError naming the
+    # files as the user gave them.
+
+    def embed(self, items: list[dict], dim: int | None) -> tuple[dict[int, Any], dict[int, str]] | None:
+        """(vectors, errors) by item index, as `qvlsearch embed` gives them."""
+        import array
+        import base64
+
+        sent = [absolute_sources(item) for item in items]
+        body = {"model": self.health["model"], "input": [item for item, _ in sent], "encoding_format": "base64"}
+        try:
+            answer = self.request("/v1/embeddings", {**body, **({"dimensions": dim} if dim else {})})
+        except ServerError as exc:
+            if exc.status == 403:
+                log.info("the server may not read this: %s; embedding here", exc)
+                return None
+            if exc.status != 422 or "data" not in exc.body:
+                raise
+            answer = exc.body
+        errors = {f["index"]: given_names(f["message"], sent[f["index"]][1]) for f in answer["error"]["failed"]}
+        vectors = {d["index"]: array.array("f", base64.b64decode(d["embedding"])) for d in answer["data"]}
+        return vectors, errors
+
+    def search(self, item: dict, options: dict[str, Any]) -> list[dict] | None:
+        """The `--json` records of `qvlsearch search` for one query (`options`: the search's keyword arguments)."""
+        sent, names = absolute_sources(item)
+        under = options.get("under")
+        body = {**options, "query": sent, "under": os.path.abspath(os.path.expanduser(under)) if under else None}
+        try:
+            return self.request("/v1/search", body)
+        except ServerError as exc:
+            if exc.status == 403:
+                log.info("the server may not read this: %s; searching here", exc)
+                return None
+            raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
+
+    def rerank(self, query: dict, documents: list[dict], instruction: str | None) -> list[float | None] | None:
+        """Each document's score (None: it could not be read, and a warning says why), in their order."""
+        query, names = absolute_sources(query)
+        sent = []
+        for document in documents:
+            fixed, more = absolute_sources(document)
+            sent.append(fixed)
+            names.update(more)
+        body = {"model": self.health["reranker"], "query": query, "documents": sent, "instruction": instruction}
+        try:
+            answer = self.request("/v1/rerank", body)
+        except ServerError as exc:
+            if exc.status == 403:
+                log.info("the server may not read this: %s; reranking here", exc)
+                return None
+            if exc.status != 422 or "results" not in exc.body:
+                raise ServerError(given_names(str(exc), names), exc.status, exc.body) from None
+            answer = exc.body
+            for failed in answer["error"]["failed"]:
+                log.warning("skipped document %s", given_names(failed["message"], names))
+        scores: list[float | None] = [None] * len(documents)
+        for result in answer["results"]:
+            scores[result["index"]] = result["relevance_score"]
+        return scores
+
 
 def is_loopback(host: str) -> bool:
     """Whether `host` is reachable from this machine only."""
