@@ -8,9 +8,8 @@
     Goals: the 1M figure ≤ 1.5× the 10k figure; peak RSS while adding to the 1M index ≤ 3 GiB.
 (b) Search over 1M × 2048 int8: recall@10 against exact search over the stored float16 vectors, and
     latency per query (`SearchIndex.raw_search`, one query at a time) with 30 unmerged segments
-    against one segment after `Store.optimize()`. Goals: recall ≥ 0.99; 30 segments ≤ 1.5× one.
-    Latency is also taken with FAISS on one thread: on a loaded machine each FAISS call's OpenMP
-    parallel region can wait milliseconds for its second thread, once per segment.
+    against one segment after `Store.optimize()` (of a copy: both are on disk, and the queries take
+    them in turns). Goals: recall ≥ 0.99; 30 segments ≤ 1.5× one.
 
 The starting indexes are written through the writer's own segment code (`Store.write_new_segment`
 over a table built from numpy columns and vectors streamed into a memory-mapped .npy), in the state
@@ -18,7 +17,7 @@ the merge policy leaves them: no tier of 10 segments (the largest size as 9 segm
 one). The vectors are clustered, as in bench_search.py: 2000 Gaussian clusters in the full
 dimension, varying within a shared 64-dimensional subspace, plus isotropic noise.
 
-    python benchmarks/bench_store.py              # full size: 20-40 minutes on 2 cores, 13 GB of $TMPDIR
+    python benchmarks/bench_store.py              # full size: 20-40 minutes on 2 cores, 19 GB of $TMPDIR
     python benchmarks/bench_store.py --sizes 2000,20000,100000 --search-rows 30000 --queries 20   # a quick check
 
 (With scaled-down sizes, keep the largest size's segments (size ÷ 9) in another tier than the new rows'
@@ -255,51 +254,49 @@ def exact_top(path: Path, queries: np.ndarray) -> np.ndarray:
     return best_ids
 
 
-def searched(path: Path, queries: np.ndarray, truth: np.ndarray, threads: int | None = None) -> dict:
-    """recall@K and milliseconds per query of `SearchIndex.raw_search`, one query at a time (FAISS on
-    `threads` OpenMP threads; None: its default, one a core)."""
-    import faiss
-
-    from qvlsearch.search import SearchIndex
-
-    default = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads or default)
-    try:
-        return timed_search(SearchIndex(path), queries, truth)
-    finally:
-        faiss.omp_set_num_threads(default)
-
-
-def timed_search(index, queries: np.ndarray, truth: np.ndarray) -> dict:
+def alternated(indexes: dict[str, object], queries: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
+    """recall@K and milliseconds per query of `SearchIndex.raw_search` for each index, one query at a time,
+    taking the indexes in turns (the order flips each query), so that a change in the machine's load
+    falls on all of them alike."""
+    names = list(indexes)
     for q in queries[:2]:  # warm-up: the codes come into the page cache
-        index.raw_search(q[None], K)
-    ms, hits = [], 0
-    for q, true in zip(queries, truth, strict=True):
-        started = time.perf_counter()
-        _, ids = index.raw_search(q[None], K)
-        ms.append((time.perf_counter() - started) * 1000)
-        hits += len(set(ids.tolist()) & set(true.tolist()))
-    return {"recall": hits / (K * len(queries)), "median_ms": float(np.median(ms)), "mean_ms": float(np.mean(ms)),
-            "segments": len(index.snapshot.segments)}
+        for name in names:
+            indexes[name].raw_search(q[None], K)
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    hits = dict.fromkeys(names, 0)
+    for n, (q, true) in enumerate(zip(queries, truth, strict=True)):
+        for name in names if n % 2 else names[::-1]:
+            started = time.perf_counter()
+            _, ids = indexes[name].raw_search(q[None], K)
+            ms[name].append((time.perf_counter() - started) * 1000)
+            hits[name] += len(set(ids.tolist()) & set(true.tolist()))
+    return {name: {"recall": hits[name] / (K * len(queries)), "median_ms": float(np.median(ms[name])),
+                   "mean_ms": float(np.mean(ms[name])), "segments": len(indexes[name].snapshot.segments)}
+            for name in names}
 
 
 def search_figures(workdir: Path, data: Clusters, rows: int, segments: int, count: int) -> list[Figure]:
-    path = workdir / f"store-search-int8-{rows}"
+    """Both states on disk at once (twice the index's bytes), searched in turns."""
+    from qvlsearch.search import SearchIndex
+
+    path, optimized = workdir / f"store-search-int8-{rows}", workdir / f"store-search-int8-{rows}-optimized"
     build_s = build_index(path, "int8", "flat", rows, segments, data)
+    shutil.copytree(path, optimized)
+    writer.GRACE_SECONDS = 0.0  # no reader to wait for: the 30 segments' files go at once
+    started = time.perf_counter()
+    Store.open(optimized).optimize()
+    optimize_s = time.perf_counter() - started
     queries = data.queries(count)
     started = time.perf_counter()
     truth = exact_top(path, queries)
     exact_s = time.perf_counter() - started
-    unmerged, unmerged_1 = searched(path, queries, truth), searched(path, queries, truth, threads=1)
-    writer.GRACE_SECONDS = 0.0  # no reader to wait for: the 30 segments' files go at once
-    started = time.perf_counter()
-    Store.open(path).optimize()
-    optimize_s = time.perf_counter() - started
-    merged, merged_1 = searched(path, queries, truth), searched(path, queries, truth, threads=1)
+    found = alternated({"unmerged": SearchIndex(path), "optimized": SearchIndex(optimized)}, queries, truth)
+    unmerged, merged = found["unmerged"], found["optimized"]
     shutil.rmtree(path)
+    shutil.rmtree(optimized)
     detail = {"rows": rows, "queries": count, "build_s": round(build_s, 1), "exact_s": round(exact_s, 1),
               "optimize_s": round(optimize_s, 1), "unmerged": unmerged, "optimized": merged,
-              "unmerged_one_thread": unmerged_1, "optimized_one_thread": merged_1}
+              "load_average_1_5_15": os.getloadavg()}
     size = f"{rows / 1e6:g}M × {WIDTH} int8" if rows >= 1e6 else f"{rows // 1000}k × {WIDTH} int8"
     return [
         Figure("store", f"search {size}, {segments} segments: recall@{K}", unmerged["recall"], "", goal=">= 0.99",
@@ -310,23 +307,17 @@ def search_figures(workdir: Path, data: Clusters, rows: int, segments: int, coun
         Figure("store", f"search {size}, after optimize: latency", merged["median_ms"], "ms", detail=detail),
         Figure("store", f"search {size}: latency {segments} segments ÷ optimized",
                unmerged["median_ms"] / merged["median_ms"], "x", goal="<= 1.5", detail=detail),
-        Figure("store", f"search {size}, {segments} segments: latency, one FAISS thread", unmerged_1["median_ms"], "ms",
-               detail=detail),
-        Figure("store", f"search {size}, after optimize: latency, one FAISS thread", merged_1["median_ms"], "ms",
-               detail=detail),
-        Figure("store", f"search {size}: latency {segments} segments ÷ optimized, one FAISS thread",
-               unmerged_1["median_ms"] / merged_1["median_ms"], "x", detail=detail),
         Figure("store", f"optimize {size}: {segments} segments into 1", optimize_s, "s", detail=detail),
     ]
 
 
 def run(workdir: Path, checkpoints: dict[str, Path] | None = None, sizes: tuple[int, ...] = SIZES,
         new_rows: int = NEW_ROWS, search_rows: int = SEARCH_ROWS, search_segments: int = SEARCH_SEGMENTS,
-        queries: int = QUERIES, repeats: int = 5) -> list[Figure]:
-    """Every figure above (`checkpoints` unused: the vectors are synthetic)."""
+        queries: int = QUERIES, repeats: int = 5, parts: tuple[str, ...] = ("commit", "search")) -> list[Figure]:
+    """The figures above of `parts` (`checkpoints` unused: the vectors are synthetic)."""
     data = Clusters(seed=0)
-    return (commit_figures(workdir, data, tuple(sorted(sizes)), new_rows, repeats)
-            + search_figures(workdir, data, search_rows, search_segments, queries))
+    return ((commit_figures(workdir, data, tuple(sorted(sizes)), new_rows, repeats) if "commit" in parts else [])
+            + (search_figures(workdir, data, search_rows, search_segments, queries) if "search" in parts else []))
 
 
 if __name__ == "__main__":
@@ -337,7 +328,11 @@ if __name__ == "__main__":
     parser.add_argument("--search-segments", type=int, default=SEARCH_SEGMENTS, help="its unmerged segments")
     parser.add_argument("--queries", type=int, default=QUERIES, help="queries for recall and latency")
     parser.add_argument("--repeats", type=int, default=5, help="measured commits per index (the fastest counts)")
+    parser.add_argument("--part", choices=("commit", "search"), action="append",
+                        help="(a) commit or (b) search (default: both)")
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.sizes.split(","))
+    parts = tuple(args.part or ("commit", "search"))
     run_standalone(lambda work, tiny: run(work, tiny, sizes, args.new_rows, args.search_rows, args.search_segments,
-                                          args.queries, args.repeats), "store", budget_s=1800)
+                                          args.queries, args.repeats, parts), "-".join(("store", *(args.part or ()))),
+                   budget_s=1800)
