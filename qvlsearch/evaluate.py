@@ -28,8 +28,8 @@ import numpy as np
 from .errors import QvlsearchError
 from .fs import display_path
 from .quantize import binary_encode
-from .search import QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
-from .store import QUANTIZATIONS, build_faiss, faiss_factory
+from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
+from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
 
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
 QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
@@ -238,14 +238,13 @@ def mean_metrics(ranked: dict[str, list[int]], relevant: dict[str, dict[int, int
 
 class Searcher:
     """An in-memory flat index of the documents at one (dim, quantize) setting, searched as `search` does:
-    binary codes by Hamming distance, their best candidates re-scored by cosine."""
+    int8 and binary codes give candidates (binary by Hamming distance), the best re-scored by cosine."""
 
     def __init__(self, documents: np.ndarray, ids: np.ndarray, dim: int, quantize: str):
         self.ids, self.dim, self.quantize = ids, dim, quantize
         self.index = build_faiss(documents, dim, quantize, faiss_factory("flat", quantize, len(documents)))
-        if quantize == "binary":
-            self.rescore = documents[:, :dim] / np.maximum(np.linalg.norm(documents[:, :dim], axis=1,
-                                                                          keepdims=True), 1e-12)
+        if quantize != "none":
+            self.rescore = normalized(documents, dim)
 
     def search(self, vector: np.ndarray, depth: int) -> list[int]:
         query = np.array(vector[: self.dim], dtype=np.float32)[None]  # a copy: the caller's vector stays
@@ -253,10 +252,11 @@ class Searcher:
         depth = min(depth, len(self.ids))
         if self.quantize == "binary":
             _, rows = self.index.search(binary_encode(query), min(len(self.ids), binary_candidates(depth)))
-            rows = rows[0][rows[0] >= 0]
+        else:
+            wanted = depth * INT8_REFINE if self.quantize == "int8" else depth
+            _, rows = self.index.search(query, min(len(self.ids), wanted))
+        rows = rows[0][rows[0] >= 0]
+        if self.quantize != "none":
             scores = self.rescore[rows] @ query[0]
             rows = rows[np.argsort(-scores, kind="stable")[:depth]]
-        else:
-            _, rows = self.index.search(query, depth)
-            rows = rows[0][rows[0] >= 0]
         return self.ids[rows].tolist()

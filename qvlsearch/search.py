@@ -25,7 +25,7 @@ from .errors import InputError
 from .fs import KindError, file_item
 from .moments import MOMENT_FRAMES
 from .pages import PdfPage
-from .store import Snapshot, StoreError, read_manifest
+from .store import Snapshot, StoreError, normalized, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
@@ -424,9 +424,7 @@ class SearchIndex:
     def rescored(self, segment, rows: np.ndarray, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The best `fetch` of a segment's `rows` by cosine with their stored float16 vectors: (scores, item ids)."""
         rows = np.sort(rows)
-        candidates = np.asarray(segment.vectors[rows], dtype=np.float32)[:, : self.manifest["dim"]]
-        candidates /= np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
-        scores = candidates @ query[0]
+        scores = normalized(segment.vectors[rows], self.manifest["dim"]) @ query[0]
         best = np.argsort(-scores, kind="stable")[:fetch]
         return scores[best], segment.ok_ids[rows[best]]
 

@@ -25,10 +25,19 @@ from .files import (
                     write_atomically,
 )
 from .reader import OpenSegment, Snapshot, StoredVectors
-from .segments import INDEX_TYPES, QUANTIZATIONS, SEAL_ROWS, build_faiss, check_factory, faiss_factory, read_faiss
+from .segments import (
+    INDEX_TYPES,
+    QUANTIZATIONS,
+    SEAL_ROWS,
+    build_faiss,
+    check_factory,
+    faiss_factory,
+    normalized,
+    read_faiss,
+)
 from .writer import Store, is_file_row
 
 __all__ = ["ITEM_SCHEMA", "SCHEMA_VERSION", "check_index_folder", "SETTINGS_KEYS", "StoreError", "now",
            "read_manifest", "write_atomically", "OpenSegment", "Snapshot", "StoredVectors", "INDEX_TYPES",
-           "QUANTIZATIONS", "SEAL_ROWS", "build_faiss", "check_factory", "faiss_factory", "read_faiss", "Store",
-           "is_file_row"]
+           "QUANTIZATIONS", "SEAL_ROWS", "build_faiss", "check_factory", "faiss_factory", "normalized", "read_faiss",
+           "Store", "is_file_row"]
