@@ -505,8 +505,7 @@ class Indexer:
                     self.finish(store, job)
             run_deferred()
         gone_ids = [r["id"] for rows in gone.values() for r in rows]
-        live = store.committed_rows(gone_ids)
-        self.summary.removed += sum(any(r["id"] in live for r in rows) for rows in gone.values())
+        self.summary.removed += sum(any(store.is_live(r["id"]) for r in rows) for rows in gone.values())
         store.remove(gone_ids)
         if store.manifest.get("metadata_version") != METADATA_VERSION:  # unchanged files, and files elsewhere
             self.add_metadata(store, [row for row in store.rows.values() if row["status"] == "ok" and (

@@ -70,9 +70,10 @@ class Store:
         self.first_new_id = manifest["next_id"]
         self.pending_rows: dict[int, dict[str, Any]] = {}
         self.pending_vectors: dict[int, np.ndarray] = {}
-        self.pending_deletes: dict[int, dict[str, Any]] = {}  # id -> its row, for the counts
+        self.pending_deletes: set[int] = set()  # committed ids to tombstone at the next commit
         self.deleted_now: set[int] = set()  # tombstoned by this writer: merges keep their rows, a reuse may read them
         self.deleted = np.zeros(0, dtype=np.int64)  # every committed tombstone, sorted
+        self.deleted_before = self.deleted  # the committed tombstones when this writer opened
         self.segment_ids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (all ids, ok ids in vector order)
         self.segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `vector`
         self._committed: tuple[np.ndarray, pa.Table] | None = None  # see `committed_table`
@@ -101,6 +102,7 @@ class Store:
         store = cls(path, manifest)
         for name in manifest["deletes"]:
             store.deleted = np.union1d(store.deleted, read_deleted(path / SEGMENTS / name))
+        store.deleted_before = store.deleted
         return store
 
     @classmethod
@@ -160,20 +162,30 @@ class Store:
     @property
     def rows(self) -> dict[int, dict[str, Any]]:
         """Every live row by id as Python dicts (read from disk on first use, then kept in step); for tests and
-        small indexes: a run over a large one reads `live_table` and `committed_rows` instead."""
+        small indexes: a run over a large one reads `live_table` instead."""
         if self._rows is None:
             self._rows = {row["id"]: row for row in self.live_table().to_pylist()}
         return self._rows
 
-    def committed_rows(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        """The live committed rows among `ids`, by id (ids pending deletion or never committed are left out)."""
-        wanted = np.array([i for i in ids if i not in self.pending_deletes], dtype=np.int64)
-        if not len(wanted):
-            return {}
+    def committed_rows(self, ids: list[int]) -> list[dict[str, Any]]:
+        """The committed rows among `ids` (also those pending deletion), in one read of the table."""
+        if not ids:
+            return []
         all_ids, table = self.committed_table()
+        wanted = np.array(ids, dtype=np.int64)
         at = np.minimum(np.searchsorted(all_ids, wanted), max(len(all_ids) - 1, 0))
         found = at[all_ids[at] == wanted] if len(all_ids) else at[:0]
-        return {row["id"]: row for row in table.take(pa.array(found)).to_pylist()}
+        return table.take(pa.array(found)).to_pylist()
+
+    def is_committed(self, item_id: int) -> bool:
+        """Whether `item_id` is a live row of the committed generation (whatever is pending)."""
+        all_ids, _ = self.committed_table()
+        at = int(np.searchsorted(all_ids, item_id))
+        return at < len(all_ids) and all_ids[at] == item_id
+
+    def is_live(self, item_id: int) -> bool:
+        """Whether `item_id` is a live row now, pending changes included."""
+        return item_id in self.pending_rows or (item_id not in self.pending_deletes and self.is_committed(item_id))
 
     def ids_of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A segment's ids, and its ok rows' ids in vector order."""
@@ -232,14 +244,12 @@ class Store:
 
     def remove(self, ids) -> None:
         """Delete live rows by id (a committed one gets a tombstone); other ids are ignored."""
-        ids = [int(i) for i in ids]
-        committed = self.committed_rows([i for i in ids if i not in self.pending_rows])
-        for item_id in ids:
+        for item_id in map(int, ids):
             if item_id in self.pending_rows:
                 self.pending_rows.pop(item_id)
                 self.pending_vectors.pop(item_id, None)
-            elif item_id in committed:
-                self.pending_deletes[item_id] = committed[item_id]
+            elif self.is_live(item_id):
+                self.pending_deletes.add(item_id)
                 self.deleted_now.add(item_id)
             else:
                 continue
@@ -253,12 +263,12 @@ class Store:
         by_kind = dict(old.get("by_kind", {}))
         by_status = {"ok": old.get("ok", 0), "error": old.get("error", 0)}
         files = old.get("files", old.get("items", 0))
-        for sign, rows in ((1, self.pending_rows.values()), (-1, self.pending_deletes.values())):
+        deleted = self.committed_rows(list(self.pending_deletes))
+        for sign, rows in ((1, self.pending_rows.values()), (-1, deleted)):
             for row in rows:
-                if row:
-                    by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + sign
-                    by_status[row["status"]] = by_status.get(row["status"], 0) + sign
-                    files += sign * is_file_row(row)
+                by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + sign
+                by_status[row["status"]] = by_status.get(row["status"], 0) + sign
+                files += sign * is_file_row(row)
         by_kind = {k: v for k, v in by_kind.items() if v}
         return {"items": by_status["ok"] + by_status["error"], "files": files, **by_status, "by_kind": by_kind}
 
@@ -271,7 +281,8 @@ class Store:
         """
         if not self.dirty and self.manifest["generation"] > 0:
             return
-        committed_after = self.live_table() if self._committed is not None else None  # kept, not read again
+        # the committed table after this commit, kept (one chunk: takes stay fast), not read again
+        committed_after = self.live_table().combine_chunks() if self._committed is not None else None
         manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
                     "segments": [dict(s) for s in self.manifest["segments"]], "deletes": list(self.manifest["deletes"])}
         try:
@@ -291,7 +302,7 @@ class Store:
                              f"intact at its last commit (generation {self.manifest['generation']})") from None
         self.manifest, self.deleted = manifest, deleted
         self._committed = None if committed_after is None else (committed_after["id"].to_numpy(), committed_after)
-        self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, {}
+        self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, set()
         self.dirty = False
         self.tidy()
 
@@ -354,16 +365,19 @@ class Store:
         """Tombstones whose rows a merge may drop: not those of this writer (a reuse may still read them)."""
         if not self.deleted_now:
             return deleted
-        return np.setdiff1d(deleted, np.fromiter(self.deleted_now, dtype=np.int64))
+        # `deleted` less `deleted_now` is what was tombstoned before this writer opened (ids it removed were
+        # live then); those no segment holds any more do not matter to a merge
+        return self.deleted_before
 
     def plan_merge(self, manifest: dict[str, Any], deleted: np.ndarray) -> list[dict[str, Any]]:
         """The segments to merge now: one with too many deleted rows, else ten of the smallest full tier."""
-        purgeable = self.purgeable(deleted)
-        for segment in manifest["segments"]:
-            if segment["deleted"] and segment["rows"]:
-                dropped = int(np.isin(self.ids_of(segment["name"])[0], purgeable).sum())
-                if dropped > DELETED_REWRITE * segment["rows"]:
-                    return [segment]
+        # Only a segment with enough tombstones can have enough purgeable ones (those are a part of them).
+        candidates = [s for s in manifest["segments"] if s["rows"] and s["deleted"] > DELETED_REWRITE * s["rows"]]
+        purgeable = self.purgeable(deleted) if candidates else deleted
+        for segment in candidates:
+            dropped = int(np.isin(self.ids_of(segment["name"])[0], purgeable).sum())
+            if dropped > DELETED_REWRITE * segment["rows"]:
+                return [segment]
         tiers: dict[int, list[dict[str, Any]]] = {}
         for segment in manifest["segments"]:
             tiers.setdefault(tier(segment["rows"] - segment["deleted"]), []).append(segment)
@@ -449,6 +463,7 @@ class Store:
             raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}; the index is intact at its last "
                              f"commit (generation {self.manifest['generation']})") from None
         self.manifest, self.deleted, self.segment_ids, self._rows = manifest, np.zeros(0, dtype=np.int64), {}, None
+        self.deleted_before = self.deleted
         self.segment_vectors, self._committed = {}, None
         self.tidy()
         return damaged
