@@ -148,15 +148,18 @@ class Store:
             self._committed = (table["id"].to_numpy(), table)
         return self._committed
 
-    def live_table(self) -> pa.Table:
+    def pending_table(self) -> pa.Table:
+        """The rows put since the last commit, ascending id, as Arrow columns."""
+        return pa.Table.from_pylist(sorted(self.pending_rows.values(), key=lambda r: r["id"]), ITEM_SCHEMA)
+
+    def live_table(self, pending: pa.Table | None = None) -> pa.Table:
         """Every live row, committed and pending, ascending id, as Arrow columns: what a run compares files with
-        (pending rows have fresh ids, above every committed one)."""
+        (pending rows have fresh ids, above every committed one). `pending`: `pending_table()`, if made already."""
         _, table = self.committed_table()
         if self.pending_deletes:
             table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(list(self.pending_deletes)))))
         if self.pending_rows:
-            rows = sorted(self.pending_rows.values(), key=lambda r: r["id"])
-            table = pa.concat_tables([table, pa.Table.from_pylist(rows, ITEM_SCHEMA)])
+            table = pa.concat_tables([table, self.pending_table() if pending is None else pending])
         return table
 
     @property
@@ -281,14 +284,15 @@ class Store:
         """
         if not self.dirty and self.manifest["generation"] > 0:
             return
+        new_rows = self.pending_table()
         # the committed table after this commit, kept (one chunk: takes stay fast), not read again
-        committed_after = self.live_table().combine_chunks() if self._committed is not None else None
+        committed_after = self.live_table(new_rows).combine_chunks() if self._committed is not None else None
         manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
                     "segments": [dict(s) for s in self.manifest["segments"]], "deletes": list(self.manifest["deletes"])}
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / SEGMENTS).mkdir(exist_ok=True)
-            deleted = self.write_pending(manifest)
+            deleted = self.write_pending(manifest, new_rows)
             if merge:
                 self.merge_step(manifest, deleted)
             if len(manifest["deletes"]) > MAX_DELETE_FILES:
@@ -306,15 +310,14 @@ class Store:
         self.dirty = False
         self.tidy()
 
-    def write_pending(self, manifest: dict[str, Any]) -> np.ndarray:
-        """The new rows' segment and the new tombstones; returns every tombstone after this commit."""
-        if self.pending_rows:
-            rows = sorted(self.pending_rows.values(), key=lambda r: r["id"])
-            table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
-            ok = [r["id"] for r in rows if r["status"] == "ok"]
+    def write_pending(self, manifest: dict[str, Any], new_rows: pa.Table) -> np.ndarray:
+        """The new rows' segment (`new_rows`: `pending_table()`) and the new tombstones; returns every tombstone
+        after this commit."""
+        if new_rows.num_rows:
+            ok = new_rows["id"].filter(pc.equal(new_rows["status"], "ok")).to_pylist()
             vectors = (np.stack([self.pending_vectors[i] for i in ok]) if ok
                        else np.zeros((0, manifest["full_dim"]), dtype=np.float16))
-            manifest["segments"].append(self.write_new_segment(manifest, table, vectors))
+            manifest["segments"].append(self.write_new_segment(manifest, new_rows, vectors))
         deleted = self.deleted
         if self.pending_deletes:
             ids = np.array(sorted(self.pending_deletes), dtype=np.int64)
