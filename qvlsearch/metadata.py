@@ -3,8 +3,9 @@
 `read_metadata(path, kind)` gives `taken_at` (a UTC datetime), `lat`, `lon` (degrees) and
 `camera`, each None when the file does not say or says something that cannot be right
 (a wrong type, a date in the future, a latitude of 200°): odd metadata never fails a file.
-EXIF dates carry no time zone unless the camera wrote OffsetTimeOriginal; without it the
-camera's clock is taken as UTC.
+EXIF dates carry no time zone unless the camera wrote OffsetTimeOriginal; without it (or with
+one that is no offset: past ±14:00, or minutes over 59) the camera's clock is taken as UTC. Each
+field is read on its own: a bad one costs only itself.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from PIL import ExifTags, Image
@@ -19,6 +21,8 @@ from PIL import ExifTags, Image
 log = logging.getLogger(__name__)
 FIELDS = ("taken_at", "lat", "lon", "camera")
 EARLIEST = dt.datetime(1826, 1, 1, tzinfo=dt.timezone.utc)  # the oldest surviving photograph
+OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")  # EXIF OffsetTime: +02:00
+MAX_OFFSET = dt.timedelta(hours=14)  # the zones in use run from UTC-12:00 to UTC+14:00
 ISO6709 = re.compile(r"^([+-]\d+(?:\.\d+)?)([+-]\d+(?:\.\d+)?)")  # QuickTime's location: +48.8577+002.2950+035/
 
 
@@ -38,16 +42,35 @@ def image_metadata(path: str) -> dict[str, Any]:
         if image.format == "PNG" and "exif" not in image.info:
             return {}  # no eXIf chunk before the pixels: looking after them would decode the whole image
         exif = image.getexif()
-    base, details = exif, exif.get_ifd(ExifTags.IFD.Exif)
-    taken = (exif_date(details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.OffsetTimeOriginal))
-             or exif_date(base.get(ExifTags.Base.DateTime), details.get(ExifTags.Base.OffsetTime)))
+    position = field_of(path, "GPS", exif_position, exif) or {}
+    return {"taken_at": field_of(path, "date", exif_taken, exif), **position,
+            "camera": field_of(path, "camera", exif_camera, exif)}
+
+
+def field_of(path: str, name: str, read: Callable[..., Any], *args: Any) -> Any:
+    """`read(*args)`, or None when the field is malformed in a way no check foresaw (logged)."""
+    try:
+        return read(*args)
+    except Exception as exc:  # noqa: BLE001 - odd metadata never fails a file, nor the other fields
+        log.info("%s: %s not read (%s: %s)", path, name, type(exc).__name__, exc)
+        return None
+
+
+def exif_taken(exif: Image.Exif) -> dt.datetime | None:
+    details = exif.get_ifd(ExifTags.IFD.Exif)
+    return (exif_date(details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.OffsetTimeOriginal))
+            or exif_date(exif.get(ExifTags.Base.DateTime), details.get(ExifTags.Base.OffsetTime)))
+
+
+def exif_position(exif: Image.Exif) -> dict[str, float | None]:
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     lat = gps_degrees(gps.get(ExifTags.GPS.GPSLatitude), gps.get(ExifTags.GPS.GPSLatitudeRef), "NS", 90)
     lon = gps_degrees(gps.get(ExifTags.GPS.GPSLongitude), gps.get(ExifTags.GPS.GPSLongitudeRef), "EW", 180)
-    if lat is None or lon is None:
-        lat = lon = None
-    return {"taken_at": taken, "lat": lat, "lon": lon,
-            "camera": camera_name(base.get(ExifTags.Base.Make), base.get(ExifTags.Base.Model))}
+    return {"lat": lat, "lon": lon} if lat is not None and lon is not None else {}
+
+
+def exif_camera(exif: Image.Exif) -> str | None:
+    return camera_name(exif.get(ExifTags.Base.Make), exif.get(ExifTags.Base.Model))
 
 
 def video_metadata(path: str) -> dict[str, Any]:
@@ -69,22 +92,34 @@ def video_metadata(path: str) -> dict[str, Any]:
 
 def plausible(when: dt.datetime) -> dt.datetime | None:
     """`when` in UTC, or None when it is before photography or more than a day in the future."""
-    when = when.astimezone(dt.timezone.utc) if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    try:
+        when = when.astimezone(dt.timezone.utc) if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    except OverflowError:  # year 1 or 9999 with an offset: beyond what a datetime holds in UTC
+        return None
     latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
     return when if EARLIEST <= when <= latest else None
 
 
 def exif_date(value: Any, offset: Any) -> dt.datetime | None:
-    """An EXIF date ('2024:05:01 14:30:00', offset '+02:00') as UTC; None when it is no such text."""
+    """An EXIF date ('2024:05:01 14:30:00', offset '+02:00') as UTC; None when it is no such text.
+    An offset that is not one (+24:00, +10:60, 'later') is ignored: the clock is taken as UTC."""
     if not isinstance(value, str):
         return None
     try:
         when = dt.datetime.strptime(value.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
     except ValueError:
         return None
-    if isinstance(offset, str) and re.fullmatch(r"[+-]\d\d:\d\d", offset.strip("\x00 ")):
-        when = dt.datetime.fromisoformat(when.isoformat() + offset.strip("\x00 "))
-    return plausible(when)
+    zone = utc_offset(offset)
+    return plausible(when.replace(tzinfo=zone) if zone else when)
+
+
+def utc_offset(value: Any) -> dt.timezone | None:
+    """An EXIF offset ('+02:00', '-05:30') as a time zone; None when it is none (minutes past 59, beyond ±14:00)."""
+    found = OFFSET.fullmatch(value.strip("\x00 ")) if isinstance(value, str) else None
+    if not found or int(found[3]) > 59:
+        return None
+    offset = dt.timedelta(hours=int(found[2]), minutes=int(found[3]))
+    return dt.timezone(-offset if found[1] == "-" else offset) if offset <= MAX_OFFSET else None
 
 
 def iso_date(value: Any) -> dt.datetime | None:

@@ -143,7 +143,8 @@ def kinds_of(kind: str | Iterable[str] | None) -> set[str]:
 
 
 def as_utc(value: str | dt.date | None, option: str) -> dt.datetime | None:
-    """An ISO date or date-time (a date is its midnight; no zone is UTC); raises InputError for anything else."""
+    """An ISO date or date-time (a date is its midnight; no zone is UTC; an instant before year 1 or after
+    9999 in UTC is the first or last there is); raises InputError for anything else."""
     if value is None or isinstance(value, dt.datetime):
         when = value
     elif isinstance(value, dt.date):
@@ -156,7 +157,25 @@ def as_utc(value: str | dt.date | None, option: str) -> dt.datetime | None:
                              "or 2024-05-31T18:30") from None
     if when is None:
         return None
-    return when.astimezone(dt.timezone.utc) if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    if not when.tzinfo:
+        return when.replace(tzinfo=dt.timezone.utc)
+    try:
+        return when.astimezone(dt.timezone.utc)
+    except OverflowError:  # within a day of year 1 or 9999: the earliest or latest instant there is
+        earliest = when.replace(tzinfo=None) - dt.datetime.min < when.utcoffset()
+        return (dt.datetime.min if earliest else dt.datetime.max).replace(tzinfo=dt.timezone.utc)
+
+
+def as_text(value: str | None, option: str) -> str | None:
+    """`value` if it can be written as UTF-8; InputError for a lone surrogate (a JSON escape such as
+    \\ud800, or a byte of a command line that is not UTF-8)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{option}: {value!r} is not valid text (it holds a lone surrogate); "
+                             "give UTF-8 text") from None
+    return value
 
 
 def as_near(value: str | Sequence[float] | None) -> tuple[float, float, float] | None:
@@ -330,12 +349,13 @@ class SearchIndex:
 
         kinds = kinds_of(kind)
         after, before, near = as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
+        camera = as_text(camera, "--camera")
         allowed = np.ones(len(self.ids), dtype=bool)
         if kinds:
             in_kinds = pc.is_in(self.items["kind"], value_set=pa.array(sorted(kinds)))
             allowed &= pc.fill_null(in_kinds, False).to_numpy(zero_copy_only=False)
         if under is not None:  # in Arrow: no path becomes a Python object
-            prefix = os.fsencode(os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep)
+            prefix = under_prefix(under)
             starts = pc.binary_slice(self.items["path_bytes"], 0, len(prefix))
             below = pc.equal(starts, pa.scalar(prefix, pa.binary()))
             allowed &= pc.fill_null(below, False).to_numpy(zero_copy_only=False)
@@ -445,6 +465,16 @@ class SearchIndex:
             self._loading.pop("reranker", None)
         scores = self.reranker.rerank(query, [document_item(r) for r in results], on_error="skip")
         return ranked_by_rerank(results, scores)
+
+
+def under_prefix(under: str | os.PathLike) -> bytes:
+    """The bytes every path below the folder `under` starts with; InputError when it cannot be a path."""
+    folder = os.path.abspath(os.path.expanduser(os.fspath(under))).rstrip(os.sep) + os.sep
+    try:
+        return os.fsencode(folder)
+    except UnicodeEncodeError:  # not one of the surrogates os.fsdecode makes of a byte that is not UTF-8
+        raise InputError(f"--under: {os.fspath(under)!r} is not a folder path (it holds a lone surrogate); "
+                         "give the path as UTF-8") from None
 
 
 def epoch_us(when: dt.datetime) -> int:

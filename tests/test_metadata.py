@@ -20,6 +20,7 @@ from make_media import make_photo, set_creation_time
 from PIL import ExifTags, Image
 from test_index import vectors_by_path
 
+from qvlsearch.errors import InputError
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.metadata import read_metadata
 from qvlsearch.store import ITEM_SCHEMA, Store
@@ -209,3 +210,32 @@ def test_cli_filters_and_malformed_values(album_index):
                                    ("--sort", "size", "score, date")):
         bad = cli(*base, option, value)
         assert bad.returncode == 2 and example in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_a_bad_offset_or_date_costs_only_that_field(tmp_path):
+    """An offset that is none is ignored (the clock as UTC, as without one); GPS and camera stay."""
+    full = {"taken": "2021:07:14 10:30:00", "gps": (-33.8568, 151.2153), "camera": ("Canon", "Canon EOS R5")}
+    for offset, taken in (("+24:00", dt.datetime(2021, 7, 14, 10, 30)), ("+10:60", dt.datetime(2021, 7, 14, 10, 30)),
+                          ("-15:00", dt.datetime(2021, 7, 14, 10, 30)), ("+05:45", dt.datetime(2021, 7, 14, 4, 45)),
+                          ("-12:00", dt.datetime(2021, 7, 14, 22, 30))):
+        found = read_metadata(str(make_photo(tmp_path / "photo.jpg", offset=offset, **full)), "image")
+        assert found["taken_at"] == taken.replace(tzinfo=UTC), offset
+        assert found["camera"] == "Canon EOS R5" and found["lat"] == pytest.approx(-33.8568, abs=1e-6), offset
+    ancient = make_photo(tmp_path / "ancient.jpg", **{**full, "taken": "0001:01:01 00:30:00"}, offset="+01:00")
+    found = read_metadata(str(ancient), "image")
+    assert found["taken_at"] is None and found["camera"] == "Canon EOS R5" and found["lon"] is not None
+
+
+def test_dates_at_the_ends_of_the_calendar_and_text_that_is_not_utf8(album_index):
+    everything = sorted(names(album_index.search("x", k=10)))
+    assert sorted(names(album_index.search("x", k=10, after="0001-01-01T00:00+01:00"))) == everything
+    assert sorted(names(album_index.search("x", k=10, before="9999-12-31T23:00-05:00"))) == everything
+    assert names(album_index.search("x", k=10, after="9999-12-31T23:00-05:00")) == []
+    for option, value in (("camera", "Canon\ud800"), ("under", "/photos/\ud800")):
+        with pytest.raises(InputError, match=f"--{option}: .* lone surrogate"):
+            album_index.search("x", **{option: value})
+    base = ["search", "anything", "--index", str(album_index.path), "--jsonl"]
+    assert cli(*base, "--after", "0001-01-01T00:00+01:00").returncode == 0
+    assert cli(*base, "--before", "9999-12-31T23:00-05:00").returncode == 0
+    bad = cli(*base, "--camera", "Canon\udcff")  # a byte that is not UTF-8 on the command line
+    assert bad.returncode == 2 and "--camera" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
