@@ -418,14 +418,18 @@ class SearchIndex:
         quantize = self.manifest["quantize"]
         if quantize == "binary":
             return self.binary_search(segment, query, fetch)
-        wanted = min(segment.live, fetch * INT8_REFINE if quantize == "int8" and not segment.answers_ids else fetch)
+        wanted = min(segment.live, fetch * INT8_REFINE if quantize == "int8" else fetch)
         params, keep_alive = search_params(segment.index, wanted, segment.deleted_rows, exhaustive)
         scores, rows = segment.index.search(query, wanted, params=params)
         del keep_alive
         hit = rows[0] >= 0
-        if wanted > fetch:
-            return self.rescored(segment, rows[0][hit], query, fetch)
-        return scores[0][hit], rows[0][hit] if segment.answers_ids else segment.ok_ids[rows[0][hit]]
+        found = rows[0][hit]
+        if quantize == "int8":  # every hit's score is the cosine, in a segment of any size
+            if segment.answers_ids:  # item ids: their rows
+                order = np.argsort(segment.ok_ids, kind="stable")
+                found = order[np.searchsorted(segment.ok_ids, found, sorter=order)]
+            return self.rescored(segment, found, query, fetch)
+        return scores[0][hit], found if segment.answers_ids else segment.ok_ids[found]
 
     def binary_search(self, segment, query: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """The best of 16 times as many Hamming neighbours (at least 1024), by cosine with their stored vectors.

@@ -363,17 +363,41 @@ def test_a_missing_vector_segment_is_a_clear_error(tmp_path):
         open_index(tmp_path / "i").nearest(np.ones((1, 64), dtype=np.float32) / 8, 5, lambda i: True, None)
 
 
-def synthetic_index(path: Path, rows: list[tuple[str, bytes, np.ndarray]], index_type: str = "flat") -> None:
-    """An index of given (kind, path bytes, vector) rows, without a model."""
+def synthetic_index(path: Path, rows: list[tuple[str, bytes, np.ndarray]], index_type: str = "flat",
+                    quantize: str = "none", commit_every: int | None = None) -> None:
+    """An index of given (kind, path bytes, vector) rows, without a model (a segment every `commit_every` rows)."""
     full_dim = len(rows[0][2])
-    settings = {"model": "synthetic", "model_revision": None, "dim": full_dim, "quantize": "none",
+    settings = {"model": "synthetic", "model_revision": None, "dim": full_dim, "quantize": quantize,
                 "index_type": index_type, "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0,
                 "fps": 1.0, "max_frames": 1}
     store = Store.create(path, settings, full_dim)
     for item_id, (kind, path_bytes, vector) in enumerate(rows, 1):
         store.put({"id": item_id, "path": display_path(os.fsdecode(path_bytes)), "path_bytes": path_bytes, "root": "/",
                    "kind": kind, "status": "ok", "indexed_at": now()}, vector / np.linalg.norm(vector))
+        if commit_every and item_id % commit_every == 0:
+            store.commit()
     store.commit()
+
+
+def test_int8_scores_are_the_cosine_in_segments_of_any_size(tmp_path):
+    """Segments of 100 and 23 rows: every hit's score is its cosine with the stored float16 vector."""
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(123, 48)).astype(np.float32)
+    synthetic_index(tmp_path / "i", [("text", b"/t/%d.txt" % i, v) for i, v in enumerate(vectors)], quantize="int8",
+                    commit_every=100)
+    index = open_index(tmp_path / "i")
+    assert [s["rows"] for s in index.manifest["segments"]] == [100, 23]
+    stored = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    for _ in range(5):
+        query = rng.normal(size=48).astype(np.float32)
+        query /= np.linalg.norm(query)
+        for k in (1, 10, 123):
+            hits = index.nearest(query[None, :], k, keep=lambda item_id: True, min_score=None)
+            assert len(hits) == k
+            for item_id, score in hits:
+                assert score == pytest.approx(float(stored[item_id - 1] @ query), abs=1e-6)
+            assert [i for i, _ in hits] == (np.argsort(-(stored @ query), kind="stable")[:k] + 1).tolist()
 
 
 def test_ivf_filtered_search_finds_every_match_when_widened_to_everything(tmp_path, monkeypatch):
