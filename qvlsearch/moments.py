@@ -1,8 +1,9 @@
 """Moments of videos: the time windows that get a vector of their own, besides the whole file's.
 
 A window of `seconds` (default 10) is embedded as a short video of at most MOMENT_FRAMES frames
-sampled within it. A video no longer than one window has no moments: its whole-file vector is
-the moment. At most `max_moments` windows a video keep the cost of a long video bounded: past
+sampled within it. A tail shorter than half a window joins the window before it, and a video that
+would have one window (one shorter than one and a half windows) has no moments: its whole-file
+vector is the moment. At most `max_moments` windows a video keep the cost of a long video bounded: past
 that, the windows widen (a 10-hour video gets 120 s windows by default).
 """
 
@@ -28,13 +29,16 @@ def video_duration(path: str) -> float:
 
 def windows(duration: float, seconds: float = MOMENT_SECONDS, max_moments: int = MAX_MOMENTS
             ) -> list[tuple[float, float]]:
-    """The moments of a video of `duration` seconds: [(start_s, end_s), ...], end exclusive, covering it all."""
+    """The moments of a video of `duration` seconds: [(start_s, end_s), ...], end exclusive, covering it all;
+    none when one window would cover it all (that moment is the whole file)."""
     if seconds <= 0 or duration <= seconds:
         return []
     count = min(math.ceil(duration / seconds), max_moments)
     width = duration / count if count == max_moments else seconds
-    if count > 1 and duration - (count - 1) * width < width / 2:  # a short tail joins the window before it
+    if duration - (count - 1) * width < width / 2:  # a short tail joins the window before it
         count -= 1
+    if count < 2:
+        return []
     return [(round(k * width, 3), round(duration if k == count - 1 else (k + 1) * width, 3)) for k in range(count)]
 
 

@@ -66,6 +66,23 @@ def test_windows_cover_the_video_and_stay_bounded():
     assert windows(30.0, 0) == []
 
 
+def test_a_video_one_window_covers_gets_no_moment_equal_to_itself(tmp_path, checkpoints, embedder):
+    """10–15 s: the tail would join the one window, which would be the whole video (a duplicate hit)."""
+    assert windows(12.0) == [] and windows(14.9) == [] and windows(10.0) == []
+    assert windows(15.0) == [(0.0, 10.0), (10.0, 15.0)]
+    for seconds in (12, 16):
+        make_video(tmp_path / "videos" / f"{seconds}s.mp4", frames=2 * seconds, fps=2)
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run(
+        [tmp_path / "videos"])
+    rows = list(assert_consistent(tmp_path / "i").rows.values())
+    assert [(r["start_s"], r["end_s"]) for r in rows if r["path"].endswith("12s.mp4")] == [(None, None)]
+    assert sorted(((r["start_s"], r["end_s"]) for r in rows if r["path"].endswith("16s.mp4")),
+                  key=lambda window: (window[0] is not None, window[0] or 0.0)) == [(None, None), (0.0, 10.0),
+                                                                                    (10.0, 16.0)]
+    hits = SearchIndex(tmp_path / "i", embedder=embedder).search("a white square", k=10)
+    assert sum(h.path.endswith("12s.mp4") for h in hits) == 1
+
+
 def test_rows_per_page_and_moment_and_info_counts_files(index_dir):
     store = assert_consistent(index_dir)
     rows = list(store.rows.values())
