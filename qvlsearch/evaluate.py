@@ -6,6 +6,9 @@ and cut, is searched as `qvlsearch search` searches; reported: recall@1/5/10, nD
 the mean search time per query, and with reranking the same after the reranker re-orders the
 best max(k, rerank_top) candidates (as `qvlsearch search --rerank` does).
 
+Files are judged, not rows: a file with several rows (a PDF's pages, a video's moments) is found at
+the rank of its best row, and counts once; the ranking is the files in the order of their best rows.
+
 Queries are JSON lines: {"id": "q1", "text": "a cat on a sofa"} (also "image", "video",
 "instruction"). Qrels are BEIR-style TSV: query-id, corpus-id, score, one judgement a line (a
 header line is allowed); corpus-id is a file path, absolute or relative to the qrels file's
@@ -18,8 +21,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +161,9 @@ def parse_settings(dims: str | Sequence[int | str] | None, quantize: str | Seque
     return [(d, q) for d in dict.fromkeys(dim_list) for q in dict.fromkeys(quantizations)]
 
 
-def metrics(ranked: Sequence[int], relevant: dict[int, int], k: int) -> dict[str, float]:
-    """recall@1, @5, @10 (and @k), nDCG@k (linear gains) and MRR@k of one ranked list of item ids."""
-    hits = [relevant.get(item_id, 0) for item_id in ranked[:k]]
+def metrics(ranked: Sequence[Hashable], relevant: dict[Hashable, int], k: int) -> dict[str, float]:
+    """recall@1, @5, @10 (and @k), nDCG@k (linear gains) and MRR@k of one ranked list of distinct files."""
+    hits = [relevant.get(item, 0) for item in ranked[:k]]
     total = sum(1 for grade in relevant.values() if grade > 0)
     cuts = sorted({c for c in (1, 5, 10, k) if c <= k})
     figures = {f"recall@{c}": sum(1 for grade in hits[:c] if grade > 0) / total for c in cuts}
@@ -177,12 +181,11 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
         raise EvalInputError(f"-k and --rerank-top must be at least 1, got {k} and {rerank_top}")
     ok = index.items["status"].to_numpy(zero_copy_only=False) == "ok"
     ids = index.ids[ok]
-    id_of = dict(zip(index.items["path"].to_pylist(), index.ids.tolist(), strict=True))
-    ok_ids = set(ids.tolist())
+    file_of = dict(zip(ids.tolist(), index.items["path"].filter(ok).to_pylist(), strict=True))  # row id -> file
+    indexed = set(file_of.values())
     known = {q.id for q in queries}
-    missing = sorted({path for judged in qrels.values() for path in judged if id_of.get(path) not in ok_ids})
-    relevant = {q.id: {id_of[p]: g for p, g in qrels.get(q.id, {}).items() if id_of.get(p) in ok_ids}
-                for q in queries}
+    missing = sorted({path for judged in qrels.values() for path in judged if path not in indexed})
+    relevant = {q.id: {p: g for p, g in qrels.get(q.id, {}).items() if p in indexed} for q in queries}
     scored = [q for q in queries if any(g > 0 for g in relevant[q.id].values())]
     report = Report([], len(queries), 0, sum(len(j) for j in qrels.values()), missing,
                     sorted(set(qrels) - known))
@@ -205,16 +208,17 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
     for dim, quantize in settings:
         searcher = Searcher(documents, ids, dim, quantize)
         searcher.search(vectors_of[scored[0].id], depth)  # untimed: FAISS's first call sets up threads
-        ranked, seconds = {}, 0.0
+        rows, seconds = {}, 0.0
         for q in scored:
             started = time.perf_counter()
-            ranked[q.id] = searcher.search(vectors_of[q.id], depth)
+            rows[q.id] = rows_for_files(partial(searcher.search, vectors_of[q.id]), file_of, depth)
             seconds += time.perf_counter() - started
         latency = 1000 * seconds / len(scored)
+        ranked = {q_id: files_of(found, file_of) for q_id, found in rows.items()}
         report.settings.append(Setting(dim, quantize, None, mean_metrics(ranked, relevant, k), latency))
         if rerank:
             for q in scored:
-                candidates = ranked[q.id][:max(k, rerank_top)]  # what `search -k K --rerank-top R` reranks
+                candidates = rows[q.id][:max(k, rerank_top)]  # what `search -k K --rerank-top R` reranks
                 fresh = [i for i in candidates if (q.id, i) not in rerank_cache]
                 if fresh:
                     started = time.perf_counter()
@@ -223,15 +227,31 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
                     rerank_seconds += time.perf_counter() - started
                     reranked_docs += len(fresh)
                     rerank_cache.update({(q.id, i): s for i, s in zip(fresh, scores, strict=True)})
-                ranked[q.id] = sorted(candidates, key=lambda i, q=q: (rerank_cache[(q.id, i)] is None,
-                                                                      -(rerank_cache[(q.id, i)] or 0.0)))
+                ranked[q.id] = files_of(sorted(candidates, key=lambda i, q=q: (rerank_cache[(q.id, i)] is None,
+                                                                               -(rerank_cache[(q.id, i)] or 0.0))),
+                                        file_of)
             report.settings.append(Setting(dim, quantize, rerank_top, mean_metrics(ranked, relevant, k), latency))
     if reranked_docs:
         report.rerank_ms = 1000 * rerank_seconds / reranked_docs * max(k, rerank_top)
     return report
 
 
-def mean_metrics(ranked: dict[str, list[int]], relevant: dict[str, dict[int, int]], k: int) -> dict[str, float]:
+def rows_for_files(search: Callable[[int], list[int]], file_of: dict[int, str], files: int) -> list[int]:
+    """The best rows (item ids) from `search(n)`, as many as it takes to hold `files` distinct files (or all)."""
+    fetch = files
+    while True:
+        found = search(fetch)
+        if len(found) < fetch or len(set(map(file_of.get, found))) >= files:
+            return found
+        fetch *= 2
+
+
+def files_of(rows: Iterable[int], file_of: dict[int, str]) -> list[str]:
+    """Ranked rows as ranked files: each file once, at the rank of its best row."""
+    return list(dict.fromkeys(file_of[i] for i in rows))
+
+
+def mean_metrics(ranked: dict[str, list[str]], relevant: dict[str, dict[str, int]], k: int) -> dict[str, float]:
     per_query = [metrics(ranking, relevant[query_id], k) for query_id, ranking in ranked.items()]
     return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]}
 

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PHOTOS, SAMPLE_DATA
+from make_media import make_pdf
+from PIL import Image
 
-from qvlsearch.evaluate import EvalInputError, evaluate, metrics, parse_settings, read_qrels, read_queries
+from qvlsearch.evaluate import EvalInputError, Query, evaluate, metrics, parse_settings, read_qrels, read_queries
 from qvlsearch.indexer import Indexer, IndexOptions
+from qvlsearch.pages import PdfPage
 from qvlsearch.search import SearchIndex
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -87,15 +90,45 @@ def test_known_answers_score_one_at_full_width_and_missing_files_are_reported(in
 
 
 def figures_from_search(index, queries, qrels, **options) -> dict[str, float]:
-    """The same figures computed from `SearchIndex.search`, the way a user's searches rank."""
-    id_of = dict(zip(index.items["path"].to_pylist(), index.ids.tolist(), strict=True))
+    """The same figures computed from `SearchIndex.search`, the way a user's searches rank (by file)."""
+    paths = set(index.items["path"].to_pylist())
     per_query = []
     for q in queries:
-        relevant = {id_of[p]: g for p, g in qrels.get(q.id, {}).items() if p in id_of}
+        relevant = {p: g for p, g in qrels.get(q.id, {}).items() if p in paths}
         if relevant:
             hits = index.search(q.item, k=10, instruction=q.item["instruction"], **options)
-            per_query.append(metrics([h.id for h in hits], relevant, 10))
+            per_query.append(metrics(list(dict.fromkeys(h.path for h in hits)), relevant, 10))
     return {name: float(np.mean([m[name] for m in per_query])) for name in per_query[0]}
+
+
+def test_a_file_with_several_rows_is_found_by_any_of_them(tmp_path, checkpoints, embedder, reranker):
+    """A query whose top hit is the right PDF's page 1 finds that PDF at rank 1, whichever row the others are;
+    the PDF's other pages do not count again, nor push other files down the ranking."""
+    root = tmp_path / "files"
+    pages = [Image.new("RGB", (300, 400), color) for color in ((220, 0, 0), (0, 200, 0), (0, 0, 220))]
+    for x in range(0, 300, 40):
+        pages[1].paste((255, 255, 255), (x, 0, x + 10, 400))
+    make_pdf(root / "doc.pdf", pages)
+    for name in IMAGES[:3]:
+        shutil.copy(PHOTOS / name, root / name)
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
+    index = SearchIndex(tmp_path / "i", embedder=embedder, reranker=reranker)
+    assert sorted(index.items["page"].to_pylist(), key=str) == [1, 2, 3, None, None, None]
+    PdfPage(str(root / "doc.pdf"), 1).render(index.manifest["max_pixels"]).save(tmp_path / "page1.png")
+    query = Query("page1", {"image": str(tmp_path / "page1.png"), "instruction": INDEX_INSTRUCTION})
+    [top] = index.search(query.item, k=1, instruction=INDEX_INSTRUCTION)
+    assert (top.path, top.page) == (str(root / "doc.pdf"), 1)
+    full = index.manifest["dim"]
+    report = evaluate(index, [query], {"page1": {str(root / "doc.pdf"): 1}}, settings=[(full, "none")])
+    assert report.settings[0].metrics == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "ndcg@10": 1.0,
+                                          "mrr@10": 1.0}
+    # with the PDF and a photo relevant, the figures are those of the search's hits taken file by file
+    both = {"page1": {str(root / "doc.pdf"): 1, str(root / IMAGES[2]): 1}}
+    for rerank in (False, True):
+        report = evaluate(index, [query], both, settings=[(full, "none")], rerank=rerank, rerank_top=4)
+        assert report.settings[-1].metrics == pytest.approx(figures_from_search(
+            index, [query], both, **({"rerank": True, "rerank_top": 4} if rerank else {})))
+    assert report.settings[0].metrics["recall@5"] == 1.0  # 4 files: both are in the top 5 files
 
 
 def test_figures_match_what_search_finds_with_and_without_reranking(index, labelled):
