@@ -6,8 +6,13 @@ neighbours (at most 63) in a FAISS search over a Matryoshka prefix of the vector
 256 values, renormalized) down to a margin below the threshold, in an inverted-file index when
 there are many vectors; each candidate pair is then confirmed at full width. A file with more
 than 63 near duplicates still joins their group through them. Only files of the same kind pair up, and two
-videos whose lengths differ are never duplicates. In each group the suggested keeper is the
-largest file (pixels, then bytes), then the oldest (date taken, else mtime).
+videos whose lengths differ are never duplicates. A PDF is compared page by page: two PDFs are near
+duplicates when they have the same pages and each page of one is within the threshold of the same page
+of the other (their similarity is the least of those); sharing a cover page is not enough. A file whose
+vectors do not cover all of it (a text cut at the model's MAX_TEXT_TOKENS tokens, a PDF with as many
+pages as the index's --max-pages) is a duplicate only of a byte-identical copy (the same content hash).
+In each group the suggested keeper is the largest file (pixels, then bytes), then the oldest (date
+taken, else mtime).
 
     groups = find_duplicates(open_index("~/.local/share/qvlsearch/index"), threshold=0.95)
 """
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .pages import MAX_PAGES
 from .store import is_file_row
 
 DEFAULT_THRESHOLD = 0.95
@@ -33,8 +39,9 @@ IVF_NPROBE = 4  # inverted lists (4·sqrt(n) of them) visited per vector
 IVF_TRAINING_PER_LIST = 32  # k-means trains on this many vectors per list (at most)
 NEIGHBOURS = 64  # candidates per vector, itself included: memory stays n × 64 at any threshold
 DURATION_TOLERANCE_S, DURATION_TOLERANCE = 0.5, 0.02  # videos: lengths within the larger of these
+MAX_TEXT_TOKENS = 8192  # the embedder's max_length while indexing: a text of this many tokens was cut there
 COLUMNS = ["id", "path", "path_bytes", "kind", "status", "size", "width", "height", "duration_s", "content_hash",
-           "taken_at", "mtime_ns", "page", "start_s"]
+           "taken_at", "mtime_ns", "page", "start_s", "tokens"]
 
 
 @dataclass
@@ -102,22 +109,83 @@ def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, *, kind: s
     rows = table.filter(ok).to_pylist()
     if len(rows) < 2:
         return []
-    vectors = index.stored_vectors.get(np.array([r["id"] for r in rows], dtype=np.int64))
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    first, second, _ = near_pairs(vectors, threshold)
+    vectors = unit(index.stored_vectors.get(np.array([r["id"] for r in rows], dtype=np.int64)))
+    documents = Documents(index, table, index.manifest.get("max_pages") or MAX_PAGES)
+    first, second, _ = near_pairs(vectors, threshold)  # PDFs by their first pages: alike as wholes, alike there
     by_hash: dict[str, int] = {}
     links = [(by_hash.setdefault(r["content_hash"], i), i) for i, r in enumerate(rows) if r["content_hash"]]
-    links += [(int(a), int(b)) for a, b in zip(first, second, strict=True) if comparable(rows[a], rows[b])]
+    links += [(int(a), int(b)) for a, b in zip(first, second, strict=True)
+              if comparable(rows[a], rows[b]) and documents.alike(rows[a], rows[b], threshold)]
     groups = []
     for positions in components(links):
         ordered = sorted(((p, member(rows[p])) for p in positions), key=lambda pm: pm[1].keeper_order())
+        keeper = ordered[0][0]
         for p, m in ordered:
-            m.similarity = float(vectors[p] @ vectors[ordered[0][0]])
+            whole = documents.page_similarity(rows[p], rows[keeper]) if rows[p]["kind"] == "pdf" else None
+            m.similarity = float(vectors[p] @ vectors[keeper]) if whole is None else whole
         members = [m for _, m in ordered]
         members[0].keep = True
         same = len({m.content_hash for m in members}) == 1 and members[0].content_hash is not None
         groups.append(Group("exact" if same else "near", members[0].kind, members))
     return sorted(groups, key=lambda g: (g.type != "exact", g.keeper.path))
+
+
+class Documents:
+    """What a file's first row does not show: a PDF's other pages, and whether its vectors cover all of it."""
+
+    def __init__(self, index: Any, table: Any, max_pages: int):
+        import pyarrow.compute as pc
+
+        self.index, self.max_pages = index, max_pages
+        self.pages: dict[bytes, list[tuple[int, int | None]]] = {}  # path -> [(page, id when ok)], in page order
+        pdf = table.filter(pc.fill_null(pc.equal(table["kind"], "pdf"), False)).select(["path_bytes", "page", "id",
+                                                                                        "status"])
+        for row in pdf.to_pylist():
+            if row["page"] is not None:
+                self.pages.setdefault(row["path_bytes"], []).append((row["page"], row["id"] if row["status"] == "ok"
+                                                                     else None))
+        for pages in self.pages.values():
+            pages.sort()
+        self.page_vectors: dict[bytes, np.ndarray] = {}
+
+    def covered(self, row: dict) -> bool:
+        """Whether the file's vectors saw all of it (a cut text or PDF can only match its exact copies)."""
+        if row["kind"] == "text":
+            return (row["tokens"] or 0) < MAX_TEXT_TOKENS
+        if row["kind"] == "pdf":
+            pages = self.pages.get(row["path_bytes"], [])
+            return len(pages) < self.max_pages and all(item_id is not None for _, item_id in pages)
+        return True
+
+    def alike(self, a: dict, b: dict, threshold: float) -> bool:
+        """Whether two files whose first rows are alike are alike as wholes: both covered, and two PDFs
+        with the same pages, each within `threshold` of the same page of the other."""
+        if not (self.covered(a) and self.covered(b)):
+            return False
+        least = self.page_similarity(a, b) if a["kind"] == "pdf" else threshold
+        return least is not None and least >= threshold
+
+    def page_similarity(self, a: dict, b: dict) -> float | None:
+        """The least cosine of a PDF's pages with the same pages of another; None when their pages differ
+        (or one failed)."""
+        pages_a, pages_b = self.pages.get(a["path_bytes"], []), self.pages.get(b["path_bytes"], [])
+        if [page for page, _ in pages_a] != [page for page, _ in pages_b] or not pages_a or any(
+                item_id is None for _, item_id in pages_a + pages_b):
+            return None
+        return float(np.min(np.einsum("ij,ij->i", self.vectors(a), self.vectors(b))))
+
+    def vectors(self, row: dict) -> np.ndarray:
+        """A PDF's page vectors, unit length, in page order."""
+        path = row["path_bytes"]
+        if path not in self.page_vectors:
+            ids = np.array([item_id for _, item_id in self.pages[path]], dtype=np.int64)
+            self.page_vectors[path] = unit(self.index.stored_vectors.get(ids))
+        return self.page_vectors[path]
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
 
 
 def near_pairs(vectors: np.ndarray, threshold: float, prefix_dim: int = PREFIX_DIM, margin: float = PREFIX_MARGIN,

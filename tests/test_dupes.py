@@ -13,10 +13,10 @@ import av
 import numpy as np
 import pytest
 from conftest import PHOTOS, SAMPLE_DATA
-from make_media import set_creation_time
+from make_media import make_pdf, set_creation_time
 from PIL import Image
 
-from qvlsearch.dupes import DEFAULT_THRESHOLD, comparable, find_duplicates, near_pairs
+from qvlsearch.dupes import DEFAULT_THRESHOLD, MAX_TEXT_TOKENS, comparable, find_duplicates, near_pairs
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 
@@ -111,6 +111,39 @@ def test_kind_and_folder_filters(index, library):
     assert {g.kind for g in find_duplicates(index, kind="image")} == {"image"}
     assert find_duplicates(index, under=library / "backup") == []  # one side of each pair is outside
     assert find_duplicates(index, kind="text") == []
+
+
+def test_pdfs_and_long_texts_are_compared_as_wholes(tmp_path, checkpoints, embedder):
+    """PDFs that share a cover page, or texts that share their first MAX_TEXT_TOKENS tokens, are other files."""
+    import random
+
+    root = tmp_path / "files"
+    cover = Image.new("RGB", (300, 400), (250, 250, 250))
+    cover.paste((20, 20, 120), (0, 0, 300, 80))
+    pages = {name: Image.open(PHOTOS / name).convert("RGB").resize((300, 400)) for name in
+             ("cat.jpg", "cake.jpg", "bee.jpg", "books.jpg")}
+    report = make_pdf(root / "report.pdf", [cover, pages["cat.jpg"], pages["cake.jpg"]])
+    make_pdf(root / "invoice.pdf", [cover, pages["bee.jpg"], pages["books.jpg"]])  # the same cover only
+    make_pdf(root / "report draft.pdf", [cover, pages["cat.jpg"]])  # one page fewer
+    shutil.copy(report, root / "report copy.pdf")
+    (root / "report signed.pdf").write_bytes(report.read_bytes() + b"%signed\n")  # other bytes, the same pages
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(5)) for _ in range(200)]
+    start = " ".join(rng.choice(words) for _ in range(12_000))  # over MAX_TEXT_TOKENS tokens
+    (root / "log.txt").write_text(start + " the end\n")
+    (root / "log 2.txt").write_text(start + " and then something else altogether\n")
+    shutil.copy(root / "log.txt", root / "log copy.txt")
+    Indexer(tmp_path / "i", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
+    index = SearchIndex(tmp_path / "i")
+    tokens = {Path(r["path"]).name: r["tokens"] for r in index.item_columns(["path", "tokens"]).to_pylist()}
+    assert tokens["log.txt"] == tokens["log 2.txt"] == MAX_TEXT_TOKENS  # both cut: their vectors are the same
+    groups = {frozenset(Path(m.path).name for m in g.members): g for g in find_duplicates(index)}
+    assert set(groups) == {frozenset({"report.pdf", "report copy.pdf", "report signed.pdf"}),
+                           frozenset({"log.txt", "log copy.txt"})}
+    assert groups[frozenset({"log.txt", "log copy.txt"})].type == "exact"
+    assert all(m.similarity >= 0.999 for g in groups.values() for m in g.members)
+    alike = find_duplicates(index, 0.0, kind="pdf")  # every page alike: still the page counts must agree
+    assert all("report draft.pdf" not in {Path(m.path).name for m in g.members} for g in alike)
 
 
 def test_ivf_candidate_search_finds_what_exact_search_finds():
