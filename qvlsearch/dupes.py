@@ -184,6 +184,7 @@ class Documents:
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` scaled to length 1, in place."""
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return vectors
 
