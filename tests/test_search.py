@@ -264,8 +264,10 @@ def test_table_format_for_terminals(capsys):
     assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
 
 
-def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder, tmp_path):
-    """Indexes written before FAISS rows were mapped by position keep item ids in an IndexIDMap2."""
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder, tmp_path, quantize):
+    """Indexes written before FAISS rows were mapped by position keep item ids in an IndexIDMap2 (int8: its
+    hits are re-scored through their rows)."""
     from schema1 import write_schema1_index
 
     from qvlsearch.store import Snapshot, StoredVectors
@@ -275,8 +277,8 @@ def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder,
     ok = [r["id"] for r in rows if r["status"] == "ok"]
     vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
     old = tmp_path / "old-index"
-    write_schema1_index(old, {k: snapshot.manifest[k] for k in ("model", "dim", "quantize", "index_type")},
-                        snapshot.manifest["full_dim"], rows, vectors, id_map=True)
+    settings = {**{k: snapshot.manifest[k] for k in ("model", "dim", "index_type")}, "quantize": quantize}
+    write_schema1_index(old, settings, snapshot.manifest["full_dim"], rows, vectors, id_map=True)
 
     expected = SearchIndex(index_dir, embedder=embedder).search("a black cat", k=5)
     found = SearchIndex(old, embedder=embedder).search("a black cat", k=5)
