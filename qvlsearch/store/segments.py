@@ -184,7 +184,7 @@ def open_items(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(errno.ENOENT, "No such file", str(path)) from None  # Arrow's names no file
     except (pa.ArrowInvalid, OSError) as exc:
         raise damaged_items(path, exc) from None
 
