@@ -304,12 +304,12 @@ def info(
     """Show an index: settings, counts by kind and status, its segments, size on disk, and the files that failed."""
     import pyarrow.compute as pc
 
-    from .store import Snapshot
+    from .store import Snapshot, folder_bytes
 
     target = index_dir or default_index_dir()
     snapshot = Snapshot(target, ["path", "status", "error"], with_index=False)
     m = snapshot.manifest
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.parent.name not in ("items", "deleted"))
+    size = folder_bytes(target)
     failed = snapshot.items.filter(pc.equal(snapshot.items["status"], "error")).select(["path", "error"]).to_pylist()
     segments = m.get("segments", [])
     report = {"index": str(target), "manifest": m, "size_bytes": size, "segments": segments, "failed": failed}

@@ -37,6 +37,7 @@ from .parallel import prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
+REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
 
 log = logging.getLogger("qvlsearch")
 
@@ -309,11 +310,10 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
     differ = [k for k in wanted if have.get(k) != wanted[k]]
     if differ:
         pairs = ", ".join(f"{k}: index has {have.get(k)!r}, asked {wanted[k]!r}" for k in differ)
-        raise StoreError(
-            f"index {store.path} was built with other settings ({pairs}); use those settings, or change dim, "
-            "quantization and index type without the model via `qvlsearch reindex`, or start a new index "
-            "with --index DIR"
-        )
+        reindex = ("change dim, quantization and index type without the model via `qvlsearch reindex`, or "
+                   if set(differ) & set(REINDEXABLE) else "")
+        raise StoreError(f"index {store.path} was built with other settings ({pairs}); use those settings, or "
+                         f"{reindex}start a new index with --index DIR")
 
 
 def validate(options: IndexOptions) -> None:
@@ -389,11 +389,14 @@ class Indexer:
             if not self.dry_run:
                 store.tidy()  # what a killed writer left behind goes; the view catches up
             m, o = store.manifest, self.options
-            # moments and pages follow the index; one made before them adopts them
-            o = self.options = replace(o, **{k: v if v is not None else m.get(k, default) for k, v, default in (
-                ("moment_seconds", o.moment_seconds, MOMENT_SECONDS), ("max_pages", o.max_pages, MAX_PAGES))})
+            # moments and pages follow the index; one made before them (no value, or None as a schema-1 upgrade
+            # wrote it) takes the value asked, else the default
+            unset = {k for k in ("moment_seconds", "max_pages") if m.get(k) is None}
+            o = self.options = replace(o, **{k: v if v is not None else default if k in unset else m[k]
+                                             for k, v, default in (("moment_seconds", o.moment_seconds, MOMENT_SECONDS),
+                                                                   ("max_pages", o.max_pages, MAX_PAGES))})
             wanted = settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"], o.index_type or m["index_type"])
-            check_compatible(store, {k: v for k, v in wanted.items() if k in m})
+            check_compatible(store, {k: v for k, v in wanted.items() if k in m and k not in unset})
             m.update(moment_seconds=o.moment_seconds, max_pages=o.max_pages)
             return store
         self.options = replace(self.options, moment_seconds=MOMENT_SECONDS if self.options.moment_seconds is None
