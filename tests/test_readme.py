@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ UPDATE = "python tests/readme_runner.py --update README.md"
 
 
 @pytest.fixture(scope="module")
-def outputs() -> dict[str, list[list[str]]]:
+def outputs() -> Iterator[dict[str, list[list[str]]]]:
     """Every example run once, in README order (in a folder under /tmp, which the namespaces hide)."""
     root = Path(tempfile.mkdtemp(prefix="qvlsearch-readme-", dir="/tmp"))
     try:
