@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
-from .errors import QvlsearchError
+from .errors import QvlsearchError, SettingError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("qvlsearch")
@@ -343,20 +343,15 @@ def reindex(
         help="flat, hnsw, ivf, ivfpq or a FAISS factory string.")] = None,
 ) -> None:
     """Rebuild the search structure from the stored full vectors, without the model (IVF lists are retrained)."""
-    from .indexer import lock_index
-    from .store import QUANTIZATIONS, Store, StoreError, check_factory, read_manifest
+    from .indexer import check_structure, lock_index
+    from .store import Store, read_manifest
 
     target = index_dir or default_index_dir()
-    read_manifest(target)  # no index there: say so, and create no lock in that folder
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    m = read_manifest(target)  # no index there: say so, and create no lock in that folder
+    check_structure(dim or m["dim"], quantize or m["quantize"], index_type or m["index_type"], m["full_dim"])
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)
-        if dim is not None and not 32 <= dim <= store.manifest["full_dim"]:
-            raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
-        if index_type is not None:
-            check_factory(index_type, dim or store.manifest["dim"])
         damaged = store.rebuild(dim=dim, quantize=quantize, index_type=index_type)
     finally:
         lock.release()
@@ -883,7 +878,7 @@ def main() -> None:
         if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into exit code 130
             typer.echo("qvlsearch: interrupted", err=True)
     except QvlsearchError as exc:
-        typer.echo(f"qvlsearch: {exc}", err=True)
+        typer.echo(f"qvlsearch: {exc.as_option() if isinstance(exc, SettingError) else exc}", err=True)
         code = EXIT_USAGE
     except OutputClosed:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing is left to flush at exit
