@@ -57,6 +57,11 @@ ModelOption = Annotated[
     typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+IndexOption = Annotated[
+    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
+]
+
+
 NoServerFlag = Annotated[bool, typer.Option(
     "--no-server", help="Load the models here even when a `qvlsearch serve` for this index and model runs.")]
 
@@ -90,18 +95,27 @@ def embed(
     video: Annotated[list[str] | None, typer.Option("--video", help="Video path or URL (repeatable).")] = None,
     instruction: Annotated[str | None, typer.Option(help="Instruction (system prompt) for the embedding.")] = None,
     dim: Annotated[int | None, typer.Option(help="Matryoshka dimension: keep the first N values.")] = None,
-    model: ModelOption = DEFAULT_EMBEDDER,
+    model: Annotated[str | None, typer.Option(
+        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder (default: the "
+                                                  f"index's, else {DEFAULT_EMBEDDER}).")] = None,
+    index_dir: IndexOption = None,
     device: DeviceOption = "auto",
     no_server: NoServerFlag = False,
 ) -> None:
     """Print embedding vectors as JSON lines: {"index": i, "vector": [...]} or {"index": i, "error": "..."}.
 
     With TEXT/--image/--video, embeds one item made of all of them. With '-', reads one item per line from stdin,
-    e.g. {"text": "a cat"} or {"image": "cat.jpg"}.
+    e.g. {"text": "a cat"} or {"image": "cat.jpg"}. Vectors are the index's model's, so that they compare with it.
     """
+    from .errors import InputError
+
     check_device(device)
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+        if not items:
+            raise InputError("no items on stdin: give one JSON object a line, such as {\"text\": \"a cat\"}")
+    elif not (image or video or " ".join(text or ()).strip()):
+        raise InputError("nothing to embed: give TEXT, --image, --video, or '-' and JSON lines on stdin")
     else:
         item = {"text": " ".join(text)} if text else {}
         if image:
@@ -111,7 +125,8 @@ def embed(
         if instruction:
             item["instruction"] = instruction
         items = [item]
-    server = None if no_server else find_server(default_index_dir(), model=model)
+    model = model or index_model(index_dir)
+    server = None if no_server else find_server(index_dir or default_index_dir(), model=model)
     answer = server.embed(items, dim) if server else None
     if answer is None:
         answer = embed_here(items, dim, model, device)
@@ -145,6 +160,16 @@ def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> t
     return vectors, errors
 
 
+def index_model(index_dir: Path | None) -> str:
+    """The model of the index at --index, or of the default index where there is one, else the default model."""
+    from .store import read_manifest
+
+    target = index_dir or default_index_dir()
+    if index_dir is None and not (target / "manifest.json").exists():
+        return DEFAULT_EMBEDDER
+    return read_manifest(target)["model"]
+
+
 def find_server(index_dir: Path, **wanted):
     """A running `qvlsearch serve` that can do this command's work (see `client.find_server`)."""
     from .client import find_server
@@ -171,11 +196,6 @@ CompileOption = Annotated[str | None, typer.Option(
     help="Run the model's layers under torch.compile: default, reduce-overhead (adds CUDA graphs) or "
          "max-autotune. Faster on GPUs after a warm-up of a minute or more; if compiling fails, the "
          "model runs as without it.")]
-
-
-IndexOption = Annotated[
-    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
-]
 
 
 @app.command()
