@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
-from .errors import QvlsearchError, SettingError
+from .errors import InputError, QvlsearchError, SettingError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("qvlsearch")
@@ -107,8 +107,6 @@ def embed(
     With TEXT/--image/--video, embeds one item made of all of them. With '-', reads one item per line from stdin,
     e.g. {"text": "a cat"} or {"image": "cat.jpg"}. Vectors are the index's model's, so that they compare with it.
     """
-    from .errors import InputError
-
     check_device(device)
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
@@ -450,7 +448,8 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
 
         placed = any(place(r) for r in records)
         rows = ([r["rank"], fmt_score(r.get("score"))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
-                else []) + [r.get("kind", ""), r["path"]] + ([place(r)] if placed else []) for r in records)
+                else []) + ([r["date"]] if "date" in r else []) + [r.get("kind", ""), r["path"]]
+                + ([place(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
         from rich.console import Console
@@ -459,14 +458,15 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
         from .moments import place
 
         table = Table(box=None, header_style="bold")
-        reranked = any("rerank_score" in r for r in records)
-        for title in ["#", "score"] + (["rerank"] if reranked else []) + ["kind", "path", "where"]:
+        reranked, dated = any("rerank_score" in r for r in records), any("date" in r for r in records)
+        for title in ["#", "score"] + (["rerank"] if reranked else []) + (["date"] if dated else []) + [
+                "kind", "path", "where"]:
             table.add_column(title, justify="right" if title in ("#", "score", "rerank", "where") else "left")
         for r in records:
             where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
             table.add_row(str(r["rank"]), fmt_score(r.get("score")),
-                          *([fmt_score(r.get("rerank_score"))] if reranked else []), r.get("kind", ""), r["path"],
-                          where)
+                          *([fmt_score(r.get("rerank_score"))] if reranked else []),
+                          *([r["date"]] if dated else []), r.get("kind", ""), r["path"], where)
         Console().print(table)
 
 
@@ -501,7 +501,8 @@ def search(
     model: Annotated[str | None, typer.Option(
         "--model", envvar="QVLSEARCH_MODEL", help="Expected embedding model (must match the index's).")] = None,
     queries: Annotated[Path | None, typer.Option(
-        help="File of queries, one per line (text or a JSON item); prints JSON lines tagged with the query.")] = None,
+        help="File of queries, one per line (text or a JSON item); prints JSON lines tagged with the query, or "
+             "with --json one line per query holding its results, or with --paths each file found once.")] = None,
     as_json: JsonFlag = False,
     as_jsonl: JsonlFlag = False,
     paths: PathsFlag = False,
@@ -515,8 +516,9 @@ def search(
     from .search import SORTS, as_near, as_utc, kinds_of
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind, date, place, sort or device fails before the models load
+    kinds_of(kind)  # a bad --kind, date, place, folder, sort or device fails before the models load
     as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
+    check_under(under)
     if sort not in SORTS:
         raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
     check_device(device)
@@ -524,6 +526,11 @@ def search(
         from .contact_sheet import check_sheet_path
 
         check_sheet_path(contact_sheet)
+    if queries is not None:
+        extra = next((name for name, value in (("a query TEXT", query), ("--image", image), ("--video", video),
+                                                ("--contact-sheet", contact_sheet)) if value), None)
+        if extra:
+            raise InputError(f"--queries runs the queries of its file, one by one: {extra} cannot go with it")
     query_lines = read_queries(queries) if queries is not None else None
     if query == "-":
         query = sys.stdin.read().strip()
@@ -538,18 +545,28 @@ def search(
                              search=True)
     searcher = Searcher(target, server, options, model=model, reranker=reranker, device=device)
     if query_lines is not None:
-        found = 0
+        found, shown = 0, set()
         for number, line in enumerate(query_lines, 1):
             if line.strip():
                 item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
                 records = searcher.search(item)
                 found += len(records)
-                emit([{"query": item.get("text", item), **r} for r in records], "jsonl")
+                tag = item.get("text", item)
+                if fmt == "json":
+                    emit([{"query": tag, "results": records}], "jsonl")
+                elif fmt == "paths":  # each file once, over all the queries
+                    names = [name for name in searcher.fs_paths(records) if name not in shown]
+                    shown.update(names)
+                    emit(records, fmt, null, names)
+                else:
+                    emit([{"query": tag, **r} for r in records], "jsonl")
         raise typer.Exit(EXIT_OK if found else EXIT_FAILED)
     item = {"text": query} if query else {}
     item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
     records = searcher.search(item)
-    emit(records, fmt, null, [r.fs_path or r.path for r in searcher.results] if searcher.results else None)
+    if sort == "date" and fmt in ("table", "tsv"):
+        records = with_dates(records, searcher.fs_paths(records))
+    emit(records, fmt, null, searcher.fs_paths(records))
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -578,6 +595,10 @@ class Searcher:
             self.index = self.open()
         self.results = self.index.search(item, **self.options, reranker=self.reranker)
         return [r.to_json() for r in self.results]
+
+    def fs_paths(self, records: list[dict]) -> list[str]:
+        """The paths of the last search's files as the OS needs them (a server's records hold display paths)."""
+        return [r.fs_path or r.path for r in self.results] if self.results else [r["path"] for r in records]
 
     def search_remotely(self, item: dict) -> list[dict] | None:
         from .client import ServerError
@@ -609,6 +630,26 @@ class Searcher:
         raise typer.Exit(EXIT_FAILED)
 
 
+def check_under(under: Path | None) -> None:
+    """A --under that is no folder here is a mistyped one: say so, rather than find nothing."""
+    if under is not None and not under.expanduser().is_dir():
+        raise InputError(f"--under {under}: {'not a folder' if under.expanduser().exists() else 'no such folder'}")
+
+
+def with_dates(records: list[dict], fs_paths: list[str]) -> list[dict]:
+    """The records with the date that `--sort date` orders by, for tables: when taken, else when modified."""
+    import datetime as dt
+
+    def modified(path: str) -> str:
+        try:
+            return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc).isoformat()
+        except OSError:
+            return ""
+
+    return [{**r, "date": (r.get("taken_at") or modified(path))[:19]} for r, path in zip(records, fs_paths,
+                                                                                       strict=True)]
+
+
 def check_device(device: str) -> None:
     """A bad --device fails at once, before any index is read or model loaded."""
     if device != "auto":
@@ -619,8 +660,6 @@ def check_device(device: str) -> None:
 
 def read_queries(path: Path) -> list[str]:
     """The lines of a --queries file; one that cannot be read is a one-line error before any model work."""
-    from .errors import InputError
-
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -651,7 +690,8 @@ def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None
 
 @app.command()
 def rerank(
-    query: Annotated[str, typer.Argument(help="Query text ('' with --image for an image-only query).")],
+    query: Annotated[str | None, typer.Argument(help=(
+        "Query text; with --image it may be left out (an existing file here is then the first candidate)."))] = None,
     candidates: Annotated[list[str] | None, typer.Argument(
         help="Files to rank; without them, read paths or `search --jsonl` lines from stdin.")] = None,
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
@@ -670,6 +710,10 @@ def rerank(
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     check_device(device)
+    if image and query is not None and os.path.isfile(query):  # `rerank --image q.jpg a.jpg b.jpg`
+        query, candidates = None, [query, *(candidates or [])]
+    if not (query or image):
+        raise InputError("give a query: TEXT, --image FILE, or both")
     rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")
@@ -794,6 +838,7 @@ def dupes(
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     kinds_of(kind)
+    check_under(under)
     groups = find_duplicates(open_index(index_dir or default_index_dir()),
                              DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
     records = [g.to_json(n) for n, g in enumerate(groups, 1)]

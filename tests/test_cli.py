@@ -172,3 +172,40 @@ def test_embed_uses_the_index_model_and_needs_an_input(checkpoints, notes_index)
     assert "nothing to embed" in refused(run("embed", "", "--instruction", "Represent it.", *model))
     assert "no items on stdin" in refused(run("embed", "-", *model, stdin="\n"))
 
+
+def test_search_queries_take_json_and_paths_and_refuse_what_they_ignored(tmp_path, notes_index):
+    index = ["--index", str(notes_index), "-k", "2"]
+    (tmp_path / "queries.txt").write_text("cats\nchess\n")
+    queries = ["--queries", str(tmp_path / "queries.txt")]
+    as_json = run("search", *queries, *index, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [line["query"] for line in lines] == ["cats", "chess"]
+    assert all(len(line["results"]) == 2 and line["results"][0]["rank"] == 1 for line in lines)
+    paths = run("search", *queries, *index, "--paths").stdout.splitlines()
+    found = {r["path"] for line in lines for r in line["results"]}
+    assert sorted(paths) == sorted(found) and len(paths) == len(set(paths))  # each file once
+    assert "a query TEXT cannot go with it" in refused(run("search", "cats", *queries, *index))
+    assert "--contact-sheet cannot go with it" in refused(
+        run("search", *queries, *index, "--contact-sheet", str(tmp_path / "sheet.jpg")))
+
+
+def test_search_names_a_mistyped_folder_and_shows_the_date_it_sorts_by(tmp_path, notes_index):
+    index = ["--index", str(notes_index)]
+    folder = notes_index.parent / "no-such-folder"
+    assert refused(run("search", "cats", *index, "--under", str(folder))) == (
+        f"qvlsearch: --under {folder}: no such folder\n")
+    result = run("search", "cats", *index, "--sort", "date")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[2] for row in rows] == [f"{year}-06-01T00:00:00" for year in (2003, 2002, 2001)]
+    assert [Path(row[4]).name for row in rows] == ["chess.txt", "bees and flowers.txt", "cats.txt"]
+
+
+def test_rerank_with_an_image_query_takes_every_file_as_a_candidate(checkpoints):
+    reranker = ["--reranker", str(checkpoints["reranker"])]
+    files = [str(PHOTOS / name) for name in ("bee.jpg", "cake.jpg")]
+    result = run("rerank", "--image", str(PHOTOS / "cat.jpg"), *files, *reranker, "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in json.loads(result.stdout)) == files
+    assert "give a query" in refused(run("rerank", *reranker, stdin=files[0] + "\n"))
