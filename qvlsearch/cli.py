@@ -691,7 +691,7 @@ def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None
 @app.command()
 def rerank(
     query: Annotated[str | None, typer.Argument(help=(
-        "Query text; with --image it may be left out (an existing file here is then the first candidate)."))] = None,
+        "Query text. With --image it may be left out: a first argument that is a file is then a candidate."))] = None,
     candidates: Annotated[list[str] | None, typer.Argument(
         help="Files to rank; without them, read paths or `search --jsonl` lines from stdin.")] = None,
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
