@@ -534,7 +534,7 @@ def search(
     item = {"text": query} if query else {}
     item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
     records = searcher.search(item)
-    emit(records, fmt, null, [r.fs_path or r.path for r in searcher.results] if searcher.results else None)
+    emit(records, fmt, null, searcher.fs_paths)
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -552,19 +552,22 @@ class Searcher:
         self.model, self.reranker, self.device = model, reranker, device
         self.index = None
         self.results: list = []  # the last local search's SearchResults
+        self.fs_paths: list[str] = []  # the last search's file names as the OS needs them (for --paths)
 
     def search(self, item: dict) -> list[dict]:
         if self.server is not None:
-            records = self.search_remotely(item)
-            if records is not None:
+            answer = self.search_remotely(item)
+            if answer is not None:
                 self.results = []
+                records, self.fs_paths = answer
                 return records
         if self.index is None:
             self.index = self.open()
         self.results = self.index.search(item, **self.options, reranker=self.reranker)
+        self.fs_paths = [r.fs_path or r.path for r in self.results]
         return [r.to_json() for r in self.results]
 
-    def search_remotely(self, item: dict) -> list[dict] | None:
+    def search_remotely(self, item: dict) -> tuple[list[dict], list[str]] | None:
         from .client import ServerError
 
         try:
