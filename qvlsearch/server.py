@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -292,7 +292,7 @@ def lowest(a: VisionOptions, b: VisionOptions) -> VisionOptions:
 
 class EmbeddingsRequest(BaseModel):
     model: str
-    input: str | Annotated[list[Item], Field(max_length=MAX_INPUTS)]
+    input: str | list[Item]
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
 
@@ -417,6 +417,9 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
         inputs = [request.input] if isinstance(request.input, str) else request.input
         if not inputs:
             raise ApiError(400, "input: give at least one text or item")
+        if len(inputs) > MAX_INPUTS:
+            raise ApiError(400, f"input: {len(inputs)} items, over the limit of {MAX_INPUTS}; send them in "
+                                "several requests")
         models.embedder.check_dim(request.dimensions)
         failed: dict[int, str] = {}
         items: list[tuple[int, Any]] = []
