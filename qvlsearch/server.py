@@ -497,15 +497,23 @@ def refusal(request: Request, hosts: frozenset[str] | None) -> JSONResponse | No
     points at this machine (400). A browser's request from a page of another origin is refused
     (403), and no answer carries CORS headers, so no other page can read one.
     """
-    if hosts is not None and (request.url.hostname or "").lower() not in hosts:
-        return error_response(400, f"Host {request.headers.get('host')!r} is not a name of this server; use "
-                                   f"one of {', '.join(sorted(hosts))}", "invalid_request_error")
+    host = request.headers.get("host")
+    if hosts is not None and host is not None and host_name(host).lower() not in hosts:
+        return error_response(400, f"Host {host!r} is not a name of this server; use one of "
+                                   f"{', '.join(sorted(hosts))}", "invalid_request_error")
     origin = request.headers.get("origin")
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    own = f"{request.url.scheme}://{host}".lower()
     if (origin is not None and origin.lower() != own) or request.headers.get("sec-fetch-site") not in (
             None, "same-origin", "none"):
         return error_response(403, "requests from web pages of other origins are refused", "permission_error")
     return None
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8765` is `::1`, `localhost:8765` is `localhost`."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def served_hosts(host: str) -> frozenset[str] | None:

@@ -326,7 +326,7 @@ def test_rebound_names_other_origins_and_form_posts_are_refused(server):
         status, _, body = raw_request(server.url, "POST", "/v1/search", query, {**as_json, "Host": host})
         assert status == 200 and json.loads(body), host
     # DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1 reads nothing
-    for host in (f"attacker.example:{port}", "attacker.example", "127.0.0.1.attacker.example"):
+    for host in (f"attacker.example:{port}", "attacker.example", "127.0.0.1.attacker.example", "[", "evil:x"):
         status, _, body = raw_request(server.url, "POST", "/v1/search", query, {**as_json, "Host": host})
         assert status == 400 and list(json.loads(body)) == ["error"], host
         assert json.loads(body)["error"]["type"] == "invalid_request_error"
