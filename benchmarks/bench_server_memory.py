@@ -1,9 +1,10 @@
 """`qvlsearch serve`: how much the worst requests within the 64 MiB body limit grow the server's memory.
 
-For each request, the server process's peak resident memory (VmHWM in /proc/PID/status, reset
-through /proc/PID/clear_refs before each request) is compared with its resident memory just
-before: the growth is printed beside the goal of 1 GiB. The server runs the `wide` checkpoint
-(the real model's 2048-wide vectors on one cheap layer) over an index of the sample files.
+Each request goes to a fresh server in its steady state (models loaded, each route used once):
+its peak resident memory (VmHWM in /proc/PID/status, reset through /proc/PID/clear_refs) is
+compared with its resident memory just before, and the growth printed beside the goal of 1 GiB.
+The server runs the `wide` checkpoint (the real model's 2048-wide vectors on one cheap layer)
+over an index of 2000 rows of the sample files.
 Not a test: it takes minutes on a CPU and needs Linux's /proc.
 
     python benchmarks/bench_server_memory.py [--long-texts N] [--keep DIR]
@@ -100,45 +101,48 @@ def worst_requests(model: str, folder: Path, long_texts: int) -> list[tuple[str,
     ]
 
 
+def started_server(index: Path, checkpoints: dict[str, Path]) -> tuple[subprocess.Popen, str]:
+    """A fresh server in its steady state: each model loaded and each route used once."""
+    server = subprocess.Popen([sys.executable, "-m", "qvlsearch", "serve", "--index", str(index), "--port", "0",
+                               "--reranker", str(checkpoints["reranker"]), "--device", "cpu"], env=ENV)
+    while not (index / "server.json").exists():
+        if server.poll() is not None:
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
+    url = json.loads((index / "server.json").read_text())["url"]
+    for route, body in (("/v1/embeddings", {"model": str(checkpoints["embedder"]), "input": ["warm up"]}),
+                        ("/v1/search", {"query": "a cat", "rerank": True, "rerank_top": 5}),
+                        ("/v1/rerank", {"query": "a cat", "documents": ["a dog"]})):
+        assert post(url, route, body) == 200, route
+    return server, url
+
+
 def run(folder: Path, long_texts: int) -> list[Figure]:
+    """Each request on a server of its own (memory that one request leaves resident would hide the next's)."""
     from qvlsearch.tiny import build_checkpoints
 
     checkpoints = build_checkpoints(folder / "wide", preset="wide")
     index = folder / "index"
     make_index(index, checkpoints["embedder"], 2000)
-    requests = worst_requests(str(checkpoints["embedder"]), folder, long_texts)
-    server = subprocess.Popen([sys.executable, "-m", "qvlsearch", "serve", "--index", str(index), "--port", "0",
-                               "--reranker", str(checkpoints["reranker"]), "--device", "cpu"], env=ENV)
-    try:
-        while not (index / "server.json").exists():
-            if server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-        url = json.loads((index / "server.json").read_text())["url"]
-        # steady state: each model loaded and each route used once
-        for route, body in (("/v1/embeddings", {"model": str(checkpoints["embedder"]), "input": ["warm up"]}),
-                            ("/v1/search", {"query": "a cat", "rerank": True, "rerank_top": 5}),
-                            ("/v1/rerank", {"query": "a cat", "documents": ["a dog"]})):
-            assert post(url, route, body) == 200, route
-        figures = []
-        for name, route, body in requests:
+    figures = []
+    for name, route, body in worst_requests(str(checkpoints["embedder"]), folder, long_texts):
+        server, url = started_server(index, checkpoints)
+        try:
             with open(f"/proc/{server.pid}/clear_refs", "w") as f:
                 f.write("5")  # the peak (VmHWM) starts again from the resident memory of now
-            before = status_kib(server.pid, "VmRSS")
+            steady = status_kib(server.pid, "VmRSS")
             started = time.perf_counter()
             status = post(url, route, body)
-            growth = (status_kib(server.pid, "VmHWM") - before) / 1024
-            size = len(json.dumps(body)) / 2**20
-            print(f"{name}: HTTP {status}, {size:.1f} MiB sent, {time.perf_counter() - started:.1f} s, "
-                  f"peak +{growth:.0f} MiB (goal <= {GOAL_MIB} MiB)", flush=True)
-            figures.append(Figure("server memory", f"{name} (HTTP {status})", growth, "MiB", goal=f"<= {GOAL_MIB}",
-                                  detail={"status": status, "body_mib": round(size, 2)}))
-        figures.append(Figure("server memory", "steady state (resident)", status_kib(server.pid, "VmRSS") / 1024,
-                              "MiB"))
-        return figures
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+            growth = (status_kib(server.pid, "VmHWM") - steady) / 1024
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+        size = len(json.dumps(body)) / 2**20
+        print(f"{name}: HTTP {status}, {size:.1f} MiB sent, {time.perf_counter() - started:.1f} s, steady "
+              f"{steady / 1024:.0f} MiB, peak +{growth:.0f} MiB (goal <= {GOAL_MIB} MiB)", flush=True)
+        figures.append(Figure("server memory", f"{name} (HTTP {status})", growth, "MiB", goal=f"<= {GOAL_MIB}",
+                              detail={"status": status, "body_mib": round(size, 2), "steady_mib": steady // 1024}))
+    return figures
 
 
 def main() -> None:

@@ -393,7 +393,7 @@ def test_embed_through_a_server_when_every_item_succeeds(server, index_dir, chec
     remote = cli("-v", *args, stdin=lines, env=with_index(index_dir))
     local = cli(*args, "--no-server", stdin=lines)
     assert remote.returncode == local.returncode == 0, remote.stderr
-    assert f"using the server at {server.url}" in remote.stderr and "Traceback" not in remote.stderr
+    assert f"qvlsearch: using the server at {server.url}\n" in remote.stderr and "Traceback" not in remote.stderr
     assert remote.stdout == local.stdout
 
 
@@ -402,10 +402,11 @@ def test_relative_model_paths_find_the_server_and_paths_keep_their_bytes(server,
     search = ("search", "a cafe menu", "--index", str(index_dir), "-k", "50")
     relative = cli("-v", *search, "--model", "embedder", "--rerank", "--reranker", "./reranker", "--json",
                    cwd=folder)
-    assert relative.returncode == 0 and f"using the server at {server.url}" in relative.stderr, relative.stderr
+    used = f"qvlsearch: using the server at {server.url}\n"  # (not "not using the server at …")
+    assert relative.returncode == 0 and used in relative.stderr, relative.stderr
     rerank = cli("-v", "rerank", "a cat", str(root_of(index_dir) / "cats.txt"), "--reranker", "reranker",
                  env=with_index(index_dir), cwd=folder)
-    assert rerank.returncode == 0 and f"using the server at {server.url}" in rerank.stderr, rerank.stderr
+    assert rerank.returncode == 0 and used in rerank.stderr, rerank.stderr
     # --paths -0 writes each name's exact bytes, with the server as without it: xargs -0 opens them
     remote = cli(*search, "--paths", "-0", text=False)
     local = cli(*search, "--paths", "-0", "--no-server", text=False)
@@ -444,7 +445,8 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_planted_server_json_gets_neither_the_key_nor_the_query(tmp_path, index_dir, checkpoints, monkeypatch):
+def test_a_planted_server_json_gets_neither_the_key_nor_the_query(tmp_path, index_dir, checkpoints, monkeypatch,
+                                                                  capsys):
     from qvlsearch.client import write_discovery
 
     shared = tmp_path / "shared-index"  # an index folder that other users may write to
@@ -494,6 +496,14 @@ def test_a_planted_server_json_gets_neither_the_key_nor_the_query(tmp_path, inde
     assert victim.read_text() == "precious\n" and not written.is_symlink()
     assert oct(written.stat().st_mode & 0o777) == "0o600" and json.loads(written.read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in shared.glob(".server.json*")) == [f".server.json.{os.getpid()}"]
+    # serve says when its folder would make commands distrust the file it writes
+    from qvlsearch.server import announce
+
+    os.chmod(shared, 0o775)
+    capsys.readouterr()
+    assert announce(shared, "http://127.0.0.1:1", False) == shared / "server.json"
+    assert capsys.readouterr().err == (f"qvlsearch: {shared} is writable by other users (mode 775), so commands "
+                                       "will not use this server unless QVLSEARCH_SERVER=http://127.0.0.1:1 names it\n")
 
 
 def test_a_needed_key_that_is_missing_is_said(tmp_path, index_dir, checkpoints):
