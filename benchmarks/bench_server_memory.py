@@ -7,7 +7,7 @@ The server runs the `wide` checkpoint (the real model's 2048-wide vectors on one
 over an index of 2000 rows of the sample files.
 Not a test: it takes minutes on a CPU and needs Linux's /proc.
 
-    python benchmarks/bench_server_memory.py [--long-texts N] [--keep DIR]
+    python benchmarks/bench_server_memory.py [--long-texts N] [--only TEXT] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def data_uri(data: bytes, kind: str) -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def big_png(side: int) -> bytes:
-    """A `side`×`side` PNG that compresses to little (a gradient): many pixels in few bytes."""
+def big_png(width: int, height: int) -> bytes:
+    """A PNG that compresses to little (a gradient): many pixels in few bytes."""
     import numpy as np
     from PIL import Image
 
-    row = np.linspace(0, 255, side, dtype=np.uint8)
-    image = Image.fromarray(np.broadcast_to(row, (side, side)).copy(), "L").convert("RGB")
+    row = np.linspace(0, 255, width, dtype=np.uint8)
+    image = Image.fromarray(np.broadcast_to(row, (height, width)).copy(), "L").convert("RGB")
     out = io.BytesIO()
     image.save(out, "PNG", compress_level=9)
     return out.getvalue()
@@ -78,7 +78,8 @@ def worst_requests(model: str, folder: Path, long_texts: int) -> list[tuple[str,
     words = "the quick brown fox jumps over a lazy dog while cats sleep on warm chairs "
     long_text = (words * (100_000 // len(words) + 1))[:100_000]
     video = data_uri(clip_720p(folder), "video/mp4")
-    png = data_uri(big_png(8000), "image/png")
+    png = data_uri(big_png(8000, 8000), "image/png")
+    full = data_uri(big_png(1536, 1200), "image/png")  # as large as max_pixels lets an image stay
     return [
         ("256 inputs (the cap) of 1k characters", "/v1/embeddings", {"model": model, "input": [words * 13] * 256}),
         (f"{long_texts} inputs of 100k characters (the cap)", "/v1/embeddings",
@@ -90,6 +91,8 @@ def worst_requests(model: str, folder: Path, long_texts: int) -> list[tuple[str,
         ("frame list of three 8000x8000 PNGs", "/v1/embeddings", {"model": model, "input": [{"video": [png] * 3}]}),
         ("one item of eight 8000x8000 PNGs (the cap)", "/v1/embeddings",
          {"model": model, "input": [{"image": [png] * 8}]}),
+        ("one item of four 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 4}]}),
+        ("60 items of four 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 4}] * 60}),
         ("search k=1e21, rerank_top=1e20 (refused)", "/v1/search",
          {"query": "a cat", "k": 1e21, "rerank": True, "rerank_top": 1e20}),
         ("search k=1000 (the cap), rerank_top=200 (the cap)", "/v1/search",
@@ -117,7 +120,7 @@ def started_server(index: Path, checkpoints: dict[str, Path]) -> tuple[subproces
     return server, url
 
 
-def run(folder: Path, long_texts: int) -> list[Figure]:
+def run(folder: Path, long_texts: int, only: str = "") -> list[Figure]:
     """Each request on a server of its own (memory that one request leaves resident would hide the next's)."""
     from qvlsearch.tiny import build_checkpoints
 
@@ -126,6 +129,8 @@ def run(folder: Path, long_texts: int) -> list[Figure]:
     make_index(index, checkpoints["embedder"], 2000)
     figures = []
     for name, route, body in worst_requests(str(checkpoints["embedder"]), folder, long_texts):
+        if only not in name:
+            continue
         server, url = started_server(index, checkpoints)
         try:
             with open(f"/proc/{server.pid}/clear_refs", "w") as f:
@@ -150,14 +155,15 @@ def main() -> None:
     parser.add_argument("--long-texts", type=int, default=4,
                         help="how many 100k-character texts the long-text requests send (default 4; the cap "
                              "allows 256, at many minutes each on a CPU)")
+    parser.add_argument("--only", default="", help="run only the requests whose name contains this text")
     parser.add_argument("--keep", type=Path, help="build the checkpoints and index here instead of a temp folder")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        figures = run(args.keep, args.long_texts)
+        figures = run(args.keep, args.long_texts, args.only)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            figures = run(Path(tmp), args.long_texts)
+            figures = run(Path(tmp), args.long_texts, args.only)
     print(report(figures))
 
 
