@@ -272,8 +272,8 @@ def within_limits(item: Any, where: str, options: VisionOptions) -> None:
         value = item.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int if key == "max_frames" else (int, float)) or (
-                value <= least):
+        if isinstance(value, bool) or not isinstance(value, int if key == "max_frames" else (int, float)) or not (
+                value > least):  # (NaN too)
             kind = "a whole number over 1" if key == "max_frames" else "a positive number"
             raise ApiError(400, f"{where}: {key} must be {kind}, got {value!r}")
         if value > limit:

@@ -371,6 +371,7 @@ def test_requests_beyond_the_caps_are_refused_naming_the_limit(server, index_dir
         ("/v1/embeddings", {"model": model, "input": [{**video, "max_frames": 65}]}, "limit of 64"),
         ("/v1/embeddings", {"model": model, "input": [{**video, "max_frames": 1}]}, "max_frames must be"),
         ("/v1/embeddings", {"model": model, "input": [{**video, "fps": -1}]}, "fps must be"),
+        ("/v1/embeddings", {"model": model, "input": [{**video, "fps": float("nan")}]}, "fps must be"),
         ("/v1/embeddings", {"model": model, "input": [{"image": [cat] * 9}]}, "limit of 8"),
         ("/v1/rerank", {"query": "x", "documents": ["d"] * 1001}, "1000"),
         ("/v1/rerank", {"query": "x", "documents": ["d"], "top_n": 1001}, "1000"),
