@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -67,10 +69,11 @@ _worker_fn: Callable[[int, Any], Any] | None = None
 
 def _start_worker(fn: Callable[[int, Any], Any]) -> None:
     global _worker_fn
-    import torch
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
-    torch.set_num_threads(1)  # a process per core: more threads each would only contend
+    # A process per core: more threads each would only contend. Torch reads the variable if it is imported later.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     _worker_fn = fn
 
 
