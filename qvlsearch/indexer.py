@@ -38,7 +38,10 @@ from .parallel import WorkerCrashed, prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
-DECODED_APART = MEDIA_KINDS  # the kinds of files decoded in worker processes by default (see Indexer)
+# The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg and pdfium parse
+# containers and documents full of offsets, and a crash on one file must not end every run. Images stay in
+# threads: worker processes take seconds to start, which a run that adds a few photos would pay each time.
+DECODED_APART = frozenset({"video", "pdf"})
 
 log = logging.getLogger("qvlsearch")
 
@@ -373,8 +376,8 @@ class Indexer:
         self.summary = Summary()
         self.embedder = embedder
         self.model_runs = 0  # items sent to the model in this run
-        # Files of these kinds are opened and decoded in worker processes (started when the first comes),
-        # so that a decoder's crash is that file's error row: with --processes, every media file.
+        # Files of these kinds are opened and decoded in worker processes (started when the first comes), so
+        # that a decoder's crash is that file's error row: videos and PDFs; with --processes, every media file.
         self.decoders = Decoders(options.workers, MEDIA_KINDS if options.processes else DECODED_APART)
         self.done = 0  # files dealt with so far, for the progress bar
 

@@ -118,26 +118,27 @@ def rows(index_dir: Path) -> dict[str, tuple[int, str, str | None]]:
         *(items[c].to_pylist() for c in ("path", "id", "status", "error")), strict=True)}
 
 
-def test_index_records_a_file_that_crashes_the_decoder_as_its_error_and_goes_on(tmp_path, checkpoints):
+def test_index_records_a_video_or_pdf_that_crashes_the_decoder_as_its_error_and_goes_on(tmp_path, checkpoints):
     root = tmp_path / "files"
     make_image(root / "good.png")
     make_video(root / "clip.mp4")
     (root / "note.txt").write_text("a note about cats\n")
-    crash = crash_files(root)  # the image crashes as it is embedded; the video and PDF as they are opened
+    crash = crash_files(root)
+    crash.pop("image").unlink()  # photos are decoded in threads, unless --processes (next test)
     result = index(root, tmp_path / "index", checkpoints)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert (summary["added"], summary["failed"]) == (3, 3)
+    assert (summary["added"], summary["failed"]) == (3, 2)
     assert sorted((Path(f["path"]).name, f["error"]) for f in summary["failures"]) == [
-        (path.name, CRASHED) for path in sorted(crash.values())]
+        ("crash-decoder.mp4", CRASHED), ("crash-decoder.pdf", CRASHED)]
     first = rows(tmp_path / "index")
     assert {name: status for name, (_, status, _) in first.items()} == {
         "good.png": "ok", "clip.mp4": "ok", "note.txt": "ok",
-        "crash-decoder.png": "error", "crash-decoder.mp4": "error", "crash-decoder.pdf": "error"}
+        "crash-decoder.mp4": "error", "crash-decoder.pdf": "error"}
 
     again = index(root, tmp_path / "index", checkpoints, "--strict")
     assert again.returncode == 1, again.stderr  # failures are still failures
-    assert (json.loads(again.stdout)["unchanged"], json.loads(again.stdout)["failed"]) == (3, 3)
+    assert (json.loads(again.stdout)["unchanged"], json.loads(again.stdout)["failed"]) == (3, 2)
     assert rows(tmp_path / "index") == first  # nothing was tried again
 
     os.utime(crash["video"], ns=(time.time_ns(), time.time_ns()))  # a changed file is tried again
@@ -146,3 +147,14 @@ def test_index_records_a_file_that_crashes_the_decoder_as_its_error_and_goes_on(
     after = rows(tmp_path / "index")
     assert {name for name in first if after[name] != first[name]} == {"crash-decoder.mp4"}
     assert after["crash-decoder.mp4"][1:] == ("error", CRASHED)
+
+
+def test_with_processes_a_photo_that_crashes_the_decoder_is_its_error_too(tmp_path, checkpoints):
+    root = tmp_path / "files"
+    make_image(root / "good.png")
+    (root / "note.txt").write_text("a note about cats\n")
+    make_image(root / "crash-decoder.png")  # its header and metadata read well; it crashes as it is embedded
+    result = index(root, tmp_path / "index", checkpoints, "--processes")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["added"], summary["failures"]) == (2, [{"path": str(root / "crash-decoder.png"), "error": CRASHED}])
