@@ -27,7 +27,9 @@ MEDIA_KINDS = frozenset({"image", "video", "pdf"})
 
 
 def crash_reason(how: str) -> str:
-    """What an error row says about a file that crashed its decoder."""
+    """What an error row says about a file whose decoder's process died (`how`: "SIGSEGV", "exit code 1", "")."""
+    if how == "SIGKILL":  # what the kernel's out-of-memory killer sends
+        return "the decoder was killed (SIGKILL), out of memory or by someone; the file may be too large"
     return f"the decoder crashed{f' ({how})' if how else ''}; the file may be corrupt or hostile"
 
 
