@@ -456,8 +456,9 @@ def run_server(index_dir: Path | None, *, host: str, port: int, api_key: str | N
     if index is not None and model and model != index.manifest["model"]:
         raise StoreError(f"index {index_dir} was built with model {index.manifest['model']!r}, not {model!r}; "
                          "serve it with that model, or leave out --model")
-    # Request media are decoded in worker processes: a decoder that crashes on one is that item's 422.
-    decoders = Decoders()
+    # Request media are decoded in worker processes: a decoder that crashes on one is that item's 422. At most
+    # 4, started as requests need them: each holds 0.5-1.2 GB once it has decoded a photo and a video.
+    decoders = Decoders(min(4, os.cpu_count() or 1))
     embedder = (index.load_embedder(decoders=decoders) if index is not None
                 else Embedder(model or DEFAULT_EMBEDDER, device=device, decoders=decoders))
     model_name = index.manifest["model"] if index is not None else embedder.model_name_or_path
