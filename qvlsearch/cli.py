@@ -215,8 +215,9 @@ def index(
         help="Workers decoding media (default: CPU count, at most 16).")] = None,
     processes: Annotated[bool, typer.Option(
         "--processes", help="Decode media in worker processes, not threads: on a GPU, faster for text-heavy "
-                            "folders (the model's thread does not wait for Python's lock); it costs a few "
-                            "seconds to start them.")] = False,
+                            "folders (the model's thread does not wait for Python's lock), and a decoder that "
+                            "crashes on a photo too is that file's error (videos and PDFs always are); it costs "
+                            "a few seconds to start them.")] = False,
     compile_mode: CompileOption = None,
     device: DeviceOption = "auto",
     ray: Annotated[bool, typer.Option(

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
 from .client import discovery_path, model_id, untrusted, write_discovery
+from .decoders import Decoders
 from .embedder import Embedder, Embedding
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, is_data_uri
@@ -90,8 +91,9 @@ class ModelThread:
     stands in for the models of a `SearchIndex` (`embed`, `rerank`), so searches share the batching.
     """
 
-    def __init__(self, embedder: Embedder, reranker_name: str, device: str | None):
+    def __init__(self, embedder: Embedder, reranker_name: str, device: str | None, decoders: Decoders | None = None):
         self.embedder = embedder
+        self.decoders = decoders  # the reranker's too
         self.reranker_name = reranker_name
         self.device = device
         self.loaded_reranker = None
@@ -144,7 +146,7 @@ class ModelThread:
         if self.loaded_reranker is None:
             from .reranker import Reranker
 
-            self.loaded_reranker = Reranker(self.reranker_name, device=self.device)
+            self.loaded_reranker = Reranker(self.reranker_name, device=self.device, decoders=self.decoders)
         return self.loaded_reranker
 
     # What a SearchIndex asks of its embedder and reranker:
@@ -558,9 +560,13 @@ def run_server(index_dir: Path | None, *, host: str, port: int, api_key: str | N
     if index is not None and model and model_id(model) != index.manifest["model"]:
         raise StoreError(f"index {index_dir} was built with model {index.manifest['model']!r}, not {model!r}; "
                          "serve it with that model, or leave out --model")
-    embedder = index.load_embedder() if index is not None else Embedder(model or DEFAULT_EMBEDDER, device=device)
+    # Request media are decoded in worker processes: a decoder that crashes on one is that item's 422. At most
+    # 4, started as requests need them: each holds 0.5-1.2 GB once it has decoded a photo and a video.
+    decoders = Decoders(min(4, os.cpu_count() or 1))
+    embedder = (index.load_embedder(decoders=decoders) if index is not None
+                else Embedder(model or DEFAULT_EMBEDDER, device=device, decoders=decoders))
     model_name = index.manifest["model"] if index is not None else model_id(embedder.model_name_or_path)
-    models = ModelThread(embedder, model_id(reranker or DEFAULT_RERANKER), device)
+    models = ModelThread(embedder, model_id(reranker or DEFAULT_RERANKER), device, decoders)
     served = None
     if index is not None:
         served = ServedIndex(SearchIndex(index_dir, device=device, embedder=models, reranker=models))
