@@ -438,21 +438,9 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
                 else []) + [r.get("kind", ""), r["path"]] + ([place(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from .tables import print_results
 
-        from .moments import place
-
-        table = Table(box=None, header_style="bold")
-        reranked = any("rerank_score" in r for r in records)
-        for title in ["#", "score"] + (["rerank"] if reranked else []) + ["kind", "path", "where"]:
-            table.add_column(title, justify="right" if title in ("#", "score", "rerank", "where") else "left")
-        for r in records:
-            where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
-            table.add_row(str(r["rank"]), fmt_score(r.get("score")),
-                          *([fmt_score(r.get("rerank_score"))] if reranked else []), r.get("kind", ""), r["path"],
-                          where)
-        Console().print(table)
+        print_results(records)
 
 
 def fmt_score(value: float | None) -> str:
@@ -793,15 +781,9 @@ def dupes(
         if fmt == "tsv":
             write_stdout("".join("\t".join(row) + "\n" for row in rows))
         else:
-            from rich.console import Console
-            from rich.table import Table
+            from .tables import print_dupes
 
-            table = Table(box=None, header_style="bold")
-            for title in ("group", "type", "", "similarity", "bytes", "size", "date", "path"):
-                table.add_column(title, justify="right" if title in ("group", "similarity", "bytes") else "left")
-            for row in rows:
-                table.add_row(*row)
-            Console().print(table)
+            print_dupes(rows)
     raise typer.Exit(EXIT_OK if groups else EXIT_FAILED)
 
 
@@ -860,15 +842,9 @@ def eval_command(
             "latency_ms"]
         rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
         if sys.stdout.isatty():
-            from rich.console import Console
-            from rich.table import Table
+            from .tables import print_eval
 
-            table = Table(box=None, header_style="bold")
-            for n in names:
-                table.add_column(n, justify="left" if n == "quantize" else "right")
-            for row in rows[1:]:
-                table.add_row(*row)
-            Console().print(table)
+            print_eval(names, rows[1:])
         else:
             write_stdout("".join("\t".join(row) + "\n" for row in rows))
     raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)

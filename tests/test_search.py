@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from PIL import Image
+from terminal import check_paths, on_terminal
 
 from qvlsearch import InputError, MediaError, open_index
 from qvlsearch.fs import display_path
@@ -262,6 +263,21 @@ def test_table_format_for_terminals(capsys):
     header = out.splitlines()[0].split()
     assert header == ["#", "score", "rerank", "kind", "path", "where"]
     assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
+
+
+def test_the_table_fits_the_terminal_and_a_pipe_gets_whole_paths(index_dir):
+    """At 80 and 60 columns each path is whole or shortened from the left, never broken across lines."""
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "8"]
+    paths = [r["path"] for r in json.loads(in_process(*base, "--json").stdout)]
+    for columns in (80, 60):
+        code, out = on_terminal(*base, columns=columns, env=ENV)
+        lines = out.splitlines()
+        assert code == 0 and lines[0].split() == ["#", "score", "kind", "path", "where"], out
+        check_paths(lines[1:], paths, columns)
+        assert "…" in out  # the longest are shortened
+    piped = subprocess.run([sys.executable, "-m", "qvlsearch", *base], capture_output=True, text=True,
+                           env={**ENV, "COLUMNS": "40"}, timeout=300)
+    assert [line.split("\t")[3] for line in piped.stdout.splitlines()] == paths
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
