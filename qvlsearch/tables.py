@@ -85,18 +85,20 @@ def block_table(columns: Sequence[Column], widths: list[int], rows: Sequence[Seq
 
 
 def print_results(records: Sequence[Mapping[str, Any]]) -> None:
-    """Search or rerank hits: rank, score, rerank score (when reranked), kind, path, and where in the file."""
+    """Search or rerank hits: rank, score, rerank score (when reranked), date (when records carry one: `--sort
+    date`), kind, path, and where in the file."""
     from .moments import place
 
-    reranked = any("rerank_score" in r for r in records)
+    reranked, dated = any("rerank_score" in r for r in records), any("date" in r for r in records)
     columns = [Column("#", right=True, key=True), Column("score", right=True)]
     columns += [Column("rerank", right=True)] if reranked else []
+    columns += [Column("date")] if dated else []
     columns += [Column("kind"), Column("path", path=True), Column("where", right=True)]
     rows = []
     for r in records:
         where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
         rows.append([str(r["rank"]), score(r.get("score")), *([score(r.get("rerank_score"))] if reranked else []),
-                     r.get("kind", ""), r["path"], where])
+                     *([r.get("date") or ""] if dated else []), r.get("kind", ""), r["path"], where])
     print_table(columns, rows)
 
 
