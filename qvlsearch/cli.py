@@ -301,25 +301,31 @@ def info(
     index_dir: IndexOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Show an index: settings, counts by kind and status, its segments, size on disk, and the files that failed."""
+    """Show an index: the folders and files it was built from, settings, counts by kind and status, its segments,
+    size on disk, and the files that failed."""
     import pyarrow.compute as pc
 
     from .store import Snapshot
 
     target = index_dir or default_index_dir()
-    snapshot = Snapshot(target, ["path", "status", "error"], with_index=False)
+    snapshot = Snapshot(target, ["path", "root", "status", "error"], with_index=False)
     m = snapshot.manifest
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.parent.name not in ("items", "deleted"))
     failed = snapshot.items.filter(pc.equal(snapshot.items["status"], "error")).select(["path", "error"]).to_pylist()
     segments = m.get("segments", [])
-    report = {"index": str(target), "manifest": m, "size_bytes": size, "segments": segments, "failed": failed}
+    by_root = snapshot.items.group_by("root").aggregate([("path", "count_distinct")]).to_pylist()
+    roots = sorted(({"path": r["root"], "files": r["path_count_distinct"]} for r in by_root if r["root"]),
+                   key=lambda r: r["path"])
+    report = {"index": str(target), "roots": roots, "manifest": m, "size_bytes": size, "segments": segments,
+              "failed": failed}
     if as_json:
         write_stdout(json.dumps(report, default=str) + "\n")
         return
     counts = m.get("counts", {})
     rows = sum(s["rows"] for s in segments)
     deleted = sum(s["deleted"] for s in segments)
-    lines = [f"index:     {target}", f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
+    lines = [f"index:     {target}", *(f"root:      {r['path']} ({r['files']} files)" for r in roots),
+             f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
              f"vectors:   dim {m['dim']} of {m['full_dim']}, quantize {m['quantize']}, index {m['index_type']}",
              f"files:     {counts.get('files', counts.get('items', 0))}",
              f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed; "

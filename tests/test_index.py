@@ -360,7 +360,9 @@ def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):
     assert quiet.stdout == "" and "indexed" not in quiet.stderr
     info = json.loads(cli("info", "--index", str(tmp_path / "i"), "--json").stdout)
     assert info["manifest"]["counts"]["items"] == 2 and info["failed"][0]["path"].endswith("b.jpg")
-    assert "failed:" in cli("info", "--index", str(tmp_path / "i")).stdout
+    assert info["roots"] == [{"path": str(root), "files": 2}]  # what it was built from, failed files too
+    text = cli("info", "--index", str(tmp_path / "i")).stdout
+    assert "failed:" in text and f"\nroot:      {root} (2 files)\n" in text
     assert cli("index", str(tmp_path / "nope"), "--index", str(tmp_path / "i")).returncode == 2
     missing = cli("info", "--index", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no index at" in missing.stderr
