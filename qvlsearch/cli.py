@@ -67,6 +67,18 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Logs to sys.stderr as it is at each line: while a progress bar shows, rich's stand-in prints above it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
 @app.callback()
 def main_options(
     version: Annotated[
@@ -74,7 +86,10 @@ def main_options(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qvlsearch: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qvlsearch: %(message)s",
+                        handlers=[CurrentStderr()])
+    if sys.stderr.isatty():  # "loading the model ...": on a terminal, a slow start is not taken for a hang
+        logging.getLogger("qvlsearch.load").setLevel(logging.INFO)
     logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: once is enough
     # Libraries' warnings (Pillow's, torch's) are for their developers: on stderr only with --verbose.
     logging.captureWarnings(True)
@@ -250,6 +265,8 @@ def index(
     )
     target = index_dir or default_index_dir()
     show_bar = sys.stderr.isatty() and not (quiet or as_json)
+    if not show_bar:
+        logging.getLogger("qvlsearch.load").setLevel(logging.NOTSET)  # as --verbose says
     with progress_bar(show_bar) as progress:
         summary = Indexer(target, options, wait=wait, dry_run=dry_run, progress=progress).run(paths)
     if as_json:
