@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
+from .cligroup import Group, set_verbose
 from .errors import QvlsearchError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,6 +51,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
 ModelOption = Annotated[
@@ -86,14 +88,13 @@ def main_options(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qvlsearch: %(message)s",
-                        handlers=[CurrentStderr()])
+    logging.basicConfig(format="qvlsearch: %(message)s", handlers=[CurrentStderr()])
     if sys.stderr.isatty():  # "loading the model ...": on a terminal, a slow start is not taken for a hang
         logging.getLogger("qvlsearch.load").setLevel(logging.INFO)
     logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: once is enough
     # Libraries' warnings (Pillow's, torch's) are for their developers: on stderr only with --verbose.
     logging.captureWarnings(True)
-    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
+    set_verbose(verbose)  # a command's own -v raises it later
 
 
 @app.command()

@@ -97,3 +97,21 @@ def test_library_warnings_reach_stderr_only_with_verbose():
     quiet, verbose = (subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True, timeout=60)
                       for flag in ("q", "v"))
     assert quiet.stderr == "" and "a library talks" in verbose.stderr
+
+
+COMMANDS = ["embed", "index", "info", "reindex", "optimize", "search", "rerank", "serve", "dupes", "eval"]
+
+
+def test_flags_show_no_type_or_default_in_help():
+    for command in ["", *COMMANDS]:
+        shown = subprocess.run([sys.executable, "-m", "qvlsearch", *([command] if command else []), "--help"],
+                               capture_output=True, text=True, env={**ENV, "COLUMNS": "200"}, timeout=60).stdout
+        assert "--help" in shown and "<bool>" not in shown and "[default: no-" not in shown, (command, shown)
+
+
+def test_verbose_after_the_command_too(checkpoints):
+    model = str(checkpoints["embedder"])
+    for args in (["-v", "embed", "x", "--model", model], ["embed", "x", "--model", model, "-v"],
+                 ["embed", "x", "--model", model, "--verbose"]):
+        assert "qvlsearch: loading the model" in run(*args).stderr, args
+    assert "loading the model" not in run("embed", "x", "--model", model).stderr
