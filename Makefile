@@ -10,10 +10,14 @@ install:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,ray]"
 
+# Targets that run in the venv make it first when it is missing
+$(BIN)/qvlsearch:
+	$(MAKE) install
+
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-lint:
+lint: | $(BIN)/qvlsearch
 	$(BIN)/ruff check qvlsearch tests benchmarks
 
 format:
@@ -21,12 +25,12 @@ format:
 	$(BIN)/ruff check --fix qvlsearch tests benchmarks
 
 # The CPU benchmark suite (not part of `make test`): figures beside goals, results in benchmarks/results/
-bench:
+bench: | $(BIN)/qvlsearch
 	$(BIN)/python benchmarks/run.py
 
 # Random-weight test checkpoints in ./checkpoints (tiny by default: make checkpoints PRESET=small)
 PRESET ?= tiny
-checkpoints:
+checkpoints: | $(BIN)/qvlsearch
 	$(BIN)/python -m qvlsearch.tiny checkpoints/$(PRESET) --preset $(PRESET)
 
 clean:

@@ -22,7 +22,7 @@ import typer
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
 from .cligroup import Group, set_verbose
-from .errors import QvlsearchError
+from .errors import InputError, QvlsearchError, SettingError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("qvlsearch")
@@ -59,6 +59,11 @@ ModelOption = Annotated[
     typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+IndexOption = Annotated[
+    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
+]
+
+
 NoServerFlag = Annotated[bool, typer.Option(
     "--no-server", help="Load the models here even when a `qvlsearch serve` for this index and model runs.")]
 
@@ -106,18 +111,25 @@ def embed(
     video: Annotated[list[str] | None, typer.Option("--video", help="Video path or URL (repeatable).")] = None,
     instruction: Annotated[str | None, typer.Option(help="Instruction (system prompt) for the embedding.")] = None,
     dim: Annotated[int | None, typer.Option(help="Matryoshka dimension: keep the first N values.")] = None,
-    model: ModelOption = DEFAULT_EMBEDDER,
+    model: Annotated[str | None, typer.Option(
+        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder (default: the "
+                                                  f"index's, else {DEFAULT_EMBEDDER}).")] = None,
+    index_dir: IndexOption = None,
     device: DeviceOption = "auto",
     no_server: NoServerFlag = False,
 ) -> None:
     """Print embedding vectors as JSON lines: {"index": i, "vector": [...]} or {"index": i, "error": "..."}.
 
     With TEXT/--image/--video, embeds one item made of all of them. With '-', reads one item per line from stdin,
-    e.g. {"text": "a cat"} or {"image": "cat.jpg"}.
+    e.g. {"text": "a cat"} or {"image": "cat.jpg"}. Vectors are the index's model's, so that they compare with it.
     """
     check_device(device)
     if text == ["-"]:
         items = [parse_item_line(n, line) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+        if not items:
+            raise InputError("no items on stdin: give one JSON object a line, such as {\"text\": \"a cat\"}")
+    elif not (image or video or " ".join(text or ()).strip()):
+        raise InputError("nothing to embed: give TEXT, --image, --video, or '-' and JSON lines on stdin")
     else:
         item = {"text": " ".join(text)} if text else {}
         if image:
@@ -127,7 +139,8 @@ def embed(
         if instruction:
             item["instruction"] = instruction
         items = [item]
-    server = None if no_server else find_server(default_index_dir(), model=model)
+    model = model or index_model(index_dir)
+    server = None if no_server else find_server(index_dir or default_index_dir(), model=model)
     answer = server.embed(items, dim) if server else None
     if answer is None:
         answer = embed_here(items, dim, model, device)
@@ -161,6 +174,16 @@ def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> t
     return vectors, errors
 
 
+def index_model(index_dir: Path | None) -> str:
+    """The model of the index at --index, or of the default index where there is one, else the default model."""
+    from .store import read_manifest
+
+    target = index_dir or default_index_dir()
+    if index_dir is None and not (target / "manifest.json").exists():
+        return DEFAULT_EMBEDDER
+    return read_manifest(target)["model"]
+
+
 def find_server(index_dir: Path, **wanted):
     """A running `qvlsearch serve` that can do this command's work (see `client.find_server`)."""
     from .client import find_server
@@ -187,11 +210,6 @@ CompileOption = Annotated[str | None, typer.Option(
     help="Run the model's layers under torch.compile: default, reduce-overhead (adds CUDA graphs) or "
          "max-autotune. Faster on GPUs after a warm-up of a minute or more; if compiling fails, the "
          "model runs as without it.")]
-
-
-IndexOption = Annotated[
-    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
-]
 
 
 @app.command()
@@ -323,12 +341,12 @@ def info(
     size on disk, and the files that failed."""
     import pyarrow.compute as pc
 
-    from .store import Snapshot
+    from .store import Snapshot, folder_bytes
 
     target = index_dir or default_index_dir()
     snapshot = Snapshot(target, ["path", "root", "status", "error"], with_index=False)
     m = snapshot.manifest
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.parent.name not in ("items", "deleted"))
+    size = folder_bytes(target)
     failed = snapshot.items.filter(pc.equal(snapshot.items["status"], "error")).select(["path", "error"]).to_pylist()
     segments = m.get("segments", [])
     by_root = snapshot.items.group_by("root").aggregate([("path", "count_distinct")]).to_pylist()
@@ -367,20 +385,15 @@ def reindex(
         help="flat, hnsw, ivf, ivfpq or a FAISS factory string.")] = None,
 ) -> None:
     """Rebuild the search structure from the stored full vectors, without the model (IVF lists are retrained)."""
-    from .indexer import lock_index
-    from .store import QUANTIZATIONS, Store, StoreError, check_factory, read_manifest
+    from .indexer import check_structure, lock_index
+    from .store import Store, read_manifest
 
     target = index_dir or default_index_dir()
-    read_manifest(target)  # no index there: say so, and create no lock in that folder
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    m = read_manifest(target)  # no index there: say so, and create no lock in that folder
+    check_structure(dim or m["dim"], quantize or m["quantize"], index_type or m["index_type"], m["full_dim"])
     lock = lock_index(target, wait=False)
     try:
         store = Store.open(target)
-        if dim is not None and not 32 <= dim <= store.manifest["full_dim"]:
-            raise StoreError(f"--dim must be between 32 and {store.manifest['full_dim']}, got {dim}")
-        if index_type is not None:
-            check_factory(index_type, dim or store.manifest["dim"])
         damaged = store.rebuild(dim=dim, quantize=quantize, index_type=index_type)
     finally:
         lock.release()
@@ -459,7 +472,8 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
 
         placed = any(place(r) for r in records)
         rows = ([r["rank"], fmt_score(r.get("score"))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
-                else []) + [r.get("kind", ""), r["path"]] + ([place(r)] if placed else []) for r in records)
+                else []) + ([r["date"]] if "date" in r else []) + [r.get("kind", ""), r["path"]]
+                + ([place(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
         from .tables import print_results
@@ -498,7 +512,8 @@ def search(
     model: Annotated[str | None, typer.Option(
         "--model", envvar="QVLSEARCH_MODEL", help="Expected embedding model (must match the index's).")] = None,
     queries: Annotated[Path | None, typer.Option(
-        help="File of queries, one per line (text or a JSON item); prints JSON lines tagged with the query.")] = None,
+        help="File of queries, one per line (text or a JSON item); prints JSON lines tagged with the query, or "
+             "with --json one line per query holding its results, or with --paths each file found once.")] = None,
     as_json: JsonFlag = False,
     as_jsonl: JsonlFlag = False,
     paths: PathsFlag = False,
@@ -512,8 +527,9 @@ def search(
     from .search import SORTS, as_near, as_utc, kinds_of
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind, date, place, sort or device fails before the models load
+    kinds_of(kind)  # a bad --kind, date, place, folder, sort or device fails before the models load
     as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
+    check_under(under)
     if sort not in SORTS:
         raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
     check_device(device)
@@ -521,6 +537,11 @@ def search(
         from .contact_sheet import check_sheet_path
 
         check_sheet_path(contact_sheet)
+    if queries is not None:
+        extra = next((name for name, value in (("a query TEXT", query), ("--image", image), ("--video", video),
+                                                ("--contact-sheet", contact_sheet)) if value), None)
+        if extra:
+            raise InputError(f"--queries runs the queries of its file, one by one: {extra} cannot go with it")
     query_lines = read_queries(queries) if queries is not None else None
     if query == "-":
         query = sys.stdin.read().strip()
@@ -535,18 +556,28 @@ def search(
                              search=True)
     searcher = Searcher(target, server, options, model=model, reranker=reranker, device=device)
     if query_lines is not None:
-        found = 0
+        found, shown = 0, set()
         for number, line in enumerate(query_lines, 1):
             if line.strip():
                 item = parse_item_line(number, line) if line.lstrip().startswith("{") else {"text": line.strip()}
                 records = searcher.search(item)
                 found += len(records)
-                emit([{"query": item.get("text", item), **r} for r in records], "jsonl")
+                tag = item.get("text", item)
+                if fmt == "json":
+                    emit([{"query": tag, "results": records}], "jsonl")
+                elif fmt == "paths":  # each file once, over all the queries
+                    names = [name for name in searcher.fs_paths(records) if name not in shown]
+                    shown.update(names)
+                    emit(records, fmt, null, names)
+                else:
+                    emit([{"query": tag, **r} for r in records], "jsonl")
         raise typer.Exit(EXIT_OK if found else EXIT_FAILED)
     item = {"text": query} if query else {}
     item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
     records = searcher.search(item)
-    emit(records, fmt, null, [r.fs_path or r.path for r in searcher.results] if searcher.results else None)
+    if sort == "date" and fmt in ("table", "tsv"):
+        records = with_dates(records, searcher.fs_paths(records))
+    emit(records, fmt, null, searcher.fs_paths(records))
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -575,6 +606,10 @@ class Searcher:
             self.index = self.open()
         self.results = self.index.search(item, **self.options, reranker=self.reranker)
         return [r.to_json() for r in self.results]
+
+    def fs_paths(self, records: list[dict]) -> list[str]:
+        """The paths of the last search's files as the OS needs them (a server's records hold display paths)."""
+        return [r.fs_path or r.path for r in self.results] if self.results else [r["path"] for r in records]
 
     def search_remotely(self, item: dict) -> list[dict] | None:
         from .client import ServerError
@@ -606,6 +641,26 @@ class Searcher:
         raise typer.Exit(EXIT_FAILED)
 
 
+def check_under(under: Path | None) -> None:
+    """A --under that is no folder here is a mistyped one: say so, rather than find nothing."""
+    if under is not None and not under.expanduser().is_dir():
+        raise InputError(f"--under {under}: {'not a folder' if under.expanduser().exists() else 'no such folder'}")
+
+
+def with_dates(records: list[dict], fs_paths: list[str]) -> list[dict]:
+    """The records with the date that `--sort date` orders by, for tables: when taken, else when modified."""
+    import datetime as dt
+
+    def modified(path: str) -> str:
+        try:
+            return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc).isoformat()
+        except OSError:
+            return ""
+
+    return [{**r, "date": (r.get("taken_at") or modified(path))[:19]} for r, path in zip(records, fs_paths,
+                                                                                       strict=True)]
+
+
 def check_device(device: str) -> None:
     """A bad --device fails at once, before any index is read or model loaded."""
     if device != "auto":
@@ -616,8 +671,6 @@ def check_device(device: str) -> None:
 
 def read_queries(path: Path) -> list[str]:
     """The lines of a --queries file; one that cannot be read is a one-line error before any model work."""
-    from .errors import InputError
-
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -648,7 +701,8 @@ def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None
 
 @app.command()
 def rerank(
-    query: Annotated[str, typer.Argument(help="Query text ('' with --image for an image-only query).")],
+    query: Annotated[str | None, typer.Argument(help=(
+        "Query text. With --image it may be left out: a first argument that is a file is then a candidate."))] = None,
     candidates: Annotated[list[str] | None, typer.Argument(
         help="Files to rank; without them, read paths or `search --jsonl` lines from stdin.")] = None,
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
@@ -667,6 +721,10 @@ def rerank(
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     check_device(device)
+    if image and query is not None and os.path.isfile(query):  # `rerank --image q.jpg a.jpg b.jpg`
+        query, candidates = None, [query, *(candidates or [])]
+    if not (query or image):
+        raise InputError("give a query: TEXT, --image FILE, or both")
     rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")
@@ -791,6 +849,7 @@ def dupes(
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     kinds_of(kind)
+    check_under(under)
     groups = find_duplicates(open_index(index_dir or default_index_dir()),
                              DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
     records = [g.to_json(n) for n, g in enumerate(groups, 1)]
@@ -883,7 +942,7 @@ def main() -> None:
         if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into exit code 130
             typer.echo("qvlsearch: interrupted", err=True)
     except QvlsearchError as exc:
-        typer.echo(f"qvlsearch: {exc}", err=True)
+        typer.echo(f"qvlsearch: {exc.as_option() if isinstance(exc, SettingError) else exc}", err=True)
         code = EXIT_USAGE
     except OutputClosed:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing is left to flush at exit

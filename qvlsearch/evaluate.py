@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import QvlsearchError
 from .fs import display_path
+from .indexer import MIN_DIM
 from .quantize import binary_encode
 from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
 from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
@@ -146,9 +147,9 @@ def parse_settings(dims: str | Sequence[int | str] | None, quantize: str | Seque
     dim_list = []
     for value in items(dims) if dims is not None else [str(manifest["dim"])]:
         dim = full if value == "full" else int(value) if value.isdigit() else 0
-        if not 1 <= dim <= full:
-            raise EvalInputError(f"--dims: {value!r} is not a dimension; give numbers up to {full} or 'full', "
-                                 "such as 128,256,full")
+        if not MIN_DIM <= dim <= full:
+            raise EvalInputError(f"--dims: {value!r} is not a dimension qvlsearch searches at; give numbers from "
+                                 f"{MIN_DIM} to {full} or 'full', such as 128,256,full")
         dim_list.append(dim)
     quantizations = items(quantize) if quantize is not None else [manifest["quantize"]]
     for value in quantizations:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
-from .errors import MediaError
+from .errors import MediaError, SettingError, check_setting
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
+from .limits import VisionOptions
 from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
@@ -37,6 +39,7 @@ from .parallel import prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
+REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
 
 log = logging.getLogger("qvlsearch")
 
@@ -309,17 +312,51 @@ def check_compatible(store: Store, wanted: dict[str, Any]) -> None:
     differ = [k for k in wanted if have.get(k) != wanted[k]]
     if differ:
         pairs = ", ".join(f"{k}: index has {have.get(k)!r}, asked {wanted[k]!r}" for k in differ)
-        raise StoreError(
-            f"index {store.path} was built with other settings ({pairs}); use those settings, or change dim, "
-            "quantization and index type without the model via `qvlsearch reindex`, or start a new index "
-            "with --index DIR"
-        )
+        reindex = ("change dim, quantization and index type without the model via `qvlsearch reindex`, or "
+                   if set(differ) & set(REINDEXABLE) else "")
+        raise StoreError(f"index {store.path} was built with other settings ({pairs}); use those settings, or "
+                         f"{reindex}start a new index with --index DIR")
+
+
+MIN_DIM = 32  # the narrowest Matryoshka cut qvlsearch takes (as Embedder.embed's dim)
+
+
+def check_dim(dim: int, quantize: str, full_dim: int | None = None, name: str = "dim") -> None:
+    """The width of the search vectors: from MIN_DIM to the model's (`full_dim`, where known), a multiple of 8
+    for binary codes."""
+    rule = f"an integer from {MIN_DIM} to the model's hidden size {full_dim}" if full_dim else None
+    check_setting(name, dim, MIN_DIM, full_dim, rule=rule)
+    if quantize == "binary" and dim % 8:
+        raise SettingError(name, "a multiple of 8 with binary quantization (8 dimensions make a byte)", dim)
+
+
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZATIONS:
+        raise SettingError("quantize", f"one of {', '.join(QUANTIZATIONS)}", quantize)
+
+
+def check_structure(dim: int, quantize: str, index_type: str, full_dim: int) -> None:
+    """The search structure's settings, before any work: width, quantization and a FAISS type that builds."""
+    check_quantize(quantize)
+    check_dim(dim, quantize, full_dim)
+    check_factory(index_type, dim)
 
 
 def validate(options: IndexOptions) -> None:
-    """Options that are wrong whatever the index holds; the index type is checked once the dimension is known."""
-    if options.quantize is not None and options.quantize not in QUANTIZATIONS:
-        raise StoreError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {options.quantize!r}")
+    """Refuse options that are wrong whatever the index holds (a SettingError naming the option); the
+    dimension's upper bound and the index type are checked once the model's width is known."""
+    if options.quantize is not None:
+        check_quantize(options.quantize)
+    if options.dim is not None:
+        check_dim(options.dim, options.quantize or "none")
+    VisionOptions(options.min_pixels, options.max_pixels, options.total_pixels, options.fps, options.max_frames)
+    if options.moment_seconds not in (None, 0):
+        check_setting("moment_seconds", options.moment_seconds, 1, integer=False,
+                      rule="0 (no moments) or a number of seconds of at least 1")
+    for name in ("max_pages", "batch_size", "workers", "ray_workers", "commit_every"):
+        if getattr(options, name) is not None:
+            check_setting(name, getattr(options, name), 1)
+    check_setting("commit_seconds", options.commit_seconds, 0, integer=False, above=True)
     if options.device not in (None, "auto"):
         from .qwen import pick_device
 
@@ -327,20 +364,52 @@ def validate(options: IndexOptions) -> None:
 
 
 def lock_index(index_dir: Path, wait: bool) -> FileLock:
-    """The one-writer lock; the OS releases it when its process dies, so a stale lock is never a problem."""
-    index_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(index_dir / "lock", timeout=0)
+    """The one-writer lock; the OS releases it when its process dies, so a stale lock is never a problem.
+    A folder that cannot be made or written to is a StoreError."""
     try:
-        lock.acquire()
-    except Timeout:
-        holder = (index_dir / "lock.pid").read_text().strip() if (index_dir / "lock.pid").exists() else "?"
-        if not wait:
-            raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
-                             "wait for it to finish or pass --wait") from None
-        log.warning("waiting for another qvlsearch index (pid %s) writing to %s", holder, index_dir)
-        lock.acquire(timeout=-1)
-    (index_dir / "lock.pid").write_text(f"{os.getpid()}\n")
+        while True:
+            index_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(index_dir / "lock", timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                holder = (index_dir / "lock.pid").read_text().strip() if (index_dir / "lock.pid").exists() else "?"
+                if not wait:
+                    raise StoreError(f"another qvlsearch index (pid {holder}) is writing to {index_dir}; "
+                                     "wait for it to finish or pass --wait") from None
+                log.warning("waiting for another qvlsearch index (pid %s) writing to %s", holder, index_dir)
+                lock.acquire(timeout=-1)
+            if (index_dir / "lock").exists():
+                break
+            lock.release()  # a first run that failed removed the folder while this one waited: make it again
+        (index_dir / "lock.pid").write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        verb = "write to" if index_dir.is_dir() else "create"
+        raise StoreError(f"cannot {verb} the index folder {index_dir}: {exc.strerror or exc}; pass --index a "
+                         "folder you can write to") from None
     return lock
+
+
+def undo_first_run(index_dir: Path) -> Callable[[], None]:
+    """For a run into a folder without an index: what removes the folders and files it made (lock, segments),
+    to be called while holding the lock when the run ends without a commit; otherwise a no-op."""
+    index_dir = Path(os.path.abspath(index_dir))
+    if (index_dir / "manifest.json").exists():
+        return lambda: None
+    missing = [p for p in (index_dir, *index_dir.parents) if not p.exists()]
+    before = set() if missing else set(os.listdir(index_dir))
+
+    def undo() -> None:
+        if (index_dir / "manifest.json").exists():
+            return
+        made = missing[-1:] or [index_dir / name for name in set(os.listdir(index_dir)) - before]
+        for path in made:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    return undo
 
 
 class Indexer:
@@ -371,6 +440,7 @@ class Indexer:
         if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
             self.update(self.open_store(), roots)
         else:
+            undo = undo_first_run(self.index_dir)
             lock = lock_index(self.index_dir, self.wait)
             try:
                 store = self.open_store()
@@ -379,6 +449,7 @@ class Indexer:
                 finally:
                     store.commit()  # also on Ctrl-C: keep what is done
             finally:
+                undo()  # a first run that failed before its first commit leaves nothing behind
                 lock.release()
         self.summary.seconds = time.monotonic() - started
         return self.summary
@@ -389,22 +460,23 @@ class Indexer:
             if not self.dry_run:
                 store.tidy()  # what a killed writer left behind goes; the view catches up
             m, o = store.manifest, self.options
-            # moments and pages follow the index; one made before them adopts them
-            o = self.options = replace(o, **{k: v if v is not None else m.get(k, default) for k, v, default in (
-                ("moment_seconds", o.moment_seconds, MOMENT_SECONDS), ("max_pages", o.max_pages, MAX_PAGES))})
+            # moments and pages follow the index; one made before them (no value, or None as a schema-1 upgrade
+            # wrote it) takes the value asked, else the default
+            unset = {k for k in ("moment_seconds", "max_pages") if m.get(k) is None}
+            o = self.options = replace(o, **{k: v if v is not None else default if k in unset else m[k]
+                                             for k, v, default in (("moment_seconds", o.moment_seconds, MOMENT_SECONDS),
+                                                                   ("max_pages", o.max_pages, MAX_PAGES))})
             wanted = settings_of(o, o.dim or m["dim"], o.quantize or m["quantize"], o.index_type or m["index_type"])
-            check_compatible(store, {k: v for k, v in wanted.items() if k in m})
+            check_compatible(store, {k: v for k, v in wanted.items() if k in m and k not in unset})
             m.update(moment_seconds=o.moment_seconds, max_pages=o.max_pages)
             return store
         self.options = replace(self.options, moment_seconds=MOMENT_SECONDS if self.options.moment_seconds is None
                                else self.options.moment_seconds, max_pages=self.options.max_pages or MAX_PAGES)
         full_dim = model_hidden_size(self.options.model)
         dim = self.options.dim or full_dim
-        if not 32 <= dim <= full_dim:
-            raise StoreError(f"--dim must be between 32 and the model's hidden size {full_dim}, got {dim}")
         settings = settings_of(self.options, dim, self.options.quantize or "none", self.options.index_type or "flat")
+        check_structure(dim, settings["quantize"], settings["index_type"], full_dim)
         settings["model_revision"] = model_revision(self.options.model)
-        check_factory(settings["index_type"], dim)
         self.store = Store.create(self.index_dir, settings, full_dim)
         self.store.manifest["metadata_version"] = METADATA_VERSION
         return self.store

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, MediaError
+from .errors import InputError, MediaError, SettingError, check_setting
+from .limits import LIMITS, VisionOptions
 from .pages import PdfPage
 
 # qwen-vl-utils chooses its video reader once, at import; its torchvision reader is broken
@@ -47,17 +48,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".t
 IMAGE_PATCH_SIZE = 16
 URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class VisionOptions:
-    """Resizing and sampling limits, as in the official constructors."""
-
-    min_pixels: int = 4096
-    max_pixels: int = 1843200
-    total_pixels: int = 7864320
-    fps: float = 1.0
-    max_frames: int = 64
 
 
 @dataclass
@@ -135,6 +125,12 @@ def check_item(item: Any, index: int | None = None) -> Mapping:
     for image in _as_list(item.get("image")) if item.get("image") is not None else []:
         if not isinstance(image, (str, os.PathLike, Image.Image, PdfPage)):
             raise InputError(f"{where}: image must be a path, URL, PIL image or PdfPage, got {type(image).__name__}")
+    for key in ("fps", "max_frames"):
+        try:
+            if item.get(key) is not None:
+                check_setting(key, item[key], **LIMITS[key])
+        except SettingError as exc:
+            raise InputError(f"{where}: {exc}") from None
     for key in ("video_start", "video_end"):
         if item.get(key) is not None and not isinstance(item[key], (int, float)):
             raise InputError(f"{where}: {key} must be a number of seconds, got {type(item[key]).__name__}")

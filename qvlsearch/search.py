@@ -25,7 +25,7 @@ from .errors import InputError
 from .fs import KindError, file_item
 from .moments import MOMENT_FRAMES
 from .pages import PdfPage
-from .store import Snapshot, StoreError, normalized, read_manifest
+from .store import Snapshot, StoreError, commit_key, normalized, read_manifest
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
@@ -243,8 +243,8 @@ class SearchIndex:
             self.__dict__.pop(cached, None)
 
     def refresh(self) -> bool:
-        """Follow the writer: reopen when a newer generation has been committed; True if it did."""
-        if read_manifest(self.path).get("generation") == self.manifest.get("generation"):
+        """Follow the writer: reopen when another commit is the newest (also of a rebuilt index); True if it did."""
+        if commit_key(read_manifest(self.path)) == commit_key(self.manifest):
             return False
         self.read_index()
         return True

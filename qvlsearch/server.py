@@ -43,7 +43,7 @@ from .embedder import Embedder, Embedding
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import check_item, is_data_uri
 from .search import SearchIndex, open_index, query_item
-from .store import Snapshot, StoreError, read_manifest
+from .store import Snapshot, StoreError, commit_key, read_manifest
 
 log = logging.getLogger("qvlsearch")
 
@@ -169,10 +169,10 @@ class ServedIndex:
         self.changed = threading.Condition()
         self.readers = 0
         self.refreshing = False
-        self.roots_of: tuple[int | None, list[str]] = (None, [])
+        self.roots_of: tuple[tuple | None, list[str]] = (None, [])
 
     def refresh(self) -> None:
-        if read_manifest(self.index.path).get("generation") == self.index.manifest.get("generation"):
+        if commit_key(read_manifest(self.index.path)) == commit_key(self.index.manifest):
             return
         with self.changed:
             self.changed.wait_for(lambda: not self.refreshing)
@@ -200,11 +200,11 @@ class ServedIndex:
                 self.changed.notify_all()
 
     def roots(self) -> list[str]:
-        """The folders and files the index was built from (re-read when its generation changes)."""
-        generation = read_manifest(self.index.path).get("generation")
-        if self.roots_of[0] != generation:
+        """The folders and files the index was built from (re-read when another commit is the newest)."""
+        key = commit_key(read_manifest(self.index.path))
+        if self.roots_of[0] != key:
             roots = Snapshot(self.index.path, ["root"], with_index=False).items["root"].unique().to_pylist()
-            self.roots_of = (generation, sorted(root for root in roots if root))
+            self.roots_of = (key, sorted(root for root in roots if root))
         return self.roots_of[1]
 
 

@@ -29,8 +29,11 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def write_schema1_index(path: Path, settings: dict[str, Any], full_dim: int, rows: list[dict[str, Any]],
                         vectors: dict[int, np.ndarray], id_map: bool = False) -> None:
-    """One commit of 0.1.0's Store: items-000001.parquet, index-000001.faiss, vectors-000001.npz, manifest.json."""
+    """One commit of 0.1.0's Store: items-000001.parquet, index-000001.faiss, vectors-000001.npz, manifest.json.
+    Its settings had no moments or pages: `moment_seconds` and `max_pages` are left out."""
     import faiss
+
+    settings = {k: v for k, v in settings.items() if k not in ("moment_seconds", "max_pages")}
 
     path.mkdir(parents=True, exist_ok=True)
     gen = 1

@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
-from conftest import PHOTOS
+import pytest
+from conftest import PHOTOS, SAMPLE_DATA
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qvlsearch", *args], input=stdin, capture_output=True, text=True, env=ENV, timeout=300
-    )
+def run(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qvlsearch", *args], input=stdin, capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=300)
+
+
+def refused(result: subprocess.CompletedProcess) -> str:
+    """The one `qvlsearch: ` line of a run refused as a usage error (exit 2)."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("qvlsearch: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+NOTES = {"cats.txt": 2001, "bees and flowers.txt": 2002, "chess.txt": 2003}  # each with its mtime's year
+
+
+@pytest.fixture(scope="module")
+def notes_index(tmp_path_factory, checkpoints) -> Path:
+    """An index of three notes (in notes/ beside it), last modified on June 1 of 2001, 2002 and 2003."""
+    root = tmp_path_factory.mktemp("notes-index") / "notes"
+    root.mkdir()
+    for name, year in NOTES.items():
+        shutil.copy(SAMPLE_DATA / "notes" / name, root / name)
+        stamp = dt.datetime(year, 6, 1, tzinfo=dt.timezone.utc).timestamp()
+        os.utime(root / name, (stamp, stamp))
+    index = root.parent / "index"
+    assert run("index", str(root), "--index", str(index), "--model", str(checkpoints["embedder"])).returncode == 0
+    return index
 
 
 def test_help_lists_commands_and_does_not_import_torch():
@@ -97,6 +124,91 @@ def test_library_warnings_reach_stderr_only_with_verbose():
     quiet, verbose = (subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True, timeout=60)
                       for flag in ("q", "v"))
     assert quiet.stderr == "" and "a library talks" in verbose.stderr
+
+
+def test_settings_are_checked_for_library_users_and_items_too(checkpoints):
+    from qvlsearch import Embedder, InputError
+    from qvlsearch.errors import SettingError
+    from qvlsearch.indexer import Indexer, IndexOptions
+    from qvlsearch.limits import LIMITS
+    from qvlsearch.media import vision_process
+
+    started = time.monotonic()
+    with pytest.raises(SettingError, match=r"^max_pixels must be an integer from 4096 to 16777216, got 10$"):
+        Embedder(str(checkpoints["embedder"]), max_pixels=10)
+    with pytest.raises(InputError, match=r"^fps must be a number above 0, got 0$"):
+        Indexer("unused", IndexOptions(model=str(checkpoints["embedder"]), fps=0))
+    assert time.monotonic() - started < 1  # refused before any model is loaded
+    token = (16 * vision_process.SPATIAL_MERGE_SIZE) ** 2  # the limits restate qwen-vl-utils' own
+    assert LIMITS["max_pixels"] == {"low": vision_process.IMAGE_MIN_TOKEN_NUM * token,
+                                    "high": vision_process.IMAGE_MAX_TOKEN_NUM * token}
+    assert LIMITS["total_pixels"]["low"] == vision_process.VIDEO_MIN_TOKEN_NUM * token
+    assert LIMITS["max_frames"]["low"] == vision_process.FRAME_FACTOR
+    lines = '{"text": "a", "fps": 0}\n{"text": "b", "max_frames": 1}\n{"text": "c", "fps": 2}\n'
+    result = run("embed", "-", "--model", str(checkpoints["embedder"]), stdin=lines)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1 and "vector" in records[2]
+    assert records[0]["error"] == "item 0: fps must be a number above 0, got 0"
+    assert records[1]["error"] == "item 1: max_frames must be an integer of at least 2, got 1"
+
+
+def test_eval_refuses_dims_under_32(tmp_path, notes_index):
+    (tmp_path / "q.jsonl").write_text('{"id": "q1", "text": "cats"}\n')
+    (tmp_path / "qrels.tsv").write_text(f"q1\t{notes_index.parent / 'notes' / 'cats.txt'}\t1\n")
+    result = run("eval", str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"), "--index",
+                 str(notes_index), "--dims", "16,full")
+    assert "--dims: '16' is not a dimension qvlsearch searches at; give numbers from 32 to 64" in refused(result)
+
+
+def test_embed_uses_the_index_model_and_needs_an_input(checkpoints, notes_index):
+    model = ["--model", str(checkpoints["embedder"])]
+    expected = json.loads(run("embed", "a cat", *model).stdout)["vector"]
+    for how in ({"env": {"QVLSEARCH_INDEX": str(notes_index)}}, {}):
+        args = ("--index", str(notes_index)) if not how else ()
+        result = run("embed", "a cat", *args, **how)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["vector"] == expected
+    assert "nothing to embed" in refused(run("embed", *model))
+    assert "nothing to embed" in refused(run("embed", "", "--instruction", "Represent it.", *model))
+    assert "no items on stdin" in refused(run("embed", "-", *model, stdin="\n"))
+
+
+def test_search_queries_take_json_and_paths_and_refuse_what_they_ignored(tmp_path, notes_index):
+    index = ["--index", str(notes_index), "-k", "2"]
+    (tmp_path / "queries.txt").write_text("cats\nchess\n")
+    queries = ["--queries", str(tmp_path / "queries.txt")]
+    as_json = run("search", *queries, *index, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [line["query"] for line in lines] == ["cats", "chess"]
+    assert all(len(line["results"]) == 2 and line["results"][0]["rank"] == 1 for line in lines)
+    paths = run("search", *queries, *index, "--paths").stdout.splitlines()
+    found = {r["path"] for line in lines for r in line["results"]}
+    assert sorted(paths) == sorted(found) and len(paths) == len(set(paths))  # each file once
+    assert "a query TEXT cannot go with it" in refused(run("search", "cats", *queries, *index))
+    assert "--contact-sheet cannot go with it" in refused(
+        run("search", *queries, *index, "--contact-sheet", str(tmp_path / "sheet.jpg")))
+
+
+def test_search_names_a_mistyped_folder_and_shows_the_date_it_sorts_by(tmp_path, notes_index):
+    index = ["--index", str(notes_index)]
+    folder = notes_index.parent / "no-such-folder"
+    assert refused(run("search", "cats", *index, "--under", str(folder))) == (
+        f"qvlsearch: --under {folder}: no such folder\n")
+    result = run("search", "cats", *index, "--sort", "date")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[2] for row in rows] == [f"{year}-06-01T00:00:00" for year in (2003, 2002, 2001)]
+    assert [Path(row[4]).name for row in rows] == ["chess.txt", "bees and flowers.txt", "cats.txt"]
+
+
+def test_rerank_with_an_image_query_takes_every_file_as_a_candidate(checkpoints):
+    reranker = ["--reranker", str(checkpoints["reranker"])]
+    files = [str(PHOTOS / name) for name in ("bee.jpg", "cake.jpg")]
+    result = run("rerank", "--image", str(PHOTOS / "cat.jpg"), *files, *reranker, "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in json.loads(result.stdout)) == files
+    assert "give a query" in refused(run("rerank", *reranker, stdin=files[0] + "\n"))
 
 
 COMMANDS = ["embed", "index", "info", "reindex", "optimize", "search", "rerank", "serve", "dupes", "eval"]

@@ -663,3 +663,73 @@ def test_a_local_model_is_stored_as_its_resolved_path(tmp_path, checkpoints, opt
     run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model)), embedder)
     assert run_index(tmp_path / "p", [root], options, embedder).summary.unchanged == 1
     assert run_index(tmp_path / "p", [root], dataclasses.replace(options, model=Path(model))).summary.unchanged == 1
+
+
+def test_binary_codes_need_a_dim_that_is_a_multiple_of_8_before_any_work(tmp_path, checkpoints):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    model = ["--model", str(checkpoints["embedder"])]
+    refused = cli("index", str(root), "--index", str(tmp_path / "i"), "--quantize", "binary", "--dim", "36", *model)
+    assert "--dim must be a multiple of 8 with binary quantization" in one_line_error(refused)
+    assert not (tmp_path / "i").exists()
+    assert cli("index", str(root), "--index", str(tmp_path / "i"), "--dim", "36", *model).returncode == 0
+    assert cli("reindex", "--index", str(tmp_path / "b"), "--quantize", "binary").returncode == 2  # no index there
+    generation = json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"]
+    for change in (["--quantize", "binary"], ["--quantize", "binary", "--dim", "44"]):
+        refused = cli("reindex", "--index", str(tmp_path / "i"), *change)
+        assert "multiple of 8" in one_line_error(refused)
+    assert cli("reindex", "--index", str(tmp_path / "i"), "--quantize", "binary", "--dim", "40").returncode == 0
+    assert "multiple of 8" in one_line_error(cli("reindex", "--index", str(tmp_path / "i"), "--dim", "36"))
+    assert json.loads((tmp_path / "i" / "manifest.json").read_text())["generation"] == generation + 1
+
+
+def test_an_index_folder_that_cannot_be_made_is_one_line_and_a_failed_first_run_leaves_nothing(tmp_path,
+                                                                                              checkpoints):
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop root's write-everywhere capability")
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    model = ["--model", str(checkpoints["embedder"])]
+    (tmp_path / "a-file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    for folder, reason, user in ((tmp_path / "a-file" / "index", "Not a directory", []),
+                                 (Path("/proc/qvlsearch-index"), "No such file or directory", []),
+                                 (locked / "index", "Permission denied", drop)):
+        result = subprocess.run([*user, sys.executable, "-m", "qvlsearch", "index", str(root), "--index", str(folder),
+                                 *model], capture_output=True, text=True, env=ENV, timeout=300)
+        assert one_line_error(result) == (f"qvlsearch: cannot create the index folder {folder}: {reason}; pass "
+                                          "--index a folder you can write to\n")
+    assert list(locked.iterdir()) == []
+    # a first run that fails after taking the lock (no such model, an index type FAISS cannot build at this
+    # width) takes away the folders it made, and in a folder that was there, the files
+    missing_model = cli("index", str(root), "--index", str(tmp_path / "new" / "index"), "--model",
+                        str(tmp_path / "no-model"))
+    assert "cannot load model" in one_line_error(missing_model)
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "IVF4,PQ7" in one_line_error(cli("index", str(root), "--index", str(empty), "--index-type", "IVF4,PQ7",
+                                            *model))
+    assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize(("option", "value", "rule"), [
+    ("--fps", "0", "a number above 0"), ("--max-frames", "1", "an integer of at least 2"),
+    ("--max-frames", "0", "an integer of at least 2"),
+    ("--moment-seconds", "-5", "0 (no moments) or a number of seconds of at least 1"),
+    ("--max-pixels", "10", "an integer from 4096 to 16777216"),
+    ("--min-pixels", "8192", "an integer from 1 to the largest image size (4096)"),
+    ("--total-pixels", "1000", "an integer of at least 131072"), ("--max-pages", "0", "an integer of at least 1"),
+    ("--dim", "16", "an integer of at least 32"), ("--commit-every", "0", "an integer of at least 1"),
+])
+def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, checkpoints, option, value, rule):
+    root = tmp_path / "r"
+    make_image(root / "a.png")
+    extra = ["--max-pixels", "4096"] if option == "--min-pixels" else []
+    result = cli("index", str(root), "--index", str(tmp_path / "i"), option, value, *extra, "--model",
+                 str(checkpoints["embedder"]))
+    number = float(value) if option in ("--fps", "--moment-seconds") else int(value)
+    assert one_line_error(result) == f"qvlsearch: {option} must be {rule}, got {number!r}\n"
+    assert not (tmp_path / "i").exists()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,20 @@ from test_index import ENV, assert_consistent, cli, vectors_by_path
 
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
-from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError, now, segments, writer
+from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError, now, read_manifest, segments, writer
 
 SETTINGS = {"model": "synthetic", "model_revision": None, "dim": 32, "quantize": "none", "index_type": "flat",
             "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
 
 
-def add(store: Store, count: int, rng: np.random.Generator, full_dim: int = 32) -> list[int]:
+def add(store: Store, count: int, rng: np.random.Generator, full_dim: int = 32, root: str = "/x") -> list[int]:
     """`count` synthetic ok rows with random unit vectors; returns their ids."""
     ids = []
     for _ in range(count):
         vector = rng.normal(size=full_dim)
         item_id = store.new_id()
-        ids.append(store.put({"id": item_id, "path": f"/x/{item_id}.txt", "path_bytes": f"/x/{item_id}.txt".encode(),
-                              "root": "/x", "kind": "text", "status": "ok", "indexed_at": now()},
+        ids.append(store.put({"id": item_id, "path": f"{root}/{item_id}.txt", "path_bytes": f"{root}/{item_id}.txt"
+                              .encode(), "root": root, "kind": "text", "status": "ok", "indexed_at": now()},
                              vector / np.linalg.norm(vector)))
     return ids
 
@@ -194,6 +195,36 @@ def test_a_schema1_index_is_read_then_upgraded_without_the_model(tmp_path, texts
             == [new.result(0, int(i), 0).path for i in want[1]])
     np.testing.assert_allclose(hits[0], want[0], atol=1e-6)
     assert_consistent(tmp_path / "old")
+
+
+def test_a_schema1_index_takes_moments_after_the_upgrade(tmp_path, checkpoints, embedder):
+    """0.1.0 had no moments: the upgraded index takes the default, or the value asked, for the videos to come."""
+    from test_index import SAMPLE_DATA
+
+    corpus = tmp_path / "notes"
+    shutil.copytree(SAMPLE_DATA / "notes", corpus)
+    options = IndexOptions(model=str(checkpoints["embedder"]))
+    Indexer(tmp_path / "new", options, embedder=embedder).run([corpus])
+    snapshot = Snapshot(tmp_path / "new")
+    rows = snapshot.items.to_pylist()
+    ok = [r["id"] for r in rows if r["status"] == "ok"]
+    vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
+    settings = {k: snapshot.manifest[k] for k in writer.SETTINGS_KEYS}
+    for name in ("default", "asked"):
+        write_schema1_index(tmp_path / name, settings, snapshot.manifest["full_dim"], rows, vectors)
+    shutil.copy(SAMPLE_DATA / "videos" / "red, then blue, then a moving checkerboard.mp4", corpus / "parts.mp4")  # 30 s
+    Indexer(tmp_path / "default", options, embedder=embedder).run([corpus])
+    asked = cli("index", str(corpus), "--index", str(tmp_path / "asked"), "--model", str(checkpoints["embedder"]),
+                "--moment-seconds", "15")
+    assert asked.returncode == 0, asked.stderr
+    for name, seconds, moments in (("default", 10.0, 3), ("asked", 15.0, 2)):
+        store = assert_consistent(tmp_path / name)
+        assert store.manifest["schema_version"] == 2 and store.manifest["moment_seconds"] == seconds
+        video = [r for r in store.rows.values() if r["path"].endswith("parts.mp4")]
+        assert len(video) == 1 + moments and sum(r["start_s"] is not None for r in video) == moments
+    refused = cli("index", str(corpus), "--index", str(tmp_path / "asked"), "--moment-seconds", "20")
+    assert refused.returncode == 2 and "moment_seconds: index has 15.0, asked 20.0" in refused.stderr
+    assert "reindex" not in refused.stderr  # it cannot change moments
 
 
 WRITER = textwrap.dedent("""
@@ -401,3 +432,175 @@ def test_unchanged_files_do_not_cut_a_run_into_one_file_commits(tmp_path, checkp
     Indexer(tmp_path / "i", options, embedder=embedder).run([root])
     segments = Snapshot(tmp_path / "i").manifest["segments"]
     assert len(segments) == before + 1 and segments[-1]["rows"] == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A filesystem of 4 MiB of its own, to fill up for real (tmpfs: mounting needs root, as here and in CI)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def fill(disk: Path, free: int) -> None:
+    """Leave `free` bytes free on `disk` (a filler file takes the rest)."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    stat = os.statvfs(disk)
+    filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - free))
+
+
+MERGE = textwrap.dedent("""
+    import sys, numpy as np
+    from qvlsearch.store import Store, StoreError, now
+    store, rng = Store.open(sys.argv[1]), np.random.default_rng(9)
+    for _ in range(100):
+        item_id, vector = store.new_id(), rng.normal(size=512)
+        store.put({"id": item_id, "path": f"/x/{item_id}", "path_bytes": b"/x/%d" % item_id, "root": "/x",
+                   "kind": "text", "status": "ok", "indexed_at": now()}, vector / np.linalg.norm(vector))
+    try:
+        store.commit()
+    except StoreError as exc:
+        sys.exit(f"qvlsearch: {exc}")
+""")
+
+
+@pytest.mark.parametrize("merge", ["optimize", "commit"])
+def test_a_disk_that_fills_up_during_a_merge_is_one_line_and_the_next_run_is_fine(small_disk, merge):
+    """The merged vectors (about 1 MB here) do not fit: an error, not a bus error (SIGBUS) from a memory map."""
+    path = small_disk / "i"
+    store = Store.create(path, SETTINGS, 512)
+    rng = np.random.default_rng(8)
+    for _ in range(9):  # nine segments of 100 rows: the tenth makes a merge
+        add(store, 100, rng, full_dim=512)
+        store.commit()
+    generation = store.manifest["generation"]
+    fill(small_disk, 400 * 1024)  # room for a segment of 100 rows, not for a merge of 900 or 1000
+    if merge == "optimize":
+        result = cli("optimize", "--index", str(path))
+    else:
+        result = subprocess.run([sys.executable, "-c", MERGE, str(path)], capture_output=True, text=True, env=ENV)
+    assert result.returncode == (2 if merge == "optimize" else 1), (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("qvlsearch: cannot write to")
+    assert "No space left on device" in result.stderr and "intact at its last commit" in result.stderr
+    assert Snapshot(path).manifest["generation"] == generation
+    assert not [p for p in (path / "segments").iterdir() if p.name.startswith(".")]  # no temporary file left
+    (small_disk / "filler").unlink()
+    if merge == "optimize":
+        assert cli("optimize", "--index", str(path)).returncode == 0
+    else:
+        again = subprocess.run([sys.executable, "-c", MERGE, str(path)], capture_output=True, text=True, env=ENV)
+        assert again.returncode == 0, again.stderr
+    snapshot = assert_consistent(path)
+    assert len(snapshot.manifest["segments"]) == 1
+    assert snapshot.manifest["counts"]["ok"] == (900 if merge == "optimize" else 1000)
+
+
+def readable(path: Path) -> bool:
+    try:
+        return segments.read_faiss(path, "none").ntotal >= 0
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("rows, view", [(10, "links"), (300, "copies")])
+def test_a_commit_on_a_disk_that_fills_up_switches_whole_or_not_at_all(small_disk, monkeypatch, caplog, rows, view):
+    """With every amount of free space, page by page: a commit is a StoreError and the index at its last commit, or
+    it is done; never a FAISS exception, a FAISS file that does not read back, or an error after the commit."""
+    if view == "copies":  # a filesystem without hard links (exFAT, SMB): the view outside tools read is copies
+        def no_links(source, target):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(source))
+
+        monkeypatch.setattr(os, "link", no_links)
+    path = small_disk / "i"
+    store = Store.create(path, SETTINGS, 32)
+    rng = np.random.default_rng(10)
+    add(store, 50, rng)
+    store.commit()
+    generation = store.manifest["generation"]
+    store.remove(list(store.rows)[:5])
+    add(store, rows, rng)
+    for pages in range(200):
+        store.tidy()  # as the next run starts: the files of a failed commit go
+        fill(small_disk, pages * 4096)
+        try:
+            store.commit()
+            break
+        except StoreError as exc:
+            assert "intact at its last commit" in str(exc) and "\n" not in str(exc)
+            assert read_manifest(path)["generation"] == generation
+            assert all(readable(p) for p in (path / "segments").glob("seg-*.faiss"))
+            assert_consistent(path)
+    else:
+        pytest.fail("the commit never fitted")
+    assert store.manifest["generation"] == generation + 1 and pages > 3
+    assert_consistent(path, view=view == "links")
+    if view == "copies":  # the commit stood; the view could not be copied: a warning, and the next writer catches up
+        assert [r for r in caplog.records if r.getMessage().startswith(f"could not tidy {path}: No space left")]
+    (small_disk / "filler").unlink()
+    store.tidy()
+    snapshot = assert_consistent(path)
+    assert snapshot.manifest["counts"]["ok"] == 45 + rows
+
+
+def test_optimize_and_rebuild_keep_out_the_rows_this_writer_deleted(tmp_path):
+    rng = np.random.default_rng(11)
+    store = Store.create(tmp_path / "i", SETTINGS, 32)
+    ids = add(store, 20, rng)
+    store.commit()
+    store.remove(ids[:3])
+    store.commit()
+    store.optimize()
+    assert Snapshot(tmp_path / "i").items["id"].to_pylist() == ids[3:]
+    store.remove(ids[3:5])
+    store.commit()
+    store.rebuild(quantize="int8")
+    assert_consistent(tmp_path / "i")
+    snapshot = Snapshot(tmp_path / "i")
+    assert snapshot.manifest["counts"]["ok"] == 15 and snapshot.items["id"].to_pylist() == ids[5:]
+
+
+def test_a_slow_reader_reads_its_generation_after_a_merge_deleted_its_files(tmp_path, monkeypatch):
+    """A search that loads its model for long reads metadata after a merge (no grace period here)."""
+    monkeypatch.setattr(writer, "GRACE_SECONDS", 0.0)
+    rng = np.random.default_rng(12)
+    store = Store.create(tmp_path / "i", SETTINGS, 32)
+    for _ in range(9):
+        add(store, 3, rng)
+        store.commit()
+    snapshot, index = Snapshot(tmp_path / "i"), SearchIndex(tmp_path / "i")
+    before = snapshot.columns(["path", "indexed_at"])
+    store.remove(list(store.rows)[:2])
+    add(store, 3, rng)
+    store.commit()  # ten segments merge into one; the nine go at once
+    assert len(store.manifest["segments"]) == 1
+    assert not (tmp_path / "i" / "segments" / f"{snapshot.manifest['segments'][0]['name']}.parquet").exists()
+    assert snapshot.columns(["path", "indexed_at"]).equals(before)
+    assert index.metadata.num_rows == 27 and index.item_columns(["path"])["path"].equals(before["path"])
+
+
+def test_a_server_follows_an_index_rebuilt_to_the_same_generation(tmp_path):
+    from qvlsearch.server import ServedIndex
+
+    rng = np.random.default_rng(13)
+
+    def build(root: str) -> None:
+        store = Store.create(tmp_path / "i", SETTINGS, 32)
+        for _ in range(2):
+            add(store, 3, rng, root=root)
+            store.commit()
+
+    build("/first")
+    served = ServedIndex(SearchIndex(tmp_path / "i"))
+    assert served.roots() == ["/first"]
+    generation = served.index.manifest["generation"]
+    shutil.rmtree(tmp_path / "i")
+    build("/second")
+    assert read_manifest(tmp_path / "i")["generation"] == generation
+    with served.newest() as index:
+        assert all(path.startswith("/second/") for path in index.items["path"].to_pylist())
+    assert served.roots() == ["/second"]

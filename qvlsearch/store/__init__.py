@@ -20,6 +20,8 @@ from .files import (
                     SETTINGS_KEYS,
                     StoreError,
                     check_index_folder,
+                    commit_key,
+                    folder_bytes,
                     now,
                     read_manifest,
                     write_atomically,
@@ -37,7 +39,7 @@ from .segments import (
 )
 from .writer import Store, is_file_row
 
-__all__ = ["ITEM_SCHEMA", "SCHEMA_VERSION", "check_index_folder", "SETTINGS_KEYS", "StoreError", "now",
-           "read_manifest", "write_atomically", "OpenSegment", "Snapshot", "StoredVectors", "INDEX_TYPES",
-           "QUANTIZATIONS", "SEAL_ROWS", "build_faiss", "check_factory", "faiss_factory", "normalized", "read_faiss",
-           "Store", "is_file_row"]
+__all__ = ["ITEM_SCHEMA", "SCHEMA_VERSION", "check_index_folder", "commit_key", "SETTINGS_KEYS", "StoreError",
+           "folder_bytes", "now", "read_manifest", "write_atomically", "OpenSegment", "Snapshot", "StoredVectors",
+           "INDEX_TYPES", "QUANTIZATIONS", "SEAL_ROWS", "build_faiss", "check_factory", "faiss_factory", "normalized",
+           "read_faiss", "Store", "is_file_row"]

@@ -6,11 +6,14 @@ a commit let go (listed in the manifest as superseded); no other file and no fol
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,17 +70,33 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp_path)`, fsync, then rename over `path`: a reader sees the old file or the new one."""
+def write_atomically(path: Path, write: Callable[[Path], Any], rows: Callable[[Path], int] | None = None,
+                     expected: int = 0) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`: a reader sees the old file or the new one.
+
+    With `rows`, the file must read back first, `rows(tmp_path) == expected` (a write can fail silently: FAISS
+    ignores an error on closing its file, on a full disk); else OSError, and it is not renamed into place.
+    """
     tmp = tmp_name(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if rows is not None:
+            check_written(tmp, rows, expected)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_written(path: Path, rows: Callable[[Path], int], expected: int) -> None:
+    try:
+        complete = path.stat().st_size > 0 and rows(path) == expected
+    except (OSError, ValueError, RuntimeError):  # Arrow's, NumPy's and FAISS's errors for a cut file
+        complete = False
+    if not complete:
+        raise OSError(errno.EIO, "the file written does not read back (is the disk full?)", str(path))
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -87,7 +106,11 @@ def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, tmp)
     except OSError:
-        shutil.copyfile(source, tmp)
+        try:
+            shutil.copyfile(source, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a copy cut short by a full disk takes no space
+            raise
     os.replace(tmp, target)
 
 
@@ -107,9 +130,28 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """The one atomic step of a commit."""
+    """The one atomic step of a commit; gives `manifest` a new `manifest_id` (unique, also across a rebuilt index)."""
+    manifest["manifest_id"] = uuid.uuid4().hex
     text = json.dumps(manifest, indent=2, default=str) + "\n"
     write_atomically(path / "manifest.json", lambda tmp: tmp.write_text(text))
+
+
+def commit_key(manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """What tells one commit from another: its generation and manifest id (a rebuilt index counts from 1 again)."""
+    return manifest.get("generation"), manifest.get("manifest_id")
+
+
+def folder_bytes(path: Path, skip: tuple[str, ...] = (ITEMS_VIEW, DELETED_VIEW)) -> int:
+    """The bytes of the files below `path` (not in the `skip` folders, which hold links); a file that a writer
+    deletes meanwhile counts as gone."""
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        if Path(folder) == path:
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def check_index_folder(path: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .files import StoreError
 from .segments import read_faiss, read_items
@@ -46,13 +47,15 @@ def legacy_rows_and_vectors(path: Path, manifest: dict[str, Any]) -> tuple[list[
     return rows, {i: v for i, v in vectors.items() if i in ok}
 
 
-def legacy_segment(path: Path, manifest: dict[str, Any], columns: list[str], with_index: bool):
+def legacy_segment(path: Path, manifest: dict[str, Any], columns: list[str], with_index: bool,
+                   items: pq.ParquetFile):
     """The whole schema-1 index as one read-only segment: (rows, ok ids in FAISS row order, their vectors,
-    the FAISS index, whether FAISS answers with item ids (an IDMap2) rather than rows)."""
+    the FAISS index, whether FAISS answers with item ids (an IDMap2) rather than rows); `items`: its item table,
+    held open."""
     import faiss
 
     files = manifest["files"]
-    table = read_items(path / files["items"]).sort_by("id")
+    table = read_items(path / files["items"], file=items).sort_by("id")
     index = read_faiss(path / files["faiss"], manifest["quantize"])
     id_map = hasattr(index, "id_map")  # written with an IDMap2: FAISS holds the ids
     if id_map:

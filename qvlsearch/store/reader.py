@@ -2,6 +2,8 @@
 
 A reader reads the manifest, then its segments. Files a commit supersedes stay for a grace period,
 and a reader that still finds one gone (a very slow open) reads the new manifest and starts again.
+Once open, a snapshot holds its files (item tables open, vectors and FAISS indexes mapped), so that
+it reads its generation whole however long it lives, whatever merges delete meanwhile.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from .files import ITEM_SCHEMA, SEGMENTS, StoreError, read_manifest
-from .segments import ok_positions, read_deleted, read_faiss, read_items, read_vectors
+from .files import ITEM_SCHEMA, SEGMENTS, StoreError, commit_key, read_manifest
+from .segments import ok_positions, open_items, read_deleted, read_faiss, read_items, read_vectors
 
 OPEN_TRIES = 5
 
@@ -48,7 +51,7 @@ class Snapshot:
                 self.load(columns, with_index)
                 return
             except FileNotFoundError as exc:
-                if read_manifest(self.path).get("generation") == self.manifest.get("generation"):
+                if commit_key(read_manifest(self.path)) == commit_key(self.manifest):
                     raise StoreError(f"{exc.filename} is missing from the index at {self.path}; run `qvlsearch "
                                      "optimize` (it drops what cannot be read), then `qvlsearch index` to embed those "
                                      "files again") from None
@@ -58,13 +61,17 @@ class Snapshot:
         m = self.manifest
         wanted = list(dict.fromkeys(["id", "status", *columns]))
         self.deleted = np.zeros(0, dtype=np.int64)
+        self.item_files: list[tuple[Path, pq.ParquetFile]] = []  # held open, for `columns`
         if m["schema_version"] == 1:
             from .legacy import legacy_segment
 
             if not m.get("files", {}).get("items"):
                 self.segments, self.items = [], ITEM_SCHEMA.empty_table().select(columns)
                 return
-            table, ok_ids, vectors, index, id_map = legacy_segment(self.path, m, wanted, with_index)
+            items = self.path / m["files"]["items"]
+            self.item_files = [(items, open_items(items))]
+            table, ok_ids, vectors, index, id_map = legacy_segment(self.path, m, wanted, with_index,
+                                                                   self.item_files[0][1])
             self.segments = [OpenSegment("legacy", ok_ids, vectors, index, np.zeros(0, dtype=np.int64), id_map)]
             self.items = table.select(columns)
             return
@@ -73,7 +80,9 @@ class Snapshot:
         tables, self.segments = [], []
         for segment in m["segments"]:
             stem = self.path / SEGMENTS / segment["name"]
-            table = read_items(stem.with_suffix(".parquet"), wanted)
+            items = stem.with_suffix(".parquet")
+            self.item_files.append((items, open_items(items)))
+            table = read_items(items, wanted, self.item_files[-1][1])
             ok_ids = table["id"].to_numpy()[ok_positions(table)]
             deleted_rows = (np.flatnonzero(np.isin(ok_ids, self.deleted)) if segment["deleted"]
                             else np.zeros(0, np.int64))
@@ -91,11 +100,12 @@ class Snapshot:
         return items.sort_by("id")
 
     def columns(self, names: list[str]) -> pa.Table:
-        """More columns of this generation's live rows, read now, in the order of `items`."""
+        """More columns of this generation's live rows, read now (from the files held open), in the order of
+        `items`."""
         wanted = list(dict.fromkeys(["id", *names]))
+        tables = [read_items(path, wanted, file) for path, file in self.item_files]
         if self.manifest["schema_version"] == 1:
-            return read_items(self.path / self.manifest["files"]["items"], wanted).sort_by("id").select(names)
-        tables = [read_items(self.path / SEGMENTS / f"{s['name']}.parquet", wanted) for s in self.manifest["segments"]]
+            return tables[0].sort_by("id").select(names) if tables else ITEM_SCHEMA.empty_table().select(names)
         return self.live(tables, wanted).select(names)
 
     def __len__(self) -> int:

@@ -7,8 +7,9 @@ tombstones (ids) beside it, and merging writes a new segment from old ones.
 
 from __future__ import annotations
 
+import errno
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,15 @@ def build_faiss(vectors: np.ndarray, dim: int, quantize: str, factory: str, trai
 
 
 def write_faiss(index: Any, path: Path) -> None:
+    """Write a FAISS index; its write errors (RuntimeError) become OSError, as any other file's."""
     import faiss
 
-    (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, str(path))
+    try:
+        (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, str(path))
+    except RuntimeError as exc:
+        reason = faiss_reason(exc)
+        found = re.search(r"write error in .*\(([^()]+)\)$", reason)  # "… 12243 != 128000 (No space left on device)"
+        raise OSError(errno.EIO, found.group(1) if found else reason, str(path)) from None
 
 
 def read_faiss(path: Path, quantize: str) -> Any:
@@ -118,21 +125,36 @@ def read_faiss(path: Path, quantize: str) -> Any:
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
 
 
+def faiss_rows(quantize: str) -> Callable[[Path], int]:
+    """How many vectors a written FAISS file holds, read back (flat codes are mapped, not read)."""
+    return lambda path: read_faiss(path, quantize).ntotal
+
+
+def parquet_rows(path: Path) -> int:
+    return pq.read_metadata(path).num_rows
+
+
+def npy_rows(path: Path) -> int:
+    return len(np.load(path, mmap_mode="r", allow_pickle=False))  # a file shorter than its header says fails
+
+
 def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarray, manifest: dict[str, Any],
                   factory: str, trained: Any = None, vectors_written: bool = False) -> dict[str, Any]:
-    """Write a segment's three files (each atomically); returns its manifest entry.
+    """Write a segment's three files, each atomically and read back before it is renamed into place; returns its
+    manifest entry.
 
     `vectors` (float16, full width) are the ok rows' vectors in table order; with `vectors_written` they are
-    already the segment's .npy file, memory-mapped (a merge streams them there).
+    already the segment's .npy file, memory-mapped (a merge writes them there first).
     """
     folder = index_dir / SEGMENTS
     folder.mkdir(exist_ok=True)
     table = table.cast(ITEM_SCHEMA)
-    write_atomically(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    write_atomically(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp), parquet_rows, table.num_rows)
     if not vectors_written:
-        write_atomically(folder / f"{name}.npy", lambda tmp: save_npy(tmp, vectors))
+        write_atomically(folder / f"{name}.npy", lambda tmp: save_npy(tmp, vectors), npy_rows, len(vectors))
     index = build_faiss(vectors, manifest["dim"], manifest["quantize"], factory, trained)
-    write_atomically(folder / f"{name}.faiss", lambda tmp: write_faiss(index, tmp))
+    write_atomically(folder / f"{name}.faiss", lambda tmp: write_faiss(index, tmp), faiss_rows(manifest["quantize"]),
+                     len(vectors))
     return {"name": name, "rows": table.num_rows, "ok": len(vectors), "deleted": 0, "index": factory,
             "bytes": sum((folder / f"{name}.{ext}").stat().st_size for ext in ("parquet", "npy", "faiss"))}
 
@@ -142,24 +164,49 @@ def save_npy(path: Path, vectors: np.ndarray) -> None:
         np.save(f, vectors, allow_pickle=False)
 
 
+def save_npy_parts(path: Path, shape: tuple[int, int], parts: Iterable[np.ndarray]) -> None:
+    """An .npy file of float16 rows, `shape`, written from `parts` (blocks of rows) by ordinary writes: on a full
+    disk a write fails with ENOSPC (filling a memory map there kills the process with SIGBUS)."""
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for part in parts:
+            f.write(np.ascontiguousarray(part, dtype=np.float16).data)
+
+
 def ok_positions(table: pa.Table) -> np.ndarray:
     """Where the ok rows are in a segment's table (row i of its vectors is the i-th of them)."""
     return np.flatnonzero(pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False))
 
 
-def read_items(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A segment's rows; an item table written before a column was added reads that column as nulls."""
+def open_items(path: Path) -> pq.ParquetFile:
+    """A segment's item table, held open: its rows stay readable after a merge deletes the file."""
     try:
-        table = pq.read_table(path)
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "No such file", str(path)) from None  # Arrow's names no file
     except (pa.ArrowInvalid, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise StoreError(f"cannot read the item table {path} ({exc}); run `qvlsearch optimize`, then "
-                         "`qvlsearch index` to embed those files again") from None
+        raise damaged_items(path, exc) from None
+
+
+def read_items(path: Path, columns: list[str] | None = None, file: pq.ParquetFile | None = None) -> pa.Table:
+    """A segment's rows (from `file`, `path` held open, if given); an item table written before a column was added
+    reads that column as nulls."""
+    file = file or open_items(path)
+    wanted = columns or ITEM_SCHEMA.names
+    try:
+        table = file.read(columns=[name for name in wanted if name in file.schema_arrow.names])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise damaged_items(path, exc) from None
     for field in ITEM_SCHEMA:
-        if field.name not in table.column_names:
+        if field.name in wanted and field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(columns or ITEM_SCHEMA.names)
+    return table.select(wanted)
+
+
+def damaged_items(path: Path, exc: Exception) -> StoreError:
+    return StoreError(f"cannot read the item table {path} ({exc}); run `qvlsearch optimize`, then "
+                      "`qvlsearch index` to embed those files again")
 
 
 def read_vectors(path: Path) -> np.ndarray:

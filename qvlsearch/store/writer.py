@@ -11,9 +11,10 @@ that has just read the previous manifest still finds them.
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,25 @@ from .files import (
     read_manifest,
     remove_store_files,
     sync_view,
-    tmp_name,
     write_atomically,
     write_manifest,
 )
 from .segments import (
     faiss_factory,
+    faiss_rows,
+    npy_rows,
     ok_positions,
+    parquet_rows,
     read_deleted,
     read_faiss,
     read_items,
     read_vectors,
+    save_npy_parts,
     write_faiss,
     write_segment,
 )
+
+log = logging.getLogger("qvlsearch")
 
 GRACE_SECONDS = 60.0
 SEGMENTS_PER_TIER = 10
@@ -110,7 +116,8 @@ class Store:
         """Rewrite a schema-1 index (one item table, npz vector files) as one segment; nothing is re-embedded."""
         from .legacy import legacy_files, legacy_rows_and_vectors
 
-        manifest = {"schema_version": SCHEMA_VERSION, **{k: old.get(k) for k in SETTINGS_KEYS},
+        # a setting schema 1 did not have (moments, pages) stays unset: the next run sets it (its own or the default)
+        manifest = {"schema_version": SCHEMA_VERSION, **{k: old[k] for k in SETTINGS_KEYS if old.get(k) is not None},
                     "full_dim": old["full_dim"], "generation": old["generation"], "next_id": old["next_id"],
                     "next_segment": 1, "segments": [], "deletes": [], "trained": None,
                     "superseded": [{"at": time.time(), "files": legacy_files(old)}], "counts": old.get("counts", {}),
@@ -301,9 +308,7 @@ class Store:
                             superseded=self.superseded(manifest))
             write_manifest(self.path, manifest)
         except OSError as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}"
-                             f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}; the index is "
-                             f"intact at its last commit (generation {self.manifest['generation']})") from None
+            raise self.write_error(exc) from None
         self.manifest, self.deleted = manifest, deleted
         self._committed = None if committed_after is None else (committed_after["id"].to_numpy(), committed_after)
         self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, set()
@@ -323,7 +328,8 @@ class Store:
             ids = np.array(sorted(self.pending_deletes), dtype=np.int64)
             name = f"del-{manifest['generation']:06d}.parquet"
             table = pa.Table.from_arrays([pa.array(ids)], schema=DELETED_SCHEMA)
-            write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp))
+            write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp), parquet_rows,
+                             len(ids))
             manifest["deletes"].append(name)
             deleted = np.union1d(deleted, ids)
             for segment in manifest["segments"]:
@@ -360,7 +366,8 @@ class Store:
         index = faiss.index_factory(manifest["dim"], factory, faiss.METRIC_INNER_PRODUCT)
         index.train(training_sample(vectors, manifest["dim"]))
         name = f"trained-{manifest['generation']:06d}.faiss"
-        write_atomically(self.path / SEGMENTS / name, lambda tmp: write_faiss(index, tmp))
+        write_atomically(self.path / SEGMENTS / name, lambda tmp: write_faiss(index, tmp),
+                         faiss_rows(manifest["quantize"]), 0)
         manifest["trained"] = {"file": name, "factory": factory}
         return index
 
@@ -392,11 +399,13 @@ class Store:
     def merge_step(self, manifest: dict[str, Any], deleted: np.ndarray) -> None:
         merging = self.plan_merge(manifest, deleted)
         if merging:
-            self.merge(manifest, merging, deleted)
+            self.merge(manifest, merging, deleted, self.purgeable(deleted))
 
-    def merge(self, manifest: dict[str, Any], merging: list[dict[str, Any]], deleted: np.ndarray) -> None:
-        """Replace `merging` by one segment of their rows, less the purgeable deleted ones; vectors stream."""
-        drop = pa.array(self.purgeable(deleted))
+    def merge(self, manifest: dict[str, Any], merging: list[dict[str, Any]], deleted: np.ndarray,
+              purge: np.ndarray) -> None:
+        """Replace `merging` by one segment of their rows less those in `purge` (`deleted`: every tombstone);
+        vectors stream from file to file."""
+        drop = pa.array(purge)
         tables, keep_ok = [], []
         for segment in merging:
             table = read_items(self.path / SEGMENTS / f"{segment['name']}.parquet")
@@ -406,23 +415,14 @@ class Store:
         name = self.next_segment_name(manifest)
         final = self.path / SEGMENTS / f"{name}.npy"
         shape = (int(sum(k.sum() for k in keep_ok)), manifest["full_dim"])
-        out = np.lib.format.open_memmap(tmp_name(final), mode="w+", dtype=np.float16, shape=shape)
-        try:
-            row = 0
+
+        def kept_vectors() -> Iterator[np.ndarray]:
             for segment, keep in zip(merging, keep_ok, strict=True):
                 source = read_vectors(self.path / SEGMENTS / f"{segment['name']}.npy")
                 for start in range(0, len(source), 65536):
-                    part = source[start:start + 65536][keep[start:start + 65536]]
-                    out[row:row + len(part)] = part
-                    row += len(part)
-            out.flush()
-            with open(tmp_name(final), "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp_name(final), final)
-        except BaseException:
-            tmp_name(final).unlink(missing_ok=True)
-            raise
-        del out
+                    yield source[start:start + 65536][keep[start:start + 65536]]
+
+        write_atomically(final, lambda tmp: save_npy_parts(tmp, shape, kept_vectors()), npy_rows, shape[0])
         entry = self.write_new_segment(manifest, pa.concat_tables(tables), read_vectors(final),
                                        vectors_written=True, name=name)
         entry["deleted"] = int(pc.sum(pc.is_in(pa.concat_tables(tables)["id"],
@@ -430,13 +430,19 @@ class Store:
         names = {s["name"] for s in merging}
         manifest["segments"] = [s for s in manifest["segments"] if s["name"] not in names] + [entry]
 
+    def write_error(self, exc: OSError) -> StoreError:
+        """A failed commit, in one line: nothing was switched."""
+        return StoreError(f"cannot write to {self.path}: {exc.strerror or exc}"
+                          f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}; the index is "
+                          f"intact at its last commit (generation {self.manifest['generation']})")
+
     def compact_deletes(self, manifest: dict[str, Any], deleted: np.ndarray) -> None:
         """Rewrite the tombstone files into one, keeping only ids that live segments still hold."""
         held = [self.ids_of(s["name"])[0] for s in manifest["segments"]]
         ids = np.intersect1d(deleted, np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
         name = f"del-{manifest['generation']:06d}.parquet"
         table = pa.Table.from_arrays([pa.array(ids)], schema=DELETED_SCHEMA)
-        write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp))
+        write_atomically(self.path / SEGMENTS / name, lambda tmp: pq.write_table(table, tmp), parquet_rows, len(ids))
         manifest["deletes"] = [name]
 
     def superseded(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -457,16 +463,15 @@ class Store:
         manifest = {**self.manifest, "generation": self.manifest["generation"] + 1,
                     "segments": [dict(s) for s in readable], "deletes": []}
         try:
-            if manifest["segments"]:
-                self.merge(manifest, manifest["segments"], self.purgeable(self.deleted))
+            if manifest["segments"]:  # every deleted row goes, also those this writer deleted (no tombstone stays)
+                self.merge(manifest, manifest["segments"], self.deleted, self.deleted)
             manifest.update(updated=now().isoformat(), superseded=self.superseded(manifest),
                             counts=self.counted(manifest))
             write_manifest(self.path, manifest)
         except OSError as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc.strerror or exc}; the index is intact at its last "
-                             f"commit (generation {self.manifest['generation']})") from None
+            raise self.write_error(exc) from None
         self.manifest, self.deleted, self.segment_ids, self._rows = manifest, np.zeros(0, dtype=np.int64), {}, None
-        self.deleted_before = self.deleted
+        self.deleted_before, self.deleted_now = self.deleted, set()
         self.segment_vectors, self._committed = {}, None
         self.tidy()
         return damaged
@@ -512,7 +517,19 @@ class Store:
     # --- housekeeping ---------------------------------------------------------------------------
 
     def tidy(self) -> None:
-        """Delete superseded files past their grace period and files no generation refers to; sync the view."""
+        """Delete superseded files past their grace period and files no generation refers to; sync the view.
+
+        Housekeeping only: where it fails (a full disk where the view is copies), the commit stands, a warning
+        says so, and the next writer tidies.
+        """
+        try:
+            self.tidy_now()
+        except OSError as exc:
+            log.warning("could not tidy %s: %s%s; the index is fine at generation %s, the next run tidies it",
+                        self.path, exc.strerror or exc, f" ({exc.filename})" if exc.filename else "",
+                        self.manifest["generation"])
+
+    def tidy_now(self) -> None:
         if not (self.path / "manifest.json").exists():
             return
         keep = live_files(self.manifest)
