@@ -214,11 +214,21 @@ def test_rerank_with_an_image_query_takes_every_file_as_a_candidate(checkpoints)
 COMMANDS = ["embed", "index", "info", "reindex", "optimize", "search", "rerank", "serve", "dupes", "eval"]
 
 
-def test_flags_show_no_type_or_default_in_help():
+def test_help_shows_flags_as_flags_and_defaults_one_way():
+    """One pass over every --help: no <bool> on flags, each default as [default: ...] (none in the prose),
+    --json/--jsonl/--paths each saying it excludes the others, ivfpq among index's --index-type."""
+    shown = {}
     for command in ["", *COMMANDS]:
-        shown = subprocess.run([sys.executable, "-m", "qvlsearch", *([command] if command else []), "--help"],
-                               capture_output=True, text=True, env={**ENV, "COLUMNS": "200"}, timeout=60).stdout
-        assert "--help" in shown and "<bool>" not in shown and "[default: no-" not in shown, (command, shown)
+        shown[command] = " ".join(subprocess.run(
+            [sys.executable, "-m", "qvlsearch", *([command] if command else []), "--help"], capture_output=True,
+            text=True, env={**ENV, "COLUMNS": "300"}, timeout=60).stdout.replace("│", " ").split())
+        text = shown[command]
+        assert "--help" in text and "<bool>" not in text and "[default: no-" not in text, (command, text)
+        assert "(default" not in text and "default:" not in text.replace("[default:", ""), (command, text)
+    for command in ("search", "rerank", "dupes"):
+        assert "(not with --jsonl or --paths)" in shown[command] and "(not with --json or --jsonl)" in shown[command]
+        assert "(not with --json or --paths)" in shown[command] or command == "dupes"
+    assert "flat, hnsw, ivf, ivfpq or a FAISS factory string. [default: (the index's, else flat)]" in shown["index"]
 
 
 def test_verbose_after_the_command_too(checkpoints):

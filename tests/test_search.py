@@ -265,6 +265,24 @@ def test_table_format_for_terminals(capsys):
     assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
 
 
+def test_kind_takes_a_comma_separated_list_or_repeats(index, index_dir):
+    both = {r.kind for r in index.search("a cat", k=40, kind=["image,video"])}
+    assert both == {"image", "video"} and index.search("a cat", kind="image, video") == index.search(
+        "a cat", kind=["image", "video"])
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "40", "--json"]
+    assert in_process(*base, "--kind", "image,video").stdout == in_process(*base, "--kind", "image", "--kind",
+                                                                             "video").stdout
+    bad = cli(*base, "--kind", "image,audio")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("qvlsearch: kind must be")
+
+
+def test_rerank_takes_a_video_query_as_search_does(checkpoints):
+    files = [str(PHOTOS / "cake.jpg"), str(PHOTOS / "cat.jpg")]
+    result = cli("rerank", "--video", VIDEOS[0], *files, "--reranker", str(checkpoints["reranker"]), "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in json.loads(result.stdout)) == files
+
+
 def test_the_table_fits_the_terminal_and_a_pipe_gets_whole_paths(index_dir):
     """At 80 and 60 columns each path is whole or shortened from the left, never broken across lines."""
     base = ["search", "a cat", "--index", str(index_dir), "-k", "8"]
