@@ -448,9 +448,9 @@ NullFlag = Annotated[bool, typer.Option("-0", "--null", help="With --paths: sepa
 
 def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str:
     if sum((as_json, as_jsonl, paths)) > 1:
-        raise typer.BadParameter("choose one of --json, --jsonl and --paths")
+        raise InputError("choose one of --json, --jsonl and --paths")
     if null and not paths:
-        raise typer.BadParameter("-0/--null goes with --paths")
+        raise InputError("-0/--null goes with --paths")
     if as_json or as_jsonl or paths:
         return "json" if as_json else "jsonl" if as_jsonl else "paths"
     return "table" if sys.stdout.isatty() else "tsv"

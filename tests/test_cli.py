@@ -231,6 +231,16 @@ def test_help_shows_flags_as_flags_and_defaults_one_way():
     assert "flat, hnsw, ivf, ivfpq or a FAISS factory string. [default: (the index's, else flat)]" in shown["index"]
 
 
+def test_json_jsonl_and_paths_together_are_one_line(tmp_path):
+    index = ["--index", str(tmp_path)]
+    for command in (["search", "cats", *index], ["rerank", "cats", "a.jpg"], ["dupes", *index]):
+        for chosen in (["--json", "--paths"], ["--jsonl", "--json"], ["--paths", "--jsonl"]):
+            result = run(*command, *chosen)
+            assert result.returncode == 2 and result.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
+        result = run(*command, "--json", "-0")
+        assert result.returncode == 2 and result.stderr == "qvlsearch: -0/--null goes with --paths\n"
+
+
 def test_verbose_after_the_command_too(checkpoints):
     model = str(checkpoints["embedder"])
     for args in (["-v", "embed", "x", "--model", model], ["embed", "x", "--model", model, "-v"],

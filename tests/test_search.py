@@ -131,7 +131,9 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     assert lines == array
     assert cli(*base, "--paths").stdout.splitlines() == [r["path"] for r in array]
     assert cli(*base, "--paths", "-0").stdout.split("\0")[:-1] == [r["path"] for r in array]
-    assert cli(*base, "--json", "--paths").returncode == 2
+    refused = subprocess.run([sys.executable, "-m", "qvlsearch", *base, "--json", "--paths"], capture_output=True,
+                             text=True, env=ENV, timeout=300)  # a real run: main() makes the exit code
+    assert refused.returncode == 2 and refused.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
     nothing = cli(*base, "--min-score", "2")
     assert nothing.returncode == 1 and nothing.stdout == ""
     stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", stdin="a cat\n")
