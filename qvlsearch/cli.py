@@ -21,6 +21,7 @@ from typing import Annotated
 import typer
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, check_compile_mode
+from .cligroup import Group, set_verbose
 from .errors import InputError, QvlsearchError, SettingError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,6 +51,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
 ModelOption = Annotated[
@@ -58,7 +60,8 @@ ModelOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 IndexOption = Annotated[
-    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX; default: the user data folder).")
+    Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX).",
+                               show_default="the user data folder")
 ]
 
 
@@ -72,6 +75,18 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Logs to sys.stderr as it is at each line: while a progress bar shows, rich's stand-in prints above it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
 @app.callback()
 def main_options(
     version: Annotated[
@@ -79,11 +94,13 @@ def main_options(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="qvlsearch: %(message)s")
+    logging.basicConfig(format="qvlsearch: %(message)s", handlers=[CurrentStderr()])
+    if sys.stderr.isatty():  # "loading the model ...": on a terminal, a slow start is not taken for a hang
+        logging.getLogger("qvlsearch.load").setLevel(logging.INFO)
     logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: once is enough
     # Libraries' warnings (Pillow's, torch's) are for their developers: on stderr only with --verbose.
     logging.captureWarnings(True)
-    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
+    set_verbose(verbose)  # a command's own -v raises it later
 
 
 @app.command()
@@ -96,8 +113,8 @@ def embed(
     instruction: Annotated[str | None, typer.Option(help="Instruction (system prompt) for the embedding.")] = None,
     dim: Annotated[int | None, typer.Option(help="Matryoshka dimension: keep the first N values.")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder (default: the "
-                                                  f"index's, else {DEFAULT_EMBEDDER}).")] = None,
+        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder.",
+        show_default=f"the index's, else {DEFAULT_EMBEDDER}")] = None,
     index_dir: IndexOption = None,
     device: DeviceOption = "auto",
     no_server: NoServerFlag = False,
@@ -203,16 +220,16 @@ def index(
     index_dir: IndexOption = None,
     model: ModelOption = DEFAULT_EMBEDDER,
     dim: Annotated[int | None, typer.Option(
-        help="Matryoshka dimension of the search index (default: the index's, else the model's).")] = None,
+        help="Matryoshka dimension of the search index.", show_default="the index's, else the model's")] = None,
     quantize: Annotated[str | None, typer.Option(
-        help="none, int8 or binary (default: the index's, else none).")] = None,
+        help="none, int8 or binary.", show_default="the index's, else none")] = None,
     index_type: Annotated[str | None, typer.Option(
-        help="flat, hnsw, ivf or a FAISS factory string (default: the index's, else flat).")] = None,
+        help="flat, hnsw, ivf, ivfpq or a FAISS factory string.", show_default="the index's, else flat")] = None,
     instruction: Annotated[str, typer.Option(help="Instruction for embedding the files.")] = (
         "Represent the user's input."),
     batch_size: Annotated[int | None, typer.Option(help="Most items per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option(
-        help="Workers decoding media (default: CPU count, at most 16).")] = None,
+        help="Workers decoding media.", show_default="CPU count, at most 16")] = None,
     processes: Annotated[bool, typer.Option(
         "--processes", help="Decode media in worker processes, not threads: on a GPU, faster for text-heavy "
                             "folders (the model's thread does not wait for Python's lock), and a decoder that "
@@ -224,20 +241,20 @@ def index(
         "--ray", help="Embed on a Ray cluster ($RAY_ADDRESS or --ray-address; else a local Ray instance using "
                       "all GPUs here). Paths must be readable on the workers at the same mount point.")] = False,
     ray_address: Annotated[str | None, typer.Option(
-        help="Ray cluster to join with --ray (default: $RAY_ADDRESS, else a local instance).")] = None,
+        help="Ray cluster to join with --ray.", show_default="$RAY_ADDRESS, else a local instance")] = None,
     ray_workers: Annotated[int | None, typer.Option(
-        help="Model replicas with --ray (default: one per GPU; on CPUs, 1).")] = None,
+        help="Model replicas with --ray.", show_default="one per GPU; on CPUs, 1")] = None,
     min_pixels: Annotated[int, typer.Option(help="Smallest image size in pixels.")] = 4096,
     max_pixels: Annotated[int, typer.Option(help="Largest image size in pixels.")] = 1843200,
     total_pixels: Annotated[int, typer.Option(help="Pixel budget across a video's frames.")] = 7864320,
     fps: Annotated[float, typer.Option(help="Video frames sampled per second.")] = 1.0,
     max_frames: Annotated[int, typer.Option(help="Most frames per video.")] = 64,
     moment_seconds: Annotated[float | None, typer.Option(
-        help="Also embed each video in windows of this many seconds, so that search finds the moment; 0: off "
-             "(default: the index's, else 10).")] = None,
+        help="Also embed each video in windows of this many seconds, so that search finds the moment; 0: off.",
+        show_default="the index's, else 10")] = None,
     max_pages: Annotated[int | None, typer.Option(
-        help="Most pages indexed per PDF; later ones are skipped with a warning (default: the index's, else 200).")
-    ] = None,
+        help="Most pages indexed per PDF; later ones are skipped with a warning.",
+        show_default="the index's, else 200")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of files or folders to skip (repeatable).")] = None,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     follow_symlinks: Annotated[bool, typer.Option(help="Enter symlinked folders.")] = False,
@@ -269,6 +286,8 @@ def index(
     )
     target = index_dir or default_index_dir()
     show_bar = sys.stderr.isatty() and not (quiet or as_json)
+    if not show_bar:
+        logging.getLogger("qvlsearch.load").setLevel(logging.NOTSET)  # as --verbose says
     with progress_bar(show_bar) as progress:
         summary = Indexer(target, options, wait=wait, dry_run=dry_run, progress=progress).run(paths)
     if as_json:
@@ -320,25 +339,31 @@ def info(
     index_dir: IndexOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Show an index: settings, counts by kind and status, its segments, size on disk, and the files that failed."""
+    """Show an index: the folders and files it was built from, settings, counts by kind and status, its segments,
+    size on disk, and the files that failed."""
     import pyarrow.compute as pc
 
     from .store import Snapshot, folder_bytes
 
     target = index_dir or default_index_dir()
-    snapshot = Snapshot(target, ["path", "status", "error"], with_index=False)
+    snapshot = Snapshot(target, ["path", "root", "status", "error"], with_index=False)
     m = snapshot.manifest
     size = folder_bytes(target)
     failed = snapshot.items.filter(pc.equal(snapshot.items["status"], "error")).select(["path", "error"]).to_pylist()
     segments = m.get("segments", [])
-    report = {"index": str(target), "manifest": m, "size_bytes": size, "segments": segments, "failed": failed}
+    by_root = snapshot.items.group_by("root").aggregate([("path", "count_distinct")]).to_pylist()
+    roots = sorted(({"path": r["root"], "files": r["path_count_distinct"]} for r in by_root if r["root"]),
+                   key=lambda r: r["path"])
+    report = {"index": str(target), "roots": roots, "manifest": m, "size_bytes": size, "segments": segments,
+              "failed": failed}
     if as_json:
         write_stdout(json.dumps(report, default=str) + "\n")
         return
     counts = m.get("counts", {})
     rows = sum(s["rows"] for s in segments)
     deleted = sum(s["deleted"] for s in segments)
-    lines = [f"index:     {target}", f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
+    lines = [f"index:     {target}", *(f"root:      {r['path']} ({r['files']} files)" for r in roots),
+             f"model:     {m['model']} ({m.get('model_revision') or 'unknown revision'})",
              f"vectors:   dim {m['dim']} of {m['full_dim']}, quantize {m['quantize']}, index {m['index_type']}",
              f"files:     {counts.get('files', counts.get('items', 0))}",
              f"items:     {counts.get('items', 0)} ({counts.get('ok', 0)} ok, {counts.get('error', 0)} failed; "
@@ -412,20 +437,21 @@ def report_damaged(target: Path, damaged: list[str]) -> None:
 RerankerOption = Annotated[
     str | None,
     typer.Option("--reranker", envvar="QVLSEARCH_RERANKER",
-                 help="Reranker model: Hugging Face id or local folder (default: Qwen/Qwen3-VL-Reranker-2B)."),
+                 help="Reranker model: Hugging Face id or local folder.", show_default=DEFAULT_RERANKER),
 ]
 TopK = Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many results.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")]
-JsonlFlag = Annotated[bool, typer.Option("--jsonl", help="One JSON object per line on stdout.")]
-PathsFlag = Annotated[bool, typer.Option("--paths", help="Only paths, one per line.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON array on stdout (not with --jsonl or --paths).")]
+JsonlFlag = Annotated[bool, typer.Option(
+    "--jsonl", help="One JSON object per line on stdout (not with --json or --paths).")]
+PathsFlag = Annotated[bool, typer.Option("--paths", help="Only paths, one per line (not with --json or --jsonl).")]
 NullFlag = Annotated[bool, typer.Option("-0", "--null", help="With --paths: separate paths by NUL (for xargs -0).")]
 
 
 def output_format(as_json: bool, as_jsonl: bool, paths: bool, null: bool) -> str:
     if sum((as_json, as_jsonl, paths)) > 1:
-        raise typer.BadParameter("choose one of --json, --jsonl and --paths")
+        raise InputError("choose one of --json, --jsonl and --paths")
     if null and not paths:
-        raise typer.BadParameter("-0/--null goes with --paths")
+        raise InputError("-0/--null goes with --paths")
     if as_json or as_jsonl or paths:
         return "json" if as_json else "jsonl" if as_jsonl else "paths"
     return "table" if sys.stdout.isatty() else "tsv"
@@ -453,22 +479,9 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
                 + ([place(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from .tables import print_results
 
-        from .moments import place
-
-        table = Table(box=None, header_style="bold")
-        reranked, dated = any("rerank_score" in r for r in records), any("date" in r for r in records)
-        for title in ["#", "score"] + (["rerank"] if reranked else []) + (["date"] if dated else []) + [
-                "kind", "path", "where"]:
-            table.add_column(title, justify="right" if title in ("#", "score", "rerank", "where") else "left")
-        for r in records:
-            where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
-            table.add_row(str(r["rank"]), fmt_score(r.get("score")),
-                          *([fmt_score(r.get("rerank_score"))] if reranked else []),
-                          *([r["date"]] if dated else []), r.get("kind", ""), r["path"], where)
-        Console().print(table)
+        print_results(records)
 
 
 def fmt_score(value: float | None) -> str:
@@ -481,11 +494,11 @@ def search(
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
     video: Annotated[str | None, typer.Option("--video", help="Query video path or URL.")] = None,
     instruction: Annotated[str | None, typer.Option(
-        help="Query instruction (default: Retrieve images or text relevant to the user's query.)")] = None,
+        help="Query instruction.", show_default="Retrieve images or text relevant to the user's query.")] = None,
     index_dir: IndexOption = None,
     top_k: TopK = 10,
     kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="Only image, video, text or pdf (repeatable).")] = None,
+        "--kind", help="Only image, video, text or pdf: repeatable, or comma-separated (image,video).")] = None,
     under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results with at least this score.")] = None,
     after: Annotated[str | None, typer.Option(
@@ -695,6 +708,7 @@ def rerank(
     candidates: Annotated[list[str] | None, typer.Argument(
         help="Files to rank; without them, read paths or `search --jsonl` lines from stdin.")] = None,
     image: Annotated[list[str] | None, typer.Option("--image", help="Query image path or URL (repeatable).")] = None,
+    video: Annotated[str | None, typer.Option("--video", help="Query video path or URL.")] = None,
     instruction: Annotated[str | None, typer.Option(help="Reranker instruction.")] = None,
     reranker: RerankerOption = None,
     top_k: Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Keep only the best N.")] = None,
@@ -710,10 +724,10 @@ def rerank(
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     check_device(device)
-    if image and query is not None and os.path.isfile(query):  # `rerank --image q.jpg a.jpg b.jpg`
+    if (image or video) and query is not None and os.path.isfile(query):  # `rerank --image q.jpg a.jpg b.jpg`
         query, candidates = None, [query, *(candidates or [])]
-    if not (query or image):
-        raise InputError("give a query: TEXT, --image FILE, or both")
+    if not (query or image or video):
+        raise InputError("give a query: TEXT, --image FILE, --video FILE, or some of them")
     rows = [{"path": c} for c in candidates] if candidates else read_candidates(sys.stdin)
     if not rows:
         raise typer.BadParameter("no candidates: give files as arguments or on stdin")
@@ -721,7 +735,7 @@ def rerank(
         row["path"]), score=row.get("score"), page=row.get("page"), start_s=row.get("start_s"),
         end_s=row.get("end_s")) for i, row in enumerate(rows, 1)]
     reranker = reranker or DEFAULT_RERANKER
-    question, documents = query_item(query, image or ()), [document_item(r) for r in results]
+    question, documents = query_item(query, image or (), video), [document_item(r) for r in results]
     places = any(r.page is not None or r.start_s is not None or r.kind == "pdf" for r in results)
     # pages and moments are reranked here: the server takes files and items, not places in them
     server = None if no_server or places else find_server(default_index_dir(), reranker=reranker)
@@ -753,7 +767,7 @@ def serve(
     idle_timeout: Annotated[float | None, typer.Option(
         min=0, help="Stop after this many seconds without a request.")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model (default: the index's).")] = None,
+        "--model", envvar="QVLSEARCH_MODEL", help="Embedding model.", show_default="the index's")] = None,
     reranker: RerankerOption = None,
     device: DeviceOption = "auto",
     allow_path: Annotated[list[Path] | None, typer.Option(
@@ -821,13 +835,16 @@ def parse_item_line(number: int, line: str) -> dict:
 def dupes(
     index_dir: IndexOption = None,
     threshold: Annotated[float | None, typer.Option(
-        min=-1.0, max=1.0, help="Cosine similarity at which two files are near duplicates (default 0.95).")] = None,
-    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only image, video or text (repeatable).")] = None,
+        min=-1.0, max=1.0, help="Cosine similarity at which two files are near duplicates.", show_default="0.95")
+    ] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", help="Only image, video, text or pdf: repeatable, or comma-separated (image,video).")] = None,
     under: Annotated[Path | None, typer.Option(help="Only files under this folder.")] = None,
     as_json: JsonFlag = False,
     as_jsonl: JsonlFlag = False,
     paths: Annotated[bool, typer.Option(
-        "--paths", help="Only the paths of all but the suggested keeper of each group, one per line.")] = False,
+        "--paths", help="Only the paths of all but the suggested keeper of each group, one per line (not with "
+                        "--json or --jsonl).")] = False,
     null: NullFlag = False,
 ) -> None:
     """Print groups of duplicate files from the stored vectors, without the model: exact (same content) and
@@ -853,15 +870,9 @@ def dupes(
         if fmt == "tsv":
             write_stdout("".join("\t".join(row) + "\n" for row in rows))
         else:
-            from rich.console import Console
-            from rich.table import Table
+            from .tables import print_dupes
 
-            table = Table(box=None, header_style="bold")
-            for title in ("group", "type", "", "similarity", "bytes", "size", "date", "path"):
-                table.add_column(title, justify="right" if title in ("group", "similarity", "bytes") else "left")
-            for row in rows:
-                table.add_row(*row)
-            Console().print(table)
+            print_dupes(rows)
     raise typer.Exit(EXIT_OK if groups else EXIT_FAILED)
 
 
@@ -879,9 +890,9 @@ def eval_command(
     index_dir: IndexOption = None,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Cut for nDCG and MRR.")] = 10,
     dims: Annotated[str | None, typer.Option(
-        help="Dimensions to compare, e.g. 128,256,512,full (default: the index's).")] = None,
+        help="Dimensions to compare, e.g. 128,256,512,full.", show_default="the index's")] = None,
     quantize: Annotated[str | None, typer.Option(
-        help="Quantizations to compare, e.g. none,int8,binary (default: the index's).")] = None,
+        help="Quantizations to compare, e.g. none,int8,binary.", show_default="the index's")] = None,
     rerank: Annotated[bool, typer.Option("--rerank", help="Also the figures after reranking.")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
     reranker: RerankerOption = None,
@@ -920,15 +931,9 @@ def eval_command(
             "latency_ms"]
         rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
         if sys.stdout.isatty():
-            from rich.console import Console
-            from rich.table import Table
+            from .tables import print_eval
 
-            table = Table(box=None, header_style="bold")
-            for n in names:
-                table.add_column(n, justify="left" if n == "quantize" else "right")
-            for row in rows[1:]:
-                table.add_row(*row)
-            Console().print(table)
+            print_eval(names, rows[1:])
         else:
             write_stdout("".join("\t".join(row) + "\n" for row in rows))
     raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)

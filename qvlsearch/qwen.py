@@ -83,7 +83,8 @@ def load_checkpoint(
     from .hub import require_model
 
     require_model(name_or_path)
-
+    # the command line shows this one on a terminal: a large model takes a while to load, with nothing else to see
+    logging.getLogger("qvlsearch.load").info("loading the model %s on %s", name_or_path, device)
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
         model, info = model_class.from_pretrained(

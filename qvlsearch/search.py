@@ -136,7 +136,8 @@ def binary_candidates(fetch: int) -> int:
 
 def kinds_of(kind: str | Iterable[str] | None) -> set[str]:
     """The kinds a `kind` filter names (none: every kind); raises InputError for an unknown one."""
-    kinds = {kind} if isinstance(kind, str) else set(kind or ())
+    names = [kind] if isinstance(kind, str) else list(kind or ())
+    kinds = {k.strip() for name in names for k in name.split(",") if k.strip()}  # "image,video" too
     if kinds - set(KINDS):
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {sorted(kinds - set(KINDS))}")
     return kinds

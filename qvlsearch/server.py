@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
 from .client import discovery_path, model_id, untrusted, write_discovery
@@ -391,6 +392,15 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def unknown_route(request: Request, exc: HTTPException) -> JSONResponse:
+        """Unknown routes (404) and methods (405) answer in the same error shape as the rest of the API."""
+        response = error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; this "
+                                  "server answers /v1/embeddings, /v1/rerank, /v1/search, /v1/models and /health",
+                                  "invalid_request_error")
+        response.headers.update(exc.headers or {})  # 405: Allow
+        return response
 
     @app.exception_handler(QvlsearchError)
     async def qvlsearch_error(request: Request, exc: QvlsearchError) -> JSONResponse:

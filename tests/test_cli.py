@@ -209,3 +209,41 @@ def test_rerank_with_an_image_query_takes_every_file_as_a_candidate(checkpoints)
     assert result.returncode == 0, result.stderr
     assert sorted(r["path"] for r in json.loads(result.stdout)) == files
     assert "give a query" in refused(run("rerank", *reranker, stdin=files[0] + "\n"))
+
+
+COMMANDS = ["embed", "index", "info", "reindex", "optimize", "search", "rerank", "serve", "dupes", "eval"]
+
+
+def test_help_shows_flags_as_flags_and_defaults_one_way():
+    """One pass over every --help: no <bool> on flags, each default as [default: ...] (none in the prose),
+    --json/--jsonl/--paths each saying it excludes the others, ivfpq among index's --index-type."""
+    shown = {}
+    for command in ["", *COMMANDS]:
+        shown[command] = " ".join(subprocess.run(
+            [sys.executable, "-m", "qvlsearch", *([command] if command else []), "--help"], capture_output=True,
+            text=True, env={**ENV, "COLUMNS": "300"}, timeout=60).stdout.replace("│", " ").split())
+        text = shown[command]
+        assert "--help" in text and "<bool>" not in text and "[default: no-" not in text, (command, text)
+        assert "(default" not in text and "default:" not in text.replace("[default:", ""), (command, text)
+    for command in ("search", "rerank", "dupes"):
+        assert "(not with --jsonl or --paths)" in shown[command] and "(not with --json or --jsonl)" in shown[command]
+        assert "(not with --json or --paths)" in shown[command] or command == "dupes"
+    assert "flat, hnsw, ivf, ivfpq or a FAISS factory string. [default: (the index's, else flat)]" in shown["index"]
+
+
+def test_json_jsonl_and_paths_together_are_one_line(tmp_path):
+    index = ["--index", str(tmp_path)]
+    for command in (["search", "cats", *index], ["rerank", "cats", "a.jpg"], ["dupes", *index]):
+        for chosen in (["--json", "--paths"], ["--jsonl", "--json"], ["--paths", "--jsonl"]):
+            result = run(*command, *chosen)
+            assert result.returncode == 2 and result.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
+        result = run(*command, "--json", "-0")
+        assert result.returncode == 2 and result.stderr == "qvlsearch: -0/--null goes with --paths\n"
+
+
+def test_verbose_after_the_command_too(checkpoints):
+    model = str(checkpoints["embedder"])
+    for args in (["-v", "embed", "x", "--model", model], ["embed", "x", "--model", model, "-v"],
+                 ["embed", "x", "--model", model, "--verbose"]):
+        assert "qvlsearch: loading the model" in run(*args).stderr, args
+    assert "loading the model" not in run("embed", "x", "--model", model).stderr

@@ -15,6 +15,7 @@ import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from make_media import make_pdf, set_creation_time
 from PIL import Image
+from terminal import check_paths, on_terminal
 
 from qvlsearch.dupes import DEFAULT_THRESHOLD, MAX_TEXT_TOKENS, comparable, find_duplicates, near_pairs
 from qvlsearch.indexer import Indexer, IndexOptions
@@ -185,3 +186,21 @@ def test_cli_formats_paths_for_xargs_and_exit_codes(index, library):
     for bad in (["--threshold", "2"], ["--kind", "audio"], ["--index", str(library / "nothing")]):
         result = cli(*base[:1], *bad) if bad[0] == "--index" else cli(*base, *bad)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_table_fits_the_terminal(index):
+    """At 80 and 60 columns each member's path is whole or shortened from the left (not all cut to one prefix);
+    columns that do not fit beside it continue in a block below, with the group and path repeated."""
+    base = ["dupes", "--index", str(index.path)]
+    records = json.loads(cli(*base, "--json").stdout)
+    paths = [m["path"] for r in records for m in r["members"]]
+    for columns in (80, 60):
+        code, out = on_terminal(*base, columns=columns, env=ENV)
+        assert code == 0
+        headers = []
+        for block in out.rstrip("\n").split("\n\n"):
+            lines = block.splitlines()
+            headers += [h for h in lines[0].split() if h not in headers]
+            assert lines[0].split()[0] == "group" and lines[0].split()[-1] == "path", out
+            check_paths(lines[1:], paths, columns)
+        assert sorted(headers) == sorted(["group", "type", "similarity", "bytes", "size", "date", "path"]), out

@@ -16,6 +16,8 @@ import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from make_media import make_pdf
 from PIL import Image
+from rich.cells import cell_len
+from terminal import on_terminal
 
 from qvlsearch.evaluate import EvalInputError, Query, evaluate, metrics, parse_settings, read_qrels, read_queries
 from qvlsearch.indexer import Indexer, IndexOptions
@@ -180,3 +182,21 @@ def test_cli_table_json_and_malformed_input(index, labelled, tmp_path):
                                                 "--index", str(index.path)).stderr
     with pytest.raises(EvalInputError, match="multiple of 8"):
         parse_settings("36", "binary", index.manifest)
+
+
+def test_the_table_fits_the_terminal_with_whole_headers(index, labelled):
+    """At 80 and 60 columns every header is whole and every line fits; the figures that do not fit continue in a
+    block below, each row named by its setting again."""
+    base = ["eval", str(labelled / "queries.jsonl"), "--qrels", str(labelled / "qrels.tsv"), "--index",
+            str(index.path), "--dims", "64,32", "--quantize", "none,binary"]
+    names = cli(*base).stdout.splitlines()[0].split("\t")
+    for columns in (80, 60):
+        code, out = on_terminal(*base, columns=columns, env=ENV)
+        assert code == 0 and all(cell_len(line) <= columns for line in out.splitlines()), out
+        blocks = [block.splitlines() for block in out.rstrip("\n").split("\n\n")]
+        headers = [h for block in blocks for h in block[0].split()]
+        assert [h for h in names if h in headers] == names and set(headers) <= set(names), out
+        for block in blocks:
+            assert block[0].split()[:3] == ["dim", "quantize", "rerank_top"] and len(block) == 5, out
+            assert [row.split()[:2] for row in block[1:]] == [["64", "none"], ["64", "binary"], ["32", "none"],
+                                                              ["32", "binary"]]

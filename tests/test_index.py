@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -360,7 +361,9 @@ def test_cli_json_summary_strict_and_info(tmp_path, checkpoints):
     assert quiet.stdout == "" and "indexed" not in quiet.stderr
     info = json.loads(cli("info", "--index", str(tmp_path / "i"), "--json").stdout)
     assert info["manifest"]["counts"]["items"] == 2 and info["failed"][0]["path"].endswith("b.jpg")
-    assert "failed:" in cli("info", "--index", str(tmp_path / "i")).stdout
+    assert info["roots"] == [{"path": str(root), "files": 2}]  # what it was built from, failed files too
+    text = cli("info", "--index", str(tmp_path / "i")).stdout
+    assert "failed:" in text and f"\nroot:      {root} (2 files)\n" in text
     assert cli("index", str(tmp_path / "nope"), "--index", str(tmp_path / "i")).returncode == 2
     missing = cli("info", "--index", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no index at" in missing.stderr
@@ -425,8 +428,12 @@ def test_progress_bar_only_on_a_terminal(tmp_path, checkpoints):
     os.close(primary)
     on_terminal = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0 and "indexing" in on_terminal and "files/s" in on_terminal
+    # a line says the model loads (a large one takes a while), on a line of its own above the bar
+    loading = f"qvlsearch: loading the model {checkpoints['embedder']} on cpu"
+    assert re.search(r"(\n|\r|\x1b\[2K)" + re.escape(loading), on_terminal), on_terminal
     piped = cli("index", str(root), "--index", str(tmp_path / "j"), "--model", str(checkpoints["embedder"]))
     assert "files/s" not in piped.stderr and piped.stderr.strip().startswith("indexed 3 files")
+    assert "loading the model" not in piped.stderr
 
 
 def test_worker_processes_index_the_same_vectors(tmp_path, corpus, options, embedder):

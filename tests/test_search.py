@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from PIL import Image
+from terminal import check_paths, on_terminal
 
 from qvlsearch import InputError, MediaError, open_index
 from qvlsearch.fs import display_path
@@ -130,7 +131,9 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     assert lines == array
     assert cli(*base, "--paths").stdout.splitlines() == [r["path"] for r in array]
     assert cli(*base, "--paths", "-0").stdout.split("\0")[:-1] == [r["path"] for r in array]
-    assert cli(*base, "--json", "--paths").returncode == 2
+    refused = subprocess.run([sys.executable, "-m", "qvlsearch", *base, "--json", "--paths"], capture_output=True,
+                             text=True, env=ENV, timeout=300)  # a real run: main() makes the exit code
+    assert refused.returncode == 2 and refused.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
     nothing = cli(*base, "--min-score", "2")
     assert nothing.returncode == 1 and nothing.stdout == ""
     stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", stdin="a cat\n")
@@ -262,6 +265,39 @@ def test_table_format_for_terminals(capsys):
     header = out.splitlines()[0].split()
     assert header == ["#", "score", "rerank", "kind", "path", "where"]
     assert "0.9000" in out and "4.0s" in out and "/p/a.jpg" in out and " - " in out
+
+
+def test_kind_takes_a_comma_separated_list_or_repeats(index, index_dir):
+    both = {r.kind for r in index.search("a cat", k=40, kind=["image,video"])}
+    assert both == {"image", "video"} and index.search("a cat", kind="image, video") == index.search(
+        "a cat", kind=["image", "video"])
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "40", "--json"]
+    assert in_process(*base, "--kind", "image,video").stdout == in_process(*base, "--kind", "image", "--kind",
+                                                                             "video").stdout
+    bad = cli(*base, "--kind", "image,audio")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("qvlsearch: kind must be")
+
+
+def test_rerank_takes_a_video_query_as_search_does(checkpoints):
+    files = [str(PHOTOS / "cake.jpg"), str(PHOTOS / "cat.jpg")]
+    result = cli("rerank", "--video", VIDEOS[0], *files, "--reranker", str(checkpoints["reranker"]), "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["path"] for r in json.loads(result.stdout)) == files
+
+
+def test_the_table_fits_the_terminal_and_a_pipe_gets_whole_paths(index_dir):
+    """At 80 and 60 columns each path is whole or shortened from the left, never broken across lines."""
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "8"]
+    paths = [r["path"] for r in json.loads(in_process(*base, "--json").stdout)]
+    for columns in (80, 60):
+        code, out = on_terminal(*base, columns=columns, env=ENV)
+        lines = out.splitlines()
+        assert code == 0 and lines[0].split() == ["#", "score", "kind", "path", "where"], out
+        check_paths(lines[1:], paths, columns)
+        assert "…" in out  # the longest are shortened
+    piped = subprocess.run([sys.executable, "-m", "qvlsearch", *base], capture_output=True, text=True,
+                           env={**ENV, "COLUMNS": "40"}, timeout=300)
+    assert [line.split("\t")[3] for line in piped.stdout.splitlines()] == paths
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

@@ -255,6 +255,18 @@ def test_bad_requests_get_openai_style_errors(server, index_dir, checkpoints, tm
     assert server.post("/v1/search", {"query": "a cat", "k": 1})[0] == 200
 
 
+def test_unknown_routes_and_methods_get_openai_style_errors(server):
+    status, body = server.post("/v1/chat/completions", {"model": "x"})
+    assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith("POST /v1/chat/completions: Not Found; this server answers")
+    request = urllib.request.Request(server.url + "/v1/search")  # a GET where only POST is
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 405 and answer.value.headers["Allow"] == "POST"
+    error = json.loads(answer.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("GET /v1/search: Method Not")
+
+
 def test_search_follows_the_index_as_it_is_written(server, index_dir, checkpoints, embedder):
     with urllib.request.urlopen(server.url + "/health") as response:
         before = json.loads(response.read())
