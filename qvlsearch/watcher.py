@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,7 +100,6 @@ class Watcher:
         self.gone_roots: set[str] = set()
         self.lock: Any = None
         self.notifier: Any = None
-        self.stop_event = threading.Event()
         self.stopping = self.interrupted = False
         self.stop_by = 0.0
         self.mode = ""
@@ -138,12 +136,13 @@ class Watcher:
         if not self.stopping:
             self.stopping, self.stop_by = True, time.monotonic() + self.options.settle + 1.0
             self.interrupted = signum == signal.SIGINT
-            self.stop_event.set()
 
     def loop(self) -> None:
         next_rescan = time.monotonic() + self.options.rescan_every if self.options.rescan_every else None
         self.check_roots()
-        while not (self.stopping and (not self.pending or time.monotonic() >= self.stop_by)):
+        drained = False  # once stopping: the changes that came before the signal have been read
+        while not (drained and (not self.pending or time.monotonic() >= self.stop_by)):
+            drained = self.stopping
             changes = self.wait_for_changes()
             if changes == "signal":  # a second Ctrl-C, met inside watchfiles' wait
                 raise KeyboardInterrupt
@@ -223,11 +222,11 @@ class Watcher:
         if self.stopping:
             timeout = max(0.05, min(timeout, self.stop_by - now))
         if self.notifier is None:
-            time.sleep(timeout) if self.stopping else self.stop_event.wait(timeout)
+            time.sleep(timeout)
             return "timeout"
-        # once stopping, events are still drained (without the stop event, which would end the wait at once)
-        return self.notifier.watch(DEBOUNCE_MS, STEP_MS, int(timeout * 1000),
-                                   None if self.stopping else self.stop_event)
+        # no stop event: watchfiles drops the changes it holds when one ends the wait (a signal ends it within
+        # `timeout`, at most a second, and the changes are still read)
+        return self.notifier.watch(DEBOUNCE_MS, STEP_MS, int(timeout * 1000), None)
 
     def note(self, changes: Iterable[tuple[int, str]]) -> None:
         """Changed paths become pending: files that could be indexed, folders that came (their files), gone paths."""
