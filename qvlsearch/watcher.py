@@ -23,7 +23,7 @@ from typing import Any
 
 from .fs import ignored, suffix_kind, walk
 from .indexer import Indexer, Summary, lock_index, owner_of
-from .store import StoreError
+from .store import StoreError, check_index_folder
 from .store.files import commit_key, read_manifest
 
 log = logging.getLogger("qvlsearch")
@@ -111,6 +111,7 @@ class Watcher:
         for root in self.roots:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
+        check_index_folder(self.indexer.index_dir)
         self.mode = self.pick_mode()
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
