@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from watchfiles import Change
+
 from .fs import ignored, suffix_kind, walk
 from .indexer import Indexer, Summary, lock_index, owner_of
 from .store import StoreError, check_index_folder
@@ -233,7 +235,7 @@ class Watcher:
         """Changed paths become pending: files that could be indexed, folders that came (their files), gone paths."""
         now, o = time.monotonic(), self.indexer.options
         roots = self.present_roots()
-        for _, path in changes:
+        for change, path in changes:
             root = owner_of(path, roots)
             if root not in roots or path == root or ignored(path, root, include_hidden=o.include_hidden,
                                                             exclude=o.exclude):
@@ -241,7 +243,8 @@ class Watcher:
             sig = signature(path)
             if sig is None or (not sig[2] and suffix_kind(path)):
                 self.pending[path] = (sig, now)
-            elif sig[2] and (o.follow_symlinks or not os.path.islink(path)):  # a folder came: its files
+            elif sig[2] and change == Change.added and (o.follow_symlinks or not os.path.islink(path)):
+                # a folder came (made, moved or copied in): its files; a folder merely changed has its files' events
                 for f in walk([path], include_hidden=o.include_hidden, follow_symlinks=o.follow_symlinks):
                     if not ignored(f.path, root, include_hidden=o.include_hidden, exclude=o.exclude):
                         self.pending[f.path] = (signature(f.path), now)
