@@ -262,8 +262,20 @@ def index(
     strict: Annotated[bool, typer.Option(help="Exit 1 if any file failed.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another writer instead of exiting.")] = False,
     commit_every: Annotated[int, typer.Option(help="Commit at least every N files.")] = 256,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (with --watch: one line "
+                                                         "per committed batch).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="After indexing, keep the index current as files arrive, change and go, until Ctrl-C or "
+                        "SIGTERM (exit 130 or 0; what has settled is committed first).")] = False,
+    settle: Annotated[float, typer.Option(
+        help="With --watch: take a file once its size and mtime have not changed for this many seconds.")] = 2.0,
+    poll: Annotated[float | None, typer.Option(
+        help="With --watch: poll every this many seconds instead of OS file events (default: events, except on "
+             "network and FUSE filesystems, polled every 5 s).")] = None,
+    rescan_every: Annotated[float, typer.Option(
+        help="With --watch: rescan every root this often, in seconds, for changes the OS dropped (0: never).")
+    ] = 3600.0,
 ) -> None:
     """Index photos, videos, PDFs and text files into a FAISS + Parquet index; later runs redo only what changed.
 
@@ -285,24 +297,42 @@ def index(
         ray_workers=ray_workers, verbose=logging.getLogger("qvlsearch").isEnabledFor(logging.INFO),
     )
     target = index_dir or default_index_dir()
+    if watch:
+        from .watcher import Watcher, WatchOptions
+
+        if dry_run or settle < 0 or (poll is not None and poll <= 0) or rescan_every < 0:
+            raise typer.BadParameter("--watch takes no --dry-run, --settle >= 0, --poll > 0 and --rescan-every >= 0")
+
+        def report(what: str, summary) -> None:  # what: "indexed" (the first pass), "watch" or "rescan"
+            label = what if what == "indexed" else f"{what}: indexed"
+            print_summary(summary, target, label, quiet=quiet, as_json=as_json, extra={"what": what})
+
+        watcher = Watcher(Indexer(target, options), paths, WatchOptions(settle, poll, rescan_every), wait=wait,
+                          report=report, say=lambda line: typer.echo(f"qvlsearch: {line}", err=True))
+        raise typer.Exit(watcher.run())
     show_bar = sys.stderr.isatty() and not (quiet or as_json)
     if not show_bar:
         logging.getLogger("qvlsearch.load").setLevel(logging.NOTSET)  # as --verbose says
     with progress_bar(show_bar) as progress:
         summary = Indexer(target, options, wait=wait, dry_run=dry_run, progress=progress).run(paths)
+    print_summary(summary, target, "would index" if dry_run else "indexed", quiet=quiet, as_json=as_json)
+    if strict and summary.failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def print_summary(summary, target: Path, what: str, *, quiet: bool, as_json: bool, extra: dict | None = None) -> None:
+    """A run's failures and warnings, and its counts in a line on stderr (or as JSON, with `extra`, on stdout)."""
     if as_json:
-        write_stdout(json.dumps(summary.to_json()) + "\n")
+        write_stdout(json.dumps({**summary.to_json(), **(extra or {})}) + "\n")
     for path, error in summary.failures:
         typer.echo(f"qvlsearch: {path}: {error}", err=True)
     for path, warning in summary.warnings:
         typer.echo(f"qvlsearch: warning: {path}: {warning}", err=True)
     if not (quiet or as_json):
         typer.echo(
-            f"{'would index' if dry_run else 'indexed'} {summary.total} files in {summary.seconds:.1f}s: "
+            f"{what} {summary.total} files in {summary.seconds:.1f}s: "
             f"{summary.added} added, {summary.updated} updated, {summary.moved} moved, {summary.removed} removed, "
             f"{summary.unchanged} unchanged, {summary.failed} failed ({target})", err=True)
-    if strict and summary.failed:
-        raise typer.Exit(EXIT_FAILED)
 
 
 class progress_bar:
@@ -344,6 +374,7 @@ def info(
     import pyarrow.compute as pc
 
     from .store import Snapshot, folder_bytes
+    from .watcher import watcher_info
 
     target = index_dir or default_index_dir()
     snapshot = Snapshot(target, ["path", "root", "status", "error"], with_index=False)
@@ -354,8 +385,9 @@ def info(
     by_root = snapshot.items.group_by("root").aggregate([("path", "count_distinct")]).to_pylist()
     roots = sorted(({"path": r["root"], "files": r["path_count_distinct"]} for r in by_root if r["root"]),
                    key=lambda r: r["path"])
+    watcher = watcher_info(target)
     report = {"index": str(target), "roots": roots, "manifest": m, "size_bytes": size, "segments": segments,
-              "failed": failed}
+              "failed": failed, "watcher": watcher}
     if as_json:
         write_stdout(json.dumps(report, default=str) + "\n")
         return
@@ -374,6 +406,9 @@ def info(
              *(f"  {s['name']}: {s['rows']} rows, {s['deleted']} deleted, {s['index']}, {s['bytes'] / 2**20:.1f} MiB"
                for s in segments),
              f"on disk:   {size / 2**20:.1f} MiB", f"updated:   {m['updated']}"]
+    if watcher:
+        lines.append(f"watcher:   pid {watcher['pid']} since {watcher['since']} keeps it current "
+                     f"({watcher['mode']}): {', '.join(watcher['roots'])}")
     lines += [f"failed:    {f['path']}: {f['error']}" for f in failed]
     write_stdout("\n".join(lines) + "\n")
 

@@ -165,6 +165,18 @@ def _walk_folder(
             yield _found_file(entry.path, top, st)
 
 
+def ignored(path: str, root: str, *, include_hidden: bool = False, exclude: Sequence[str] = ()) -> bool:
+    """Whether `walk` from `root` would skip `path` (a path below it): a hidden name or an excluded one on the way."""
+    patterns = [pattern.rstrip("/") for pattern in exclude]
+    parts = os.path.relpath(path, root).split(os.sep)
+    for depth, name in enumerate(parts, 1):
+        if name.startswith(".") and not include_hidden:
+            return True
+        if patterns and _excluded(os.path.join(*parts[:depth]), name, patterns):
+            return True
+    return False
+
+
 def _found_file(path: str, root: str, st: os.stat_result) -> Found:
     error = None if os.access(path, os.R_OK) else "permission denied"
     return Found(path, root, st.st_size, st.st_mtime_ns, error)

@@ -289,6 +289,12 @@ def path_filter(files: Iterable[str], folders: Iterable[str]) -> Callable[[bytes
     return lambda path: path in exact or path.startswith(prefixes)
 
 
+def owner_of(path: str, owners: Sequence[str]) -> str:
+    """The longest of `owners` (folders) that `path` is or lies below; `path` itself when none."""
+    below = [o for o in owners if path == o or path.startswith(o.rstrip(os.sep) + os.sep)]
+    return max(below, key=len, default=path)
+
+
 def settings_of(options: IndexOptions, dim: int, quantize: str, index_type: str) -> dict[str, Any]:
     """What must be the same for vectors and rows to be comparable (the model revision is recorded, not compared)."""
     return {"model": options.model, "dim": dim,
@@ -442,13 +448,18 @@ class Indexer:
         self.wait = wait
         self.dry_run = dry_run
         self.progress = progress or (lambda done, total, failed: None)
-        self.summary = Summary()
         self.embedder = embedder
-        self.model_runs = 0  # items sent to the model in this run
         # Files of these kinds are opened and decoded in worker processes (started when the first comes), so
         # that a decoder's crash is that file's error row: videos and PDFs; with --processes, every media file.
         self.decoders = Decoders(options.workers, MEDIA_KINDS if options.processes else DECODED_APART)
+        self.begin()
+
+    def begin(self) -> None:
+        """A new run's counts (a watcher makes one run of each batch, with the same model and store)."""
+        self.summary = Summary()
+        self.model_runs = 0  # items sent to the model in this run
         self.done = 0  # files dealt with so far, for the progress bar
+        self.last_commit, self.since_commit = time.monotonic(), 0
 
     def run(self, roots: Sequence[str | os.PathLike]) -> Summary:
         started = time.monotonic()
@@ -456,7 +467,7 @@ class Indexer:
         for root in roots:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
-        self.last_commit, self.since_commit = time.monotonic(), 0
+        self.begin()
         check_index_folder(self.index_dir)
         if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
             self.update(self.open_store(), roots)
@@ -503,16 +514,22 @@ class Indexer:
         self.store.manifest["metadata_version"] = METADATA_VERSION
         return self.store
 
-    def compare(self, store: Store, files: StoredFiles, roots: list[str]) -> Changes:
+    def compare(self, store: Store, files: StoredFiles, roots: list[str], owners: Sequence[str] = ()) -> Changes:
         """Walk the roots and compare each file with the index: unchanged files are counted (and a file that
         cannot be read is recorded) here; what needs more work comes back. The walk's 100k `Found`s go when
-        this returns, before the model loads (the garbage collector walked them through its imports: 0.5 s)."""
-        found = list(walk(roots, include_hidden=self.options.include_hidden,
+        this returns, before the model loads (the garbage collector walked them through its imports: 0.5 s).
+
+        A root that no longer exists (a watcher's changed path) takes the stored files at it or below it along;
+        with `owners` (the folders a watcher watches, when `roots` are changed paths below them) each file's row
+        names the owner it lies below as its root."""
+        found = list(walk([r for r in roots if os.path.lexists(r)], include_hidden=self.options.include_hidden,
                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
+        if owners:
+            found = [replace(f, root=owner_of(f.path, owners)) for f in found]
         self.summary.total = len(found)
         paths = [os.fsencode(f.path) for f in found]
         seen, found_paths = set(paths), pa.array(paths, pa.binary())
-        in_roots = path_filter([r for r in roots if not os.path.isdir(r)], [r for r in roots if os.path.isdir(r)])
+        in_roots = path_filter(roots, roots)  # a file root is its path, a folder root all below it, a gone one either
         unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
         gone_paths = [path for path in files.missing(found_paths) if in_roots(path) and not unlisted(path)]
         same = files.same_stat(found, found_paths)
@@ -537,9 +554,9 @@ class Indexer:
                 changes.todo.append((f, old.get(path, [])))
         return changes
 
-    def update(self, store: Store, roots: list[str]) -> None:
+    def update(self, store: Store, roots: list[str], owners: Sequence[str] = ()) -> None:
         files = StoredFiles(store.live_table())
-        changes = self.compare(store, files, roots)
+        changes = self.compare(store, files, roots, owners)
         todo, gone, unchanged, seen = changes.todo, changes.gone, changes.unchanged, changes.seen
         gone_by_hash = {rows[0]["content_hash"]: rows for rows in gone.values() if reusable(rows)}
         gone_at_start = frozenset(gone)

@@ -10,6 +10,7 @@ Layout of an index folder (schema 2):
     segments/trained-<gen>.faiss  IVF lists shared by large segments (ivf, ivfpq)
     items/, deleted/            links to the live item tables and tombstone files, for outside tools
     lock, lock.pid              held by the one writer
+    watch.json                  while `index --watch` runs: its pid, roots and mode
 
 A reader (or a run killed at any moment) sees one generation: the old one or the new one.
 """
