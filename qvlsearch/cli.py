@@ -53,8 +53,9 @@ app = typer.Typer(
 )
 
 ModelOption = Annotated[
-    str,
-    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
+    str | None,
+    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder "
+                                                           f"(default: the index's, else {DEFAULT_EMBEDDER})."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 IndexOption = Annotated[
@@ -158,12 +159,13 @@ def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> t
     return vectors, errors
 
 
-def index_model(index_dir: Path | None) -> str:
-    """The model of the index at --index, or of the default index where there is one, else the default model."""
+def index_model(index_dir: Path | None, *, new: bool = False) -> str:
+    """The model of the index at --index, or of the default index where there is one, else the default model;
+    with `new` (the index may be made now), also for an --index that holds none yet."""
     from .store import read_manifest
 
     target = index_dir or default_index_dir()
-    if index_dir is None and not (target / "manifest.json").exists():
+    if (new or index_dir is None) and not os.path.exists(target / "manifest.json"):  # False where unreadable too
         return DEFAULT_EMBEDDER
     return read_manifest(target)["model"]
 
@@ -201,7 +203,7 @@ def index(
     paths: Annotated[list[Path], typer.Argument(
         help="Folders or files to index.", readable=False)],  # an unreadable one is reported by the run
     index_dir: IndexOption = None,
-    model: ModelOption = DEFAULT_EMBEDDER,
+    model: ModelOption = None,
     dim: Annotated[int | None, typer.Option(
         help="Matryoshka dimension of the search index (default: the index's, else the model's).")] = None,
     quantize: Annotated[str | None, typer.Option(
@@ -257,6 +259,7 @@ def index(
         from .ray_engine import require_ray
 
         require_ray()
+    model = model or index_model(index_dir, new=True)  # a later run follows the index's model
     options = IndexOptions(
         model=model, dim=dim, quantize=quantize, index_type=index_type, instruction=instruction,
         min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
@@ -767,7 +770,6 @@ def serve(
     """
     from .client import is_loopback
     from .hub import require_model
-    from .store import read_manifest
 
     if not is_loopback(host) and not api_key:
         raise QvlsearchError(f"--host {host} reaches beyond this machine: set an API key too "
@@ -775,7 +777,7 @@ def serve(
     target = index_dir or default_index_dir()
     if index_dir is None and not (target / "manifest.json").exists():
         target = None  # no index: embeddings and rerank only
-    require_model(model or (read_manifest(target)["model"] if target else DEFAULT_EMBEDDER))
+    require_model(model or index_model(index_dir))
     from .server import run_server
 
     run_server(target, host=host, port=port, api_key=api_key, idle_timeout=idle_timeout, model=model,

@@ -209,3 +209,21 @@ def test_rerank_with_an_image_query_takes_every_file_as_a_candidate(checkpoints)
     assert result.returncode == 0, result.stderr
     assert sorted(r["path"] for r in json.loads(result.stdout)) == files
     assert "give a query" in refused(run("rerank", *reranker, stdin=files[0] + "\n"))
+
+
+def test_index_again_follows_the_index_model(tmp_path, checkpoints, notes_index):
+    """A nightly `qvlsearch index DIR` needs no --model: it takes the index's; another model is refused."""
+    index = tmp_path / "index"
+    shutil.copytree(notes_index, index)
+    notes = str(notes_index.parent / "notes")
+    for how in ({"args": ("--index", str(index))}, {"env": {"QVLSEARCH_INDEX": str(index)}}):
+        result = run("index", notes, "--json", *how.get("args", ()), env=how.get("env"))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["unchanged"] == 3
+    other = str(checkpoints["reranker"])
+    for how in ({"args": ("--model", other)}, {"env": {"QVLSEARCH_MODEL": other}}):
+        result = run("index", notes, "--index", str(index), *how.get("args", ()), env=how.get("env"))
+        assert f"index has {str(checkpoints['embedder'])!r}, asked {other!r}" in refused(result)
+    new = run("index", notes, "--index", str(tmp_path / "new"))  # a new index: the default model (not cached here)
+    assert "hf download Qwen/Qwen3-VL-Embedding-2B" in refused(new) and not (tmp_path / "new").exists()
+
