@@ -936,6 +936,17 @@ def eval_command(
     raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)
 
 
+def usage_message(exc: typer.TyperException) -> str:
+    """A usage error in one line: a command's own BadParameter as it is worded, Click's with the help to read
+    (in place of Click's usage block)."""
+    if isinstance(exc, typer.BadParameter) and exc.param is None and exc.param_hint is None:
+        message = exc.message
+    else:
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message().rstrip(".") + (f"; see `{ctx.command_path} --help`" if ctx else "")
+    return " ".join(message.split())
+
+
 def main() -> None:
     """Entry point: turns qvlsearch errors into one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -953,9 +964,12 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):  # Abort is Click's form of Ctrl-C
         typer.echo("qvlsearch: interrupted", err=True)
         code = EXIT_INTERRUPTED
-    except typer.TyperException as exc:  # usage errors: Click prints them itself
-        exc.show()
+    except typer.TyperException as exc:  # Click's usage errors, and the BadParameter a command raises
         code = getattr(exc, "exit_code", EXIT_USAGE)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no command given: the help (Click keeps the class private)
+            exc.show()
+        else:
+            typer.echo(f"qvlsearch: {usage_message(exc)}", err=True)
     # The process ends here: keep the garbage collector's last passes over every object torch and
     # transformers made (0.9 s of a 7 s `index` run that adds 10 files); files still close, handlers still run.
     gc.freeze()

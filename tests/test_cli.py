@@ -227,3 +227,20 @@ def test_index_again_follows_the_index_model(tmp_path, checkpoints, notes_index)
     new = run("index", notes, "--index", str(tmp_path / "new"))  # a new index: the default model (not cached here)
     assert "hf download Qwen/Qwen3-VL-Embedding-2B" in refused(new) and not (tmp_path / "new").exists()
 
+
+def test_every_usage_error_is_one_line():
+    """Click's errors and the commands' own, alike: `qvlsearch: ...` on one line, exit 2; no command: the help."""
+    cases = {("search",): "qvlsearch: give a query: TEXT, '-', --image, --video or --queries FILE\n",
+             ("search", "cats", "--json", "--paths"): "qvlsearch: choose one of --json, --jsonl and --paths\n",
+             ("rerank", "cats", "--reranker", "unused"): "qvlsearch: no candidates: give files as arguments or on "
+                                                         "stdin\n",
+             ("search", "cats", "--sort", "name"): "qvlsearch: --sort must be one of score, date, got 'name'\n",
+             ("embed", "--no-such-option"): "qvlsearch: No such option: --no-such-option",
+             ("search", "cats", "-k", "0"): "qvlsearch: Invalid value for '-k' / '--top-k'",
+             ("index",): "qvlsearch: Missing argument 'paths'; see `",
+             ("no-such-command",): "qvlsearch: No such command 'no-such-command'; see `"}
+    for args, start in cases.items():
+        assert refused(run(*args, stdin="")).startswith(start), args
+    assert run("embed", "--no-such-option").stderr.endswith(" embed --help`\n")  # where to read more
+    bare = run()
+    assert bare.returncode == 2 and "Usage: " in bare.stdout and "Commands" in bare.stdout
