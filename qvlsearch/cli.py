@@ -516,15 +516,11 @@ def search(
     no_server: NoServerFlag = False,
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import SORTS, as_near, as_utc, kinds_of
+    from .search import check_filters, with_dates
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind, date, place, folder, sort or device fails before the models load
-    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
-    check_under(under)
-    if sort not in SORTS:
-        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
-    check_device(device)
+    check_filters(kind=kind, under=under, after=after, before=before, near=near, camera=camera, sort=sort)
+    check_device(device)  # a bad filter or device fails before any index is read or model loaded
     if contact_sheet is not None:
         from .contact_sheet import check_sheet_path
 
@@ -631,26 +627,6 @@ class Searcher:
     def empty(self) -> None:
         typer.echo(f"qvlsearch: index {self.target} is empty; add files with `qvlsearch index PATH`", err=True)
         raise typer.Exit(EXIT_FAILED)
-
-
-def check_under(under: Path | None) -> None:
-    """A --under that is no folder here is a mistyped one: say so, rather than find nothing."""
-    if under is not None and not under.expanduser().is_dir():
-        raise InputError(f"--under {under}: {'not a folder' if under.expanduser().exists() else 'no such folder'}")
-
-
-def with_dates(records: list[dict], fs_paths: list[str]) -> list[dict]:
-    """The records with the date that `--sort date` orders by, for tables: when taken, else when modified."""
-    import datetime as dt
-
-    def modified(path: str) -> str:
-        try:
-            return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc).isoformat()
-        except OSError:
-            return ""
-
-    return [{**r, "date": (r.get("taken_at") or modified(path))[:19]} for r, path in zip(records, fs_paths,
-                                                                                       strict=True)]
 
 
 def check_device(device: str) -> None:
@@ -836,11 +812,10 @@ def dupes(
     near (cosine >= --threshold), each with a suggested keeper (the largest, then the oldest). Nothing is
     deleted or moved; `--paths -0 | xargs -0 ...` acts on the others. Exit 1 when there are none."""
     from .dupes import DEFAULT_THRESHOLD, find_duplicates
-    from .search import kinds_of, open_index
+    from .search import check_filters, open_index
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)
-    check_under(under)
+    check_filters(kind=kind, under=under)
     groups = find_duplicates(open_index(index_dir or default_index_dir()),
                              DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
     records = [g.to_json(n) for n, g in enumerate(groups, 1)]

@@ -244,3 +244,21 @@ def test_every_usage_error_is_one_line():
     assert run("embed", "--no-such-option").stderr.endswith(" embed --help`\n")  # where to read more
     bare = run()
     assert bare.returncode == 2 and "Usage: " in bare.stdout and "Commands" in bare.stdout
+
+
+def test_search_options_are_checked_before_the_index_is_read(tmp_path):
+    """search.check_filters: every filter option is refused in one line before any index is read or model loaded."""
+    missing = ["--index", str(tmp_path / "no-index")]
+    for option, words in ((["--camera", "\udcff"], "--camera: '\\udcff' is not valid text"),
+                          (["--sort", "name"], "--sort must be one of score, date, got 'name'"),
+                          (["--under", str(tmp_path / "typo")], "no such folder"),
+                          (["--kind", "photo"], "kind must be one of"),
+                          (["--after", "yesterday"], "--after: 'yesterday' is not a date")):
+        assert words in refused(run("search", "cats", *missing, *option)), option
+        if option[0] in ("--kind", "--under"):
+            assert words in refused(run("dupes", *missing, *option)), option
+    from qvlsearch.errors import SettingError
+    from qvlsearch.search import check_filters
+
+    with pytest.raises(SettingError, match=r"^sort must be one of score, date, got 'name'$"):
+        check_filters(sort="name")
