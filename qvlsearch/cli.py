@@ -217,8 +217,9 @@ def index(
         help="Workers decoding media (default: CPU count, at most 16).")] = None,
     processes: Annotated[bool, typer.Option(
         "--processes", help="Decode media in worker processes, not threads: on a GPU, faster for text-heavy "
-                            "folders (the model's thread does not wait for Python's lock); it costs a few "
-                            "seconds to start them.")] = False,
+                            "folders (the model's thread does not wait for Python's lock), and a decoder that "
+                            "crashes on a photo too is that file's error (videos and PDFs always are); it costs "
+                            "a few seconds to start them.")] = False,
     compile_mode: CompileOption = None,
     device: DeviceOption = "auto",
     ray: Annotated[bool, typer.Option(
@@ -554,7 +555,7 @@ def search(
                 if fmt == "json":
                     emit([{"query": tag, "results": records}], "jsonl")
                 elif fmt == "paths":  # each file once, over all the queries
-                    names = [name for name in searcher.fs_paths(records) if name not in shown]
+                    names = [name for name in searcher.fs_paths if name not in shown]
                     shown.update(names)
                     emit(records, fmt, null, names)
                 else:
@@ -564,8 +565,8 @@ def search(
     item.update({"image": list(image)} if image else {}, **({"video": video} if video else {}))
     records = searcher.search(item)
     if sort == "date" and fmt in ("table", "tsv"):
-        records = with_dates(records, searcher.fs_paths(records))
-    emit(records, fmt, null, searcher.fs_paths(records))
+        records = with_dates(records, searcher.fs_paths)
+    emit(records, fmt, null, searcher.fs_paths)
     if contact_sheet is not None:
         from .contact_sheet import write_contact_sheet
 
@@ -583,23 +584,22 @@ class Searcher:
         self.model, self.reranker, self.device = model, reranker, device
         self.index = None
         self.results: list = []  # the last local search's SearchResults
+        self.fs_paths: list[str] = []  # the last search's file names as the OS needs them (for --paths)
 
     def search(self, item: dict) -> list[dict]:
         if self.server is not None:
-            records = self.search_remotely(item)
-            if records is not None:
+            answer = self.search_remotely(item)
+            if answer is not None:
                 self.results = []
+                records, self.fs_paths = answer
                 return records
         if self.index is None:
             self.index = self.open()
         self.results = self.index.search(item, **self.options, reranker=self.reranker)
+        self.fs_paths = [r.fs_path or r.path for r in self.results]
         return [r.to_json() for r in self.results]
 
-    def fs_paths(self, records: list[dict]) -> list[str]:
-        """The paths of the last search's files as the OS needs them (a server's records hold display paths)."""
-        return [r.fs_path or r.path for r in self.results] if self.results else [r["path"] for r in records]
-
-    def search_remotely(self, item: dict) -> list[dict] | None:
+    def search_remotely(self, item: dict) -> tuple[list[dict], list[str]] | None:
         from .client import ServerError
 
         try:

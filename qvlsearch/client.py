@@ -7,12 +7,17 @@ fraction of a second (no torch, transformers or FAISS). `qvlsearch serve` writes
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
 import socket
+import stat
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +92,23 @@ class Server:
             if exc.status != 422 or "data" not in exc.body:
                 raise
             answer = exc.body
-        errors = {f["index"]: given_names(f["message"], sent[f["index"]][1]) for f in answer["error"]["failed"]}
+        failed = answer.get("error", {}).get("failed", [])  # a 200 answer has no error block
+        errors = {f["index"]: given_names(f["message"], sent[f["index"]][1]) for f in failed}
         vectors = {d["index"]: array.array("f", base64.b64decode(d["embedding"])) for d in answer["data"]}
         return vectors, errors
 
-    def search(self, item: dict, options: dict[str, Any]) -> list[dict] | None:
-        """The `--json` records of `qvlsearch search` for one query (`options`: the search's keyword arguments)."""
+    def search(self, item: dict, options: dict[str, Any]) -> tuple[list[dict], list[str]] | None:
+        """The `--json` records of `qvlsearch search` for one query (`options`: the search's keyword arguments),
+        and each result's file name as the OS needs it (from `path_bytes` where the name is not UTF-8)."""
+        import base64
+
         sent, names = absolute_sources(item)
         under = options.get("under")
         body = {**options, "query": sent, "under": os.path.abspath(os.path.expanduser(under)) if under else None}
         try:
-            return self.request("/v1/search", body)
+            records = self.request("/v1/search", body)
+            return records, [os.fsdecode(base64.b64decode(r.pop("path_bytes"))) if "path_bytes" in r else r["path"]
+                             for r in records]
         except ServerError as exc:
             if exc.status == 403:
                 log.info("the server may not read this: %s; searching here", exc)
@@ -145,13 +156,77 @@ def discovery_path(index_dir: str | os.PathLike) -> Path:
 
 
 def write_discovery(index_dir: str | os.PathLike, url: str, api_key: bool) -> Path:
-    """Announce a server in its index folder (no secret in it: clients take the key from QVLSEARCH_API_KEY)."""
+    """Announce a server in its index folder (no secret in it: clients take the key from QVLSEARCH_API_KEY).
+
+    Written as a new file of a random name (O_EXCL, never through a planted link), mode 0600, then
+    renamed over `server.json`."""
     path = discovery_path(index_dir)
-    tmp = path.with_name(f".{DISCOVERY_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "host": socket.gethostname(),
-                               "api_key": api_key}) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{DISCOVERY_FILE}.")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump({"url": url, "pid": os.getpid(), "host": socket.gethostname(), "api_key": api_key}, file)
+            file.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
+
+
+def untrusted(path: Path, status: os.stat_result | None = None) -> str | None:
+    """Why the discovery file `path` (whose `os.fstat` is `status`, else its `lstat`) could have been
+    written by someone else (None: only by this user): it and its folder must be this user's and
+    writable by nobody else."""
+    folder = path.parent
+    for name, st in ((path, status or os.lstat(path)), (folder, os.stat(folder))):
+        if name == path and not stat.S_ISREG(st.st_mode):
+            return f"{name} is not a regular file"
+        if st.st_uid != os.getuid():
+            return f"{name} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{name} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def loopback_url(url: str) -> bool:
+    """Whether `url` is plain HTTP to this machine only (http://127.x, [::1] or localhost)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme == "http" and is_loopback(parts.hostname or "")
+    except ValueError:
+        return False
+
+
+def read_discovery(index_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, str | None]:
+    """The server that the index folder's `server.json` announces, if it can be trusted; else None and
+    why not (None too when there is no file)."""
+    path = discovery_path(index_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
+        return None, f"{path} is {reason}"
+    with os.fdopen(fd) as file:
+        try:
+            why = untrusted(path, os.fstat(file.fileno()))
+            announced = None if why else json.loads(file.read())
+        except (OSError, ValueError) as exc:
+            return None, f"{path} cannot be read ({exc})"
+    if why:
+        return None, why
+    if not isinstance(announced, dict) or not isinstance(announced.get("url"), str):
+        return None, f"{path} names no server URL"
+    if not loopback_url(announced["url"]):
+        return None, f"{path} names {announced['url']}, which is not a loopback http:// address"
+    return announced, None
+
+
+def model_id(name: str) -> str:
+    """How a model is named between client and server: a local folder by its resolved path, else the Hub id."""
+    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def process_alive(pid: Any) -> bool:
@@ -172,25 +247,32 @@ def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def find_server(index_dir: str | os.PathLike, *, model: str | None = None, reranker: str | None = None,
                 search: bool = False) -> Server | None:
-    """A live server for this index folder and these models (None: work locally).
+    """A live server for this index folder and these models (None: work locally; with --verbose a line says why).
 
     `QVLSEARCH_SERVER=URL` names one: then a server that does not answer, or serves
     another index or model, is an error. Otherwise the index folder's `server.json` is
-    read; a file whose process is gone, or a server that does not answer within
-    a couple of seconds, is ignored. `search`: the server must serve this index folder.
+    read, and used only when this user alone can have written it (`read_discovery`) and it names
+    a loopback URL: only then does the API key (QVLSEARCH_API_KEY) go there. A file whose process
+    is gone, or a server that does not answer within a couple of seconds, is ignored.
+    `search`: the server must serve this index folder.
     """
     api_key = os.environ.get("QVLSEARCH_API_KEY") or None
     named = os.environ.get("QVLSEARCH_SERVER")
     if named:
         url = named
     else:
-        try:
-            announced = json.loads(discovery_path(index_dir).read_text())
-            url = announced["url"]
-        except (OSError, ValueError, KeyError, TypeError):
+        announced, why = read_discovery(index_dir)
+        if announced is None:
+            if why:
+                log.info("not using a server: %s; working here", why)
             return None
+        url = announced["url"]
         if announced.get("host") == socket.gethostname() and not process_alive(announced.get("pid")):
-            log.info("ignoring %s: its server (pid %s) is gone", discovery_path(index_dir), announced.get("pid"))
+            log.info("not using a server: %s names a server (pid %s) that is gone; working here",
+                     discovery_path(index_dir), announced.get("pid"))
+            return None
+        if announced.get("api_key") and not api_key:
+            log.warning("the server at %s needs an API key: set QVLSEARCH_API_KEY to use it; working here", url)
             return None
     server = Server(url, {}, api_key)
     try:
@@ -199,14 +281,18 @@ def find_server(index_dir: str | os.PathLike, *, model: str | None = None, reran
         if named:
             raise QvlsearchError(f"QVLSEARCH_SERVER={named}: no qvlsearch server answers there ({exc}); "
                                  "start one with `qvlsearch serve`, or unset QVLSEARCH_SERVER") from None
-        log.info("ignoring the server at %s: %s", url, exc)
+        if isinstance(exc, ServerError) and exc.status == 401:
+            log.warning("the server at %s refuses QVLSEARCH_API_KEY; working here", url)
+        else:
+            log.info("not using the server at %s: %s; working here", url, exc)
         return None
     mismatch = mismatch_of(server.health, index_dir if search else None, model, reranker)
     if mismatch and named:
         raise QvlsearchError(f"QVLSEARCH_SERVER={named} serves {mismatch}; unset QVLSEARCH_SERVER to work locally")
     if mismatch:
-        log.info("not using the server at %s: it serves %s", url, mismatch)
+        log.info("not using the server at %s: it serves %s; working here", url, mismatch)
         return None
+    log.info("using the server at %s", url)
     return server
 
 
@@ -215,10 +301,10 @@ def mismatch_of(health: dict[str, Any], index_dir: str | os.PathLike | None, mod
     """What the server serves that differs from what the command asks for (None: it fits)."""
     if index_dir is not None and not (health.get("index") and same_folder(health["index"], index_dir)):
         return f"the index {health.get('index')}, not {index_dir}"
-    if model is not None and health.get("model") != model:
-        return f"the model {health.get('model')}, not {model}"
-    if reranker is not None and health.get("reranker") != reranker:
-        return f"the reranker {health.get('reranker')}, not {reranker}"
+    if model is not None and model_id(str(health.get("model"))) != model_id(model):
+        return f"the model {health.get('model')}, not {model_id(model)}"
+    if reranker is not None and model_id(str(health.get("reranker"))) != model_id(reranker):
+        return f"the reranker {health.get('reranker')}, not {model_id(reranker)}"
     return None
 
 

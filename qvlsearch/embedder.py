@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import unicodedata
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -16,9 +17,11 @@ import torch
 
 from . import DEFAULT_EMBEDDER
 from .batching import Batch, Encoded, Failed
+from .decoders import Decoders, crash_reason
 from .errors import InputError, MediaError, QvlsearchError
 from .jpeg import deferred_inputs
-from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
+from .media import LoadedMedia, VisionOptions, check_item, content_parts, describe, load_media
+from .pages import PdfPage
 from .parallel import WorkerProcesses
 from .qwen import QwenModel, encode_or_fail, encoded_from, run_processor
 
@@ -55,6 +58,7 @@ class ItemEncoder:
     default_instruction: str
     dtype: torch.dtype
     decode_jpeg_on_device: bool = False  # JPEG files: read here, decoded when batched (see jpeg.py)
+    decoders: Decoders | None = None  # media decoded in worker processes (never set on a copy sent to one)
 
     def __call__(self, index: int, item: Any) -> Encoded | Failed:
         def build() -> Encoded:
@@ -65,7 +69,7 @@ class ItemEncoder:
                 inputs, jpeg = deferred
                 media = LoadedMedia(parts, [], [], [(jpeg.width, jpeg.height)])
             else:
-                jpeg, media = None, load_media(parts)
+                jpeg, media = None, self.decoders.load(parts) if self.decoders else load_media(parts)
                 inputs = run_processor(self.processor, conversation, media)
             ids = inputs["input_ids"][0].tolist()
             if len(ids) > self.max_length:
@@ -94,13 +98,28 @@ class ItemEncoder:
         return ids[: self.max_length]
 
 
+def crashed(index: int, item: Any, how: str) -> Failed:
+    """The failure of an item whose worker process died of it, alone (with `processes=True`)."""
+    key = next((k for k in ("video", "image") if isinstance(item, Mapping) and item.get(k) is not None), None)
+    source = item[key] if key else None
+    if isinstance(source, list) and len(source) == 1:
+        source = source[0]
+    named = describe(source) if isinstance(source, (str, os.PathLike, PdfPage)) else type(source).__name__
+    name = "" if key is None else f"{named}: " if isinstance(source, PdfPage) else f"{key} {named}: "
+    reason = crash_reason(how)
+    return Failed(index, MediaError(name + reason, index=index, reason=reason))
+
+
 class Embedder(QwenModel):
     """Qwen3-VL-Embedding: multimodal objects in, L2-normalized float32 vectors out.
 
     Items are dicts with any of `text`, `image`, `video`, `instruction`, `fps`,
     `max_frames` (see README). Media are decoded in worker threads (or, with
-    `processes=True`, worker processes: faster on a GPU) while the model runs, and items
-    are batched by token count; a vector never depends on its batch neighbours. With
+    `processes=True`, whole items are encoded in worker processes: faster on a GPU) while the
+    model runs, and items are batched by token count; a vector never depends on its batch
+    neighbours. With `decoders` (a `Decoders`), the threads have the media of its kinds
+    decoded in its worker processes, so that a crashing decoder fails only its item; with
+    `processes=True`, that holds for every item. With
     `decode_jpeg_on_device=True`, items that are one local JPEG file are decoded, resized
     and patchified on the model's device instead, a batch at a time (for GPUs, where the
     CPU side is the limit); vectors then differ from the PIL path's by resampling noise.
@@ -128,6 +147,7 @@ class Embedder(QwenModel):
         compile: str | None = None,
         packing: bool = False,
         decode_jpeg_on_device: bool = False,
+        decoders: Decoders | None = None,
     ):
         from transformers import Qwen3VLModel
 
@@ -147,7 +167,7 @@ class Embedder(QwenModel):
         )
         self.dim = self.model.config.text_config.hidden_size
         self.item_encoder = ItemEncoder(self.processor, self.options, max_length, default_instruction, self.dtype,
-                                        decode_jpeg_on_device)
+                                        decode_jpeg_on_device, None if processes else decoders)
         self.processes = processes
 
     def encode(self, index: int, item: Any) -> Encoded | Failed:
@@ -159,7 +179,7 @@ class Embedder(QwenModel):
         """With `processes=True`, the worker processes, started on first use; else None."""
         if not self.processes:
             return None
-        pool = WorkerProcesses(self.item_encoder, self.workers)
+        pool = WorkerProcesses(self.item_encoder, self.workers, crashed=crashed)
         weakref.finalize(self, pool.shutdown)
         return pool
 

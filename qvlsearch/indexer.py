@@ -29,17 +29,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
+from .decoders import MEDIA_KINDS, Decoders, crash_reason
 from .errors import MediaError, SettingError, check_setting
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .limits import VisionOptions
 from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
-from .parallel import prefetch
+from .parallel import WorkerCrashed, prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
 REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
+# The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg and pdfium parse
+# containers and documents full of offsets, and a crash on one file must not end every run. Images stay in
+# threads: worker processes take seconds to start, which a run that adds a few photos would pay each time.
+DECODED_APART = frozenset({"video", "pdf"})
 
 log = logging.getLogger("qvlsearch")
 
@@ -174,17 +179,30 @@ def plan_units(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit],
     return units, None
 
 
-def sniff(found: Found, options: IndexOptions) -> Sniffed:
-    """Kind by content, hash, and the units to embed; any failure is this file's error."""
+def inspect(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit], str | None, dict[str, Any]]:
+    """What opening a file tells (a decoder parses it): its units, a warning, and its metadata."""
+    units, warning = plan_units(path, kind, options)
+    return units, warning, read_metadata(path, kind)
+
+
+def sniff(found: Found, options: IndexOptions, decoders: Decoders | None = None) -> Sniffed:
+    """Kind by content, hash, and the units to embed; any failure is this file's error. The file is
+    opened in the `decoders`' worker processes when its kind is one of theirs."""
+    kind = None
     try:
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
-        units, warning = plan_units(found.path, kind, options)
-        return Sniffed(found, kind, digest, units, None, warning, read_metadata(found.path, kind))
+        if decoders is not None:
+            units, warning, metadata = decoders.run(kind, inspect, found.path, kind, options)
+        else:
+            units, warning, metadata = inspect(found.path, kind, options)
+        return Sniffed(found, kind, digest, units, None, warning, metadata)
     except KindError as exc:
         return Sniffed(found, None, None, [], str(exc))
     except MediaError as exc:
-        return Sniffed(found, "pdf", None, [], exc.reason)
+        return Sniffed(found, kind, None, [], exc.reason)
+    except WorkerCrashed as exc:
+        return Sniffed(found, kind, None, [], crash_reason(exc.how))
     except OSError as exc:
         return Sniffed(found, None, None, [], exc.strerror or str(exc))
 
@@ -427,6 +445,9 @@ class Indexer:
         self.summary = Summary()
         self.embedder = embedder
         self.model_runs = 0  # items sent to the model in this run
+        # Files of these kinds are opened and decoded in worker processes (started when the first comes), so
+        # that a decoder's crash is that file's error row: videos and PDFs; with --processes, every media file.
+        self.decoders = Decoders(options.workers, MEDIA_KINDS if options.processes else DECODED_APART)
         self.done = 0  # files dealt with so far, for the progress bar
 
     def run(self, roots: Sequence[str | os.PathLike]) -> Summary:
@@ -451,6 +472,7 @@ class Indexer:
             finally:
                 undo()  # a first run that failed before its first commit leaves nothing behind
                 lock.release()
+                self.decoders.shutdown()
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
@@ -534,7 +556,7 @@ class Indexer:
 
         def needs_model() -> Iterator[dict]:
             """The units of sniffed files that no stored vectors serve, as Embedder items (the rest: `deferred`)."""
-            sniffed = prefetch(lambda i, job: (sniff(job[0], self.options), job[1]), todo,
+            sniffed = prefetch(lambda i, job: (sniff(job[0], self.options, self.decoders), job[1]), todo,
                                workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
             live_by_hash: dict[str, bytes] | None = None  # made at the first file that needs it
             for s, rows in sniffed:
@@ -634,7 +656,8 @@ class Indexer:
 
                 self.embedder = Embedder(o.model, device=o.device, min_pixels=o.min_pixels, max_pixels=o.max_pixels,
                                          total_pixels=o.total_pixels, fps=o.fps, max_frames=o.max_frames,
-                                         workers=o.workers, processes=o.processes, compile=o.compile)
+                                         workers=o.workers, processes=o.processes, compile=o.compile,
+                                         decoders=self.decoders)
             finally:
                 gc.unfreeze()
         return self.embedder

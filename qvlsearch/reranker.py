@@ -12,6 +12,7 @@ import torch
 
 from . import DEFAULT_RERANKER
 from .batching import Batch, Encoded, Failed, collate
+from .decoders import Decoders
 from .errors import InputError, MediaError, QvlsearchError, check_setting
 from .limits import LIMITS
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
@@ -49,7 +50,9 @@ class Reranker(QwenModel):
     Many pairs run in one forward pass (batches by length); the query's media are
     decoded once and shared by all pairs. The tokens all pairs start with (system prompt,
     instruction, query) run once per call, and the batches only over the rest, on their
-    KV cache (`share_prefix=False` runs every pair's whole sequence).
+    KV cache (`share_prefix=False` runs every pair's whole sequence). With `decoders` (a
+    `Decoders`), the query's and documents' media of its kinds are decoded in its worker
+    processes, so that a crashing decoder fails only its document (or the query).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Reranker(QwenModel):
         compile: str | None = None,
         packing: bool = False,
         share_prefix: bool = True,
+        decoders: Decoders | None = None,
     ):
         from transformers import Qwen3VLForConditionalGeneration
 
@@ -95,6 +99,11 @@ class Reranker(QwenModel):
         self.model = self.model.model  # the LM head itself is not needed
         self.special_ids = set(tokenizer.all_special_ids)
         self.share_prefix = share_prefix
+        self.decoders = decoders
+
+    def load(self, parts: list[dict]) -> LoadedMedia:
+        """Decode the media of `parts`: in the decoders' worker processes, when given."""
+        return self.decoders.load(parts) if self.decoders else load_media(parts)
 
     def conversation(self, instruction: str, query_parts: list[dict], doc_parts: list[dict]) -> list[dict]:
         content = [{"type": "text", "text": "<Instruct>: " + instruction}, {"type": "text", "text": "<Query>:"}]
@@ -168,7 +177,7 @@ class Reranker(QwenModel):
         query = check_item({"text": query} if isinstance(query, str) else query, name="query")
         query_parts = content_parts(query, self.options, fps, max_frames)
         try:
-            query_media = load_media(query_parts)
+            query_media = self.load(query_parts)
         except MediaError as exc:
             raise MediaError(f"query: {exc}") from None
         instruction = instruction or self.default_instruction
@@ -177,7 +186,7 @@ class Reranker(QwenModel):
             def build() -> Encoded:
                 doc_item = check_item({"text": doc} if isinstance(doc, str) else doc, index)
                 doc_parts = content_parts(doc_item, self.options, fps, max_frames)
-                doc_media = load_media(doc_parts)
+                doc_media = self.load(doc_parts)
                 media = LoadedMedia(
                     query_parts + doc_parts,
                     query_media.images + doc_media.images,

@@ -320,12 +320,13 @@ class SearchIndex:
         loading = self._loading.pop(name, None)
         return loading.result() if loading else load()
 
-    def load_embedder(self):
+    def load_embedder(self, **options: Any):
+        """The index's embedder, with its media settings; `options` are more `Embedder` arguments."""
         from .embedder import Embedder
 
         m = self.manifest
         return Embedder(m["model"], device=self.device, min_pixels=m["min_pixels"], max_pixels=m["max_pixels"],
-                        total_pixels=m["total_pixels"], fps=m["fps"], max_frames=m["max_frames"])
+                        total_pixels=m["total_pixels"], fps=m["fps"], max_frames=m["max_frames"], **options)
 
     def load_reranker(self):
         from .reranker import DEFAULT_RERANKER, Reranker

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,16 +37,25 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
-from .client import write_discovery
+from .client import discovery_path, model_id, untrusted, write_discovery
+from .decoders import Decoders
 from .embedder import Embedder, Embedding
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
-from .media import check_item, is_data_uri
-from .search import SearchIndex, open_index, query_item
+from .media import VisionOptions, check_item, content_parts, is_data_uri
+from .search import SearchIndex, SearchResult, open_index, query_item
 from .store import Snapshot, StoreError, commit_key, read_manifest
 
 log = logging.getLogger("qvlsearch")
 
+# What one request may ask for; beyond each, a 400 that names the limit (the README's "Server" section lists them).
 MAX_BODY_BYTES = 64 * 2**20  # room for several photos, or a short clip, sent as data: URIs
+MAX_INPUTS = 256  # items per /v1/embeddings request
+MAX_DOCUMENTS = 1000  # documents per /v1/rerank request (and its top_n)
+MAX_TEXT_CHARS = 100_000  # characters per text or instruction
+MAX_MEDIA_PER_ITEM = 8  # images and videos in one item (a frame list is one video)
+MAX_K = 1000  # /v1/search results
+MAX_RERANK_TOP = 200  # /v1/search candidates that the reranker reads
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 Item = str | dict[str, Any]
 
 
@@ -82,11 +91,13 @@ class ModelThread:
     stands in for the models of a `SearchIndex` (`embed`, `rerank`), so searches share the batching.
     """
 
-    def __init__(self, embedder: Embedder, reranker_name: str, device: str | None):
+    def __init__(self, embedder: Embedder, reranker_name: str, device: str | None, decoders: Decoders | None = None):
         self.embedder = embedder
+        self.decoders = decoders  # the reranker's too
         self.reranker_name = reranker_name
         self.device = device
         self.loaded_reranker = None
+        self.rerank_options = VisionOptions()  # the settings `reranker()` builds the Reranker with
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self.run, name="qvlsearch-model", daemon=True).start()
 
@@ -135,7 +146,7 @@ class ModelThread:
         if self.loaded_reranker is None:
             from .reranker import Reranker
 
-            self.loaded_reranker = Reranker(self.reranker_name, device=self.device)
+            self.loaded_reranker = Reranker(self.reranker_name, device=self.device, decoders=self.decoders)
         return self.loaded_reranker
 
     # What a SearchIndex asks of its embedder and reranker:
@@ -247,6 +258,42 @@ def flattened(value: Any) -> Iterator[Any]:
         yield value
 
 
+def within_limits(item: Any, where: str, options: VisionOptions) -> None:
+    """Raise a 400 ApiError when `item` asks for more than the caps allow, or for more than the server's
+    own media settings (`options`): a request may lower `fps` and `max_frames`, never raise them.
+    An item of the wrong shape is left to `check_item`."""
+    if not isinstance(item, Mapping):
+        return
+    for key in ("text", "instruction"):
+        for text in flattened(item.get(key)):
+            if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
+                raise ApiError(400, f"{where}: {key} of {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
+    for key, limit, least in (("fps", options.fps, 0), ("max_frames", options.max_frames, 1)):
+        value = item.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if key == "max_frames" else (int, float)) or not (
+                value > least):  # (NaN too)
+            kind = "a whole number over 1" if key == "max_frames" else "a positive number"
+            raise ApiError(400, f"{where}: {key} must be {kind}, got {value!r}")
+        if value > limit:
+            raise ApiError(400, f"{where}: {key} {value} is over this server's limit of {limit}; a request may "
+                                f"lower {key}, not raise it")
+    try:
+        check_item(item)
+    except InputError:
+        return
+    media = sum(part["type"] != "text" for part in content_parts(item, options))
+    if media > MAX_MEDIA_PER_ITEM:
+        raise ApiError(400, f"{where}: {media} images and videos in one item, over the limit of "
+                            f"{MAX_MEDIA_PER_ITEM}; send them as separate items")
+
+
+def lowest(a: VisionOptions, b: VisionOptions) -> VisionOptions:
+    """The settings that both `a` and `b` allow (for a query that goes to the embedder and the reranker)."""
+    return replace(a, fps=min(a.fps, b.fps), max_frames=min(a.max_frames, b.max_frames))
+
+
 class EmbeddingsRequest(BaseModel):
     model: str
     input: str | list[Item]
@@ -257,20 +304,20 @@ class EmbeddingsRequest(BaseModel):
 class RerankRequest(BaseModel):
     model: str | None = None
     query: Item
-    documents: list[Item]
-    top_n: int | None = Field(default=None, ge=1)
-    instruction: str | None = None
+    documents: list[Item] = Field(max_length=MAX_DOCUMENTS)
+    top_n: int | None = Field(default=None, ge=1, le=MAX_DOCUMENTS)
+    instruction: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
 
 class SearchRequest(BaseModel):
     query: Item
-    k: int = 10
+    k: int = Field(default=10, ge=1, le=MAX_K)
     kind: str | list[str] | None = None
     under: str | None = None
     min_score: float | None = None
     rerank: bool = False
-    rerank_top: int = Field(default=50, ge=1)
-    instruction: str | None = None
+    rerank_top: int = Field(default=50, ge=1, le=MAX_RERANK_TOP)
+    instruction: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     after: str | None = None
     before: str | None = None
     near: str | None = None
@@ -296,8 +343,9 @@ def encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
 
 
 def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: str, api_key: str | None,
-               sources: Sources) -> FastAPI:
-    """The ASGI app; `served` is None for a server without an index (no /v1/search)."""
+               sources: Sources, hosts: frozenset[str] | None = frozenset(LOOPBACK_HOSTS)) -> FastAPI:
+    """The ASGI app; `served` is None for a server without an index (no /v1/search); `hosts`: the names a
+    request's Host header may carry (None: any)."""
     app = FastAPI(title="qvlsearch", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.last_request = time.monotonic()
     app.state.in_flight = 0
@@ -305,12 +353,18 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
     @app.middleware("http")
     async def guard(request: Request, call_next):
         app.state.last_request = time.monotonic()
+        refused = refusal(request, hosts)
+        if refused is not None:
+            return refused
         if api_key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                                       "authentication_error")
         if request.method == "POST":
+            if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                return error_response(415, "send the body as JSON, with `Content-Type: application/json`",
+                                      "invalid_request_error")
             length = request.headers.get("content-length")
             if length is None:
                 return error_response(411, "send the body with a Content-Length", "invalid_request_error")
@@ -367,12 +421,16 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
         inputs = [request.input] if isinstance(request.input, str) else request.input
         if not inputs:
             raise ApiError(400, "input: give at least one text or item")
+        if len(inputs) > MAX_INPUTS:
+            raise ApiError(400, f"input: {len(inputs)} items, over the limit of {MAX_INPUTS}; send them in "
+                                "several requests")
         models.embedder.check_dim(request.dimensions)
         failed: dict[int, str] = {}
         items: list[tuple[int, Any]] = []
         for i, value in enumerate(inputs):
             item = as_item(value)
             sources.check(item, f"input[{i}]")
+            within_limits(item, f"input[{i}]", models.embedder.options)
             try:
                 items.append((i, check_item(item, i)))
             except InputError as exc:
@@ -398,9 +456,11 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
         named(request.model, models.reranker_name, "rerank")
         query = as_item(request.query)
         sources.check(query, "query")
+        within_limits(query, "query", models.rerank_options)
         documents = [as_item(d) for d in request.documents]
         for i, document in enumerate(documents):
             sources.check(document, f"documents[{i}]")
+            within_limits(document, f"documents[{i}]", models.rerank_options)
         scores, errors = models.call(lambda: models.reranker().scores_and_errors(
             query, documents, instruction=request.instruction))
         order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
@@ -418,6 +478,8 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                            "index_not_found")
         query = query_item(request.query)
         sources.check(query, "query")
+        within_limits(query, "query", lowest(models.embedder.options, models.rerank_options) if request.rerank
+                      else models.embedder.options)
         with served.newest() as index:
             if len(index) == 0:
                 raise ApiError(404, f"index {index.path} is empty; add files with `qvlsearch index PATH`",
@@ -427,9 +489,53 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                                    rerank_top=request.rerank_top, instruction=request.instruction,
                                    after=request.after, before=request.before, near=request.near,
                                    camera=request.camera, sort=request.sort)
-        return [r.to_json() for r in results]
+        return [search_record(r) for r in results]
 
     return app
+
+
+def refusal(request: Request, hosts: frozenset[str] | None) -> JSONResponse | None:
+    """The answer to a request from where no request may come (None: go on).
+
+    A Host that is not one of the server's own names is DNS rebinding: a web page whose name now
+    points at this machine (400). A browser's request from a page of another origin is refused
+    (403), and no answer carries CORS headers, so no other page can read one.
+    """
+    host = request.headers.get("host")
+    if hosts is not None and host is not None and host_name(host).lower() not in hosts:
+        return error_response(400, f"Host {host!r} is not a name of this server; use one of "
+                                   f"{', '.join(sorted(hosts))}", "invalid_request_error")
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{host}".lower()
+    if (origin is not None and origin.lower() != own) or request.headers.get("sec-fetch-site") not in (
+            None, "same-origin", "none"):
+        return error_response(403, "requests from web pages of other origins are refused", "permission_error")
+    return None
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8765` is `::1`, `localhost:8765` is `localhost`."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def served_hosts(host: str) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers: the loopback names and `host` (None: any name, for a
+    server on every address, which needs an API key)."""
+    if host in ("0.0.0.0", "::"):
+        return None
+    return frozenset({*LOOPBACK_HOSTS, host.lower().strip("[]")})
+
+
+def search_record(result: SearchResult) -> dict[str, Any]:
+    """`search --json`'s record, and where the file's name is not UTF-8 (the record's `path` shows it with
+    \\xNN escapes), its exact bytes in base64 as `path_bytes`, so that a client can open it."""
+    record = result.to_json()
+    name = os.fsencode(result.fs_path or result.path)
+    if name != record["path"].encode():
+        record["path_bytes"] = base64.b64encode(name).decode()
+    return record
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -451,24 +557,28 @@ def run_server(index_dir: Path | None, *, host: str, port: int, api_key: str | N
 
     index_dir = Path(index_dir).expanduser().absolute() if index_dir is not None else None
     index = open_index(index_dir, device=device) if index_dir is not None else None
-    if index is not None and model and model != index.manifest["model"]:
+    if index is not None and model and model_id(model) != index.manifest["model"]:
         raise StoreError(f"index {index_dir} was built with model {index.manifest['model']!r}, not {model!r}; "
                          "serve it with that model, or leave out --model")
-    embedder = index.load_embedder() if index is not None else Embedder(model or DEFAULT_EMBEDDER, device=device)
-    model_name = index.manifest["model"] if index is not None else embedder.model_name_or_path
-    models = ModelThread(embedder, reranker or DEFAULT_RERANKER, device)
+    # Request media are decoded in worker processes: a decoder that crashes on one is that item's 422. At most
+    # 4, started as requests need them: each holds 0.5-1.2 GB once it has decoded a photo and a video.
+    decoders = Decoders(min(4, os.cpu_count() or 1))
+    embedder = (index.load_embedder(decoders=decoders) if index is not None
+                else Embedder(model or DEFAULT_EMBEDDER, device=device, decoders=decoders))
+    model_name = index.manifest["model"] if index is not None else model_id(embedder.model_name_or_path)
+    models = ModelThread(embedder, model_id(reranker or DEFAULT_RERANKER), device, decoders)
     served = None
     if index is not None:
         served = ServedIndex(SearchIndex(index_dir, device=device, embedder=models, reranker=models))
     app = create_app(models, served, model_name=model_name, api_key=api_key,
-                     sources=Sources(served, allow_paths, allow_urls))
+                     sources=Sources(served, allow_paths, allow_urls), hosts=served_hosts(host))
     sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     client_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     url = f"http://{f'[{client_host}]' if ':' in client_host else client_host}:{bound}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
-    announced = write_discovery(index_dir, url, api_key is not None) if index_dir is not None else None
+    announced = announce(index_dir, url, api_key is not None) if index_dir is not None else None
     print(f"qvlsearch: serving {model_name} on {url}" + (f" for {index_dir}" if index_dir else ""),
           file=sys.stderr, flush=True)
     if idle_timeout:
@@ -487,6 +597,22 @@ def run_server(index_dir: Path | None, *, host: str, port: int, api_key: str | N
     finally:
         if announced is not None:
             remove_discovery(announced)
+
+
+def announce(index_dir: Path, url: str, keyed: bool) -> Path | None:
+    """Write the discovery file that lets commands find this server (None: it could not be written,
+    and a line on stderr says so); warn when clients would not trust it."""
+    try:
+        path = write_discovery(index_dir, url, keyed)
+    except OSError as exc:
+        print(f"qvlsearch: cannot write {discovery_path(index_dir)} ({exc.strerror or exc}): serving without "
+              f"it; commands find this server only with QVLSEARCH_SERVER={url}", file=sys.stderr, flush=True)
+        return None
+    distrust = untrusted(path)
+    if distrust:
+        print(f"qvlsearch: {distrust}, so commands will not use this server unless QVLSEARCH_SERVER={url} "
+              "names it", file=sys.stderr, flush=True)
+    return path
 
 
 def remove_discovery(path: Path) -> None:

@@ -14,7 +14,7 @@ from conftest import PHOTOS
 from PIL import Image
 from reference import ReferenceEmbedder
 
-from qvlsearch import Embedder, InputError, MediaError, ModelLoadError, QvlsearchError
+from qvlsearch import Embedder, InputError, MediaError, ModelLoadError
 
 CAT, BEE, BOATS = str(PHOTOS / "cat.jpg"), str(PHOTOS / "bee.jpg"), str(PHOTOS / "boats on a lake.png")
 
@@ -279,13 +279,17 @@ class KillsItsWorker:
         return os._exit, (1,)
 
 
-def test_a_dead_worker_process_is_one_clear_error_and_the_next_call_works(checkpoints):
+def test_a_dead_worker_process_costs_only_the_item_that_killed_it(checkpoints):
     in_processes = Embedder(str(checkpoints["embedder"]), processes=True, workers=1, device="cpu")
     expected = in_processes.embed([{"text": "a cat"}])
     for process in list(in_processes.worker_processes.pool._processes.values()):
         process.kill()  # between calls, as the kernel's out-of-memory killer would: new workers start
         process.join()
     np.testing.assert_array_equal(in_processes.embed([{"text": "a cat"}]), expected)
-    with pytest.raises(QvlsearchError, match="media worker process died"):
-        in_processes.embed([{"text": "a dog"}, {"image": KillsItsWorker()}, {"text": "a bee"}])
+    items = [{"text": "a dog"}, {"image": KillsItsWorker()}, {"text": "a bee"}]
+    with pytest.raises(MediaError, match=r"^item 1: image KillsItsWorker: the decoder crashed \(exit code 1\)"):
+        in_processes.embed(items)
+    got = in_processes.embed(items, on_error="skip")
+    assert np.isnan(got[1]).all()
+    np.testing.assert_array_equal(got[[0, 2]], in_processes.embed([items[0], items[2]]))
     np.testing.assert_array_equal(in_processes.embed([{"text": "a cat"}]), expected)

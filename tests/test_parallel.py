@@ -2,12 +2,14 @@
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from crashing import square_or_crash
 
 from qvlsearch.batching import Encoded, Failed, token_batches
 from qvlsearch.errors import MediaError
-from qvlsearch.parallel import in_background, prefetch
+from qvlsearch.parallel import WorkerCrashed, WorkerProcesses, death, in_background, prefetch
 
 
 def encoded(index: int, length: int) -> Encoded:
@@ -88,3 +90,42 @@ def test_token_batches_cap_padding():
         padded, real = max(map(len, batch)) * len(batch), sum(map(len, batch))
         assert padded <= 1.1 * real
     assert [[len(e) for e in b] for b in capped] == [[100, 101, 102], [150, 151], [300]]
+
+
+def crashed(index: int, item, how: str) -> tuple:
+    return "crashed", index, how
+
+
+def test_a_crashing_item_fails_alone_and_its_neighbours_get_their_results_in_order():
+    processes = WorkerProcesses(square_or_crash, 2, crashed=crashed)
+    assert processes.pool is None  # no process before the first item
+    items = [1, 2, "segfault", 3, 4, 5]
+    got = list(prefetch(None, items, workers=0, ahead=4, processes=processes))
+    assert got == [1, 4, ("crashed", 2, "SIGSEGV"), 9, 16, 25]
+    assert list(prefetch(None, [6, 7], workers=0, ahead=4, processes=processes)) == [36, 49]  # started afresh
+    with pytest.raises(ValueError, match="an ordinary error"):  # not a crash: raised as it is
+        list(prefetch(None, [1, "raises", 2], workers=0, ahead=4, processes=processes))
+
+    def call(x):  # from many threads at once, as Decoders calls
+        return processes.call(0, x)
+
+    with ThreadPoolExecutor(6) as threads:
+        assert list(threads.map(call, [1, 2, "segfault", 3, 4, 5])) == [1, 4, ("crashed", 0, "SIGSEGV"), 9, 16, 25]
+    processes.shutdown()
+    assert processes.pool is None and processes.call(0, 8) == 64  # started again after a shutdown
+    processes.shutdown()
+
+
+def test_without_crashed_the_culprits_call_raises_and_names_the_signal():
+    processes = WorkerProcesses(square_or_crash, 1)
+    assert processes.call(0, 2) == 4
+    with pytest.raises(WorkerCrashed, match=r"died \(SIGABRT\)") as crash:
+        processes.call(1, "abort")
+    assert crash.value.how == "SIGABRT"
+    assert processes.call(2, 3) == 9
+    processes.shutdown()
+
+
+def test_death_says_how_a_process_ended():
+    assert [death(code) for code in (-11, -6, -9, 1, 0, None)] == [
+        "SIGSEGV", "SIGABRT", "SIGKILL", "exit code 1", "", ""]
