@@ -55,8 +55,9 @@ app = typer.Typer(
 )
 
 ModelOption = Annotated[
-    str,
-    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
+    str | None,
+    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder "
+                                                           f"(default: the index's, else {DEFAULT_EMBEDDER})."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 IndexOption = Annotated[
@@ -175,12 +176,13 @@ def embed_here(items: list[dict], dim: int | None, model: str, device: str) -> t
     return vectors, errors
 
 
-def index_model(index_dir: Path | None) -> str:
-    """The model of the index at --index, or of the default index where there is one, else the default model."""
+def index_model(index_dir: Path | None, *, new: bool = False) -> str:
+    """The model of the index at --index, or of the default index where there is one, else the default model;
+    with `new` (the index may be made now), also for an --index that holds none yet."""
     from .store import read_manifest
 
     target = index_dir or default_index_dir()
-    if index_dir is None and not (target / "manifest.json").exists():
+    if (new or index_dir is None) and not os.path.exists(target / "manifest.json"):  # False where unreadable too
         return DEFAULT_EMBEDDER
     return read_manifest(target)["model"]
 
@@ -218,7 +220,7 @@ def index(
     paths: Annotated[list[Path], typer.Argument(
         help="Folders or files to index.", readable=False)],  # an unreadable one is reported by the run
     index_dir: IndexOption = None,
-    model: ModelOption = DEFAULT_EMBEDDER,
+    model: ModelOption = None,
     dim: Annotated[int | None, typer.Option(
         help="Matryoshka dimension of the search index.", show_default="the index's, else the model's")] = None,
     quantize: Annotated[str | None, typer.Option(
@@ -287,6 +289,7 @@ def index(
         from .ray_engine import require_ray
 
         require_ray()
+    model = model or index_model(index_dir, new=True)  # a later run follows the index's model
     options = IndexOptions(
         model=model, dim=dim, quantize=quantize, index_type=index_type, instruction=instruction,
         min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, fps=fps, max_frames=max_frames,
@@ -562,15 +565,11 @@ def search(
     no_server: NoServerFlag = False,
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
-    from .search import SORTS, as_near, as_utc, kinds_of
+    from .search import check_filters, with_dates
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)  # a bad --kind, date, place, folder, sort or device fails before the models load
-    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near)
-    check_under(under)
-    if sort not in SORTS:
-        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
-    check_device(device)
+    check_filters(kind=kind, under=under, after=after, before=before, near=near, camera=camera, sort=sort)
+    check_device(device)  # a bad filter or device fails before any index is read or model loaded
     if contact_sheet is not None:
         from .contact_sheet import check_sheet_path
 
@@ -676,26 +675,6 @@ class Searcher:
     def empty(self) -> None:
         typer.echo(f"qvlsearch: index {self.target} is empty; add files with `qvlsearch index PATH`", err=True)
         raise typer.Exit(EXIT_FAILED)
-
-
-def check_under(under: Path | None) -> None:
-    """A --under that is no folder here is a mistyped one: say so, rather than find nothing."""
-    if under is not None and not under.expanduser().is_dir():
-        raise InputError(f"--under {under}: {'not a folder' if under.expanduser().exists() else 'no such folder'}")
-
-
-def with_dates(records: list[dict], fs_paths: list[str]) -> list[dict]:
-    """The records with the date that `--sort date` orders by, for tables: when taken, else when modified."""
-    import datetime as dt
-
-    def modified(path: str) -> str:
-        try:
-            return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc).isoformat()
-        except OSError:
-            return ""
-
-    return [{**r, "date": (r.get("taken_at") or modified(path))[:19]} for r, path in zip(records, fs_paths,
-                                                                                       strict=True)]
 
 
 def check_device(device: str) -> None:
@@ -816,7 +795,6 @@ def serve(
     """
     from .client import is_loopback
     from .hub import require_model
-    from .store import read_manifest
 
     if not is_loopback(host) and not api_key:
         raise QvlsearchError(f"--host {host} reaches beyond this machine: set an API key too "
@@ -824,7 +802,7 @@ def serve(
     target = index_dir or default_index_dir()
     if index_dir is None and not (target / "manifest.json").exists():
         target = None  # no index: embeddings and rerank only
-    require_model(model or (read_manifest(target)["model"] if target else DEFAULT_EMBEDDER))
+    require_model(model or index_model(index_dir))
     from .server import run_server
 
     run_server(target, host=host, port=port, api_key=api_key, idle_timeout=idle_timeout, model=model,
@@ -886,11 +864,10 @@ def dupes(
     near (cosine >= --threshold), each with a suggested keeper (the largest, then the oldest). Nothing is
     deleted or moved; `--paths -0 | xargs -0 ...` acts on the others. Exit 1 when there are none."""
     from .dupes import DEFAULT_THRESHOLD, find_duplicates
-    from .search import kinds_of, open_index
+    from .search import check_filters, open_index
 
     fmt = output_format(as_json, as_jsonl, paths, null)
-    kinds_of(kind)
-    check_under(under)
+    check_filters(kind=kind, under=under)
     groups = find_duplicates(open_index(index_dir or default_index_dir()),
                              DEFAULT_THRESHOLD if threshold is None else threshold, kind=kind, under=under)
     records = [g.to_json(n) for n, g in enumerate(groups, 1)]
@@ -974,6 +951,17 @@ def eval_command(
     raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)
 
 
+def usage_message(exc: typer.TyperException) -> str:
+    """A usage error in one line: a command's own BadParameter as it is worded, Click's with the help to read
+    (in place of Click's usage block)."""
+    if isinstance(exc, typer.BadParameter) and exc.param is None and exc.param_hint is None:
+        message = exc.message
+    else:
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message().rstrip(".") + (f"; see `{ctx.command_path} --help`" if ctx else "")
+    return " ".join(message.split())
+
+
 def main() -> None:
     """Entry point: turns qvlsearch errors into one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -991,9 +979,12 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):  # Abort is Click's form of Ctrl-C
         typer.echo("qvlsearch: interrupted", err=True)
         code = EXIT_INTERRUPTED
-    except typer.TyperException as exc:  # usage errors: Click prints them itself
-        exc.show()
+    except typer.TyperException as exc:  # Click's usage errors, and the BadParameter a command raises
         code = getattr(exc, "exit_code", EXIT_USAGE)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no command given: the help (Click keeps the class private)
+            exc.show()
+        else:
+            typer.echo(f"qvlsearch: {usage_message(exc)}", err=True)
     # The process ends here: keep the garbage collector's last passes over every object torch and
     # transformers made (0.9 s of a 7 s `index` run that adds 10 files); files still close, handlers still run.
     gc.freeze()

@@ -111,9 +111,9 @@ def _sample_frame_list(frames: list, max_frames: int | None) -> list:
     return [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames, dtype=int).tolist()]
 
 
-def check_item(item: Any, index: int | None = None) -> Mapping:
-    """Raise InputError unless `item` is a multimodal object."""
-    where = f"item {index}" if index is not None else "item"
+def check_item(item: Any, index: int | None = None, *, name: str | None = None) -> Mapping:
+    """Raise InputError unless `item` is a multimodal object; the message names it `name`, else item `index`."""
+    where = name or (f"item {index}" if index is not None else "item")
     if not isinstance(item, Mapping):
         raise InputError(f"{where} must be a dict with text/image/video keys, got {type(item).__name__}")
     unknown = set(item) - ITEM_KEYS

@@ -13,7 +13,8 @@ import torch
 from . import DEFAULT_RERANKER
 from .batching import Batch, Encoded, Failed, collate
 from .decoders import Decoders
-from .errors import InputError, MediaError, QvlsearchError
+from .errors import InputError, MediaError, QvlsearchError, check_setting
+from .limits import LIMITS
 from .media import LoadedMedia, VisionOptions, check_item, content_parts, load_media
 from .qwen import QwenModel, encode_or_fail, encoded_from, run_processor
 
@@ -167,9 +168,13 @@ class Reranker(QwenModel):
     ) -> tuple[list[float | None], dict[int, QvlsearchError]]:
         """Every document's score (None when it failed) and the error of each failed one, by index.
 
-        A broken query raises. With `stop_at_error`, scoring ends at the first failed document.
+        A broken query, or an `fps`/`max_frames` out of range, raises. With `stop_at_error`, scoring ends at
+        the first failed document.
         """
-        query = check_item({"text": query} if isinstance(query, str) else query)
+        for name, value in (("fps", fps), ("max_frames", max_frames)):
+            if value is not None:
+                check_setting(name, value, **LIMITS[name])
+        query = check_item({"text": query} if isinstance(query, str) else query, name="query")
         query_parts = content_parts(query, self.options, fps, max_frames)
         try:
             query_media = self.load(query_parts)

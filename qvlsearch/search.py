@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, SettingError
 from .fs import KindError, file_item
 from .moments import MOMENT_FRAMES
 from .pages import PdfPage
@@ -193,6 +193,41 @@ def as_near(value: str | Sequence[float] | None) -> tuple[float, float, float] |
     return lat, lon, km
 
 
+def check_sort(sort: str) -> None:
+    if sort not in SORTS:
+        raise SettingError("sort", f"one of {', '.join(SORTS)}", sort)
+
+
+def check_under(under: str | os.PathLike | None) -> None:
+    """An --under that is no folder here is a mistyped one: say so, rather than find nothing."""
+    if under is not None and not (folder := Path(under).expanduser()).is_dir():
+        raise InputError(f"--under {os.fspath(under)}: {'not a folder' if folder.exists() else 'no such folder'}")
+
+
+def check_filters(*, kind: str | Iterable[str] | None = None, under: str | os.PathLike | None = None,
+                  after: str | dt.date | None = None, before: str | dt.date | None = None,
+                  near: str | Sequence[float] | None = None, camera: str | None = None, sort: str = "score") -> None:
+    """Check a search's options at once, before any index is read or model loaded (a command line's; a
+    search checks them again): an InputError naming the option at fault."""
+    kinds_of(kind)
+    as_utc(after, "--after"), as_utc(before, "--before"), as_near(near), as_text(camera, "--camera")
+    check_under(under)
+    check_sort(sort)
+
+
+def with_dates(records: list[dict], fs_paths: list[str]) -> list[dict]:
+    """The records with the date that `--sort date` orders by, for tables: when taken, else when modified."""
+
+    def modified(path: str) -> str:
+        try:
+            return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc).isoformat()
+        except OSError:
+            return ""
+
+    return [{**r, "date": (r.get("taken_at") or modified(path))[:19]} for r, path in zip(records, fs_paths,
+                                                                                       strict=True)]
+
+
 def distance_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
     """Great-circle (haversine) distances from (lat0, lon0), in km."""
     lat, lon, lat0, lon0 = map(np.radians, (lat, lon, lat0, lon0))
@@ -317,8 +352,7 @@ class SearchIndex:
         """
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        if sort not in SORTS:
-            raise InputError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        check_sort(sort)
         query = query_item(query)
         keep = self.filter(kind, under, after=after, before=before, near=near, camera=camera)
         if len(self) == 0:

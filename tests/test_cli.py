@@ -247,3 +247,56 @@ def test_verbose_after_the_command_too(checkpoints):
                  ["embed", "x", "--model", model, "--verbose"]):
         assert "qvlsearch: loading the model" in run(*args).stderr, args
     assert "loading the model" not in run("embed", "x", "--model", model).stderr
+
+
+def test_index_again_follows_the_index_model(tmp_path, checkpoints, notes_index):
+    """A nightly `qvlsearch index DIR` needs no --model: it takes the index's; another model is refused."""
+    index = tmp_path / "index"
+    shutil.copytree(notes_index, index)
+    notes = str(notes_index.parent / "notes")
+    for how in ({"args": ("--index", str(index))}, {"env": {"QVLSEARCH_INDEX": str(index)}}):
+        result = run("index", notes, "--json", *how.get("args", ()), env=how.get("env"))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["unchanged"] == 3
+    other = str(checkpoints["reranker"])
+    for how in ({"args": ("--model", other)}, {"env": {"QVLSEARCH_MODEL": other}}):
+        result = run("index", notes, "--index", str(index), *how.get("args", ()), env=how.get("env"))
+        assert f"index has {str(checkpoints['embedder'])!r}, asked {other!r}" in refused(result)
+    new = run("index", notes, "--index", str(tmp_path / "new"))  # a new index: the default model (not cached here)
+    assert "hf download Qwen/Qwen3-VL-Embedding-2B" in refused(new) and not (tmp_path / "new").exists()
+
+
+def test_every_usage_error_is_one_line():
+    """Click's errors and the commands' own, alike: `qvlsearch: ...` on one line, exit 2; no command: the help."""
+    cases = {("search",): "qvlsearch: give a query: TEXT, '-', --image, --video or --queries FILE\n",
+             ("search", "cats", "--json", "--paths"): "qvlsearch: choose one of --json, --jsonl and --paths\n",
+             ("rerank", "cats", "--reranker", "unused"): "qvlsearch: no candidates: give files as arguments or on "
+                                                         "stdin\n",
+             ("search", "cats", "--sort", "name"): "qvlsearch: --sort must be one of score, date, got 'name'\n",
+             ("embed", "--no-such-option"): "qvlsearch: No such option: --no-such-option",
+             ("search", "cats", "-k", "0"): "qvlsearch: Invalid value for '-k' / '--top-k'",
+             ("index",): "qvlsearch: Missing argument 'paths'; see `",
+             ("no-such-command",): "qvlsearch: No such command 'no-such-command'; see `"}
+    for args, start in cases.items():
+        assert refused(run(*args, stdin="")).startswith(start), args
+    assert run("embed", "--no-such-option").stderr.endswith(" embed --help`\n")  # where to read more
+    bare = run()
+    assert bare.returncode == 2 and "Usage: " in bare.stdout and "Commands" in bare.stdout
+
+
+def test_search_options_are_checked_before_the_index_is_read(tmp_path):
+    """search.check_filters: every filter option is refused in one line before any index is read or model loaded."""
+    missing = ["--index", str(tmp_path / "no-index")]
+    for option, words in ((["--camera", "\udcff"], "--camera: '\\udcff' is not valid text"),
+                          (["--sort", "name"], "--sort must be one of score, date, got 'name'"),
+                          (["--under", str(tmp_path / "typo")], "no such folder"),
+                          (["--kind", "photo"], "kind must be one of"),
+                          (["--after", "yesterday"], "--after: 'yesterday' is not a date")):
+        assert words in refused(run("search", "cats", *missing, *option)), option
+        if option[0] in ("--kind", "--under"):
+            assert words in refused(run("dupes", *missing, *option)), option
+    from qvlsearch.errors import SettingError
+    from qvlsearch.search import check_filters
+
+    with pytest.raises(SettingError, match=r"^sort must be one of score, date, got 'name'$"):
+        check_filters(sort="name")

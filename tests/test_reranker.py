@@ -213,3 +213,19 @@ def test_broken_query_raises(reranker, media):
 def test_empty_query_or_documents_give_no_scores(reranker):
     assert reranker.process({"query": {}, "documents": [{"text": "a"}]}) == []
     assert reranker.process({"query": {"text": "a"}, "documents": []}) == []
+
+
+def test_fps_and_max_frames_are_checked_like_the_embedders(reranker):
+    """Overrides of the call and the items' own keys, each refused in one line naming it (limits.py's ranges)."""
+    from qvlsearch.errors import SettingError
+
+    for override, message in (({"fps": 0}, "fps must be a number above 0, got 0"),
+                              ({"max_frames": 1}, "max_frames must be an integer of at least 2, got 1"),
+                              ({"fps": float("nan")}, "fps must be a number above 0, got nan")):
+        with pytest.raises(SettingError, match=f"^{message}$"):
+            reranker.rerank("a cat", ["a dog"], **override)
+    with pytest.raises(InputError, match=r"^item 1: fps must be a number above 0, got -1$"):
+        reranker.rerank("a cat", ["a dog", {"text": "a cow", "fps": -1}])
+    assert reranker.rerank("a cat", [{"text": "a cow", "max_frames": 1}, "a dog"], on_error="skip")[0] is None
+    with pytest.raises(InputError, match=r"^query: max_frames must be an integer of at least 2, got 1$"):
+        reranker.rerank({"text": "a cat", "max_frames": 1}, ["a dog"])
