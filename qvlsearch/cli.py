@@ -56,8 +56,8 @@ app = typer.Typer(
 
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder "
-                                                           f"(default: the index's, else {DEFAULT_EMBEDDER})."),
+    typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder.",
+                 show_default=f"the index's, else {DEFAULT_EMBEDDER}"),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
 IndexOption = Annotated[
@@ -273,7 +273,7 @@ def index(
     settle: Annotated[float, typer.Option(
         help="With --watch: take a file once its size and mtime have not changed for this many seconds.")] = 2.0,
     poll: Annotated[float | None, typer.Option(
-        help="With --watch: poll every this many seconds instead of OS file events (default: events, except on "
+        help="With --watch: poll every this many seconds instead of OS file events (without it: events, except on "
              "network and FUSE filesystems, polled every 5 s).")] = None,
     rescan_every: Annotated[float, typer.Option(
         help="With --watch: rescan every root this often, in seconds, for changes the OS dropped (0: never).")
