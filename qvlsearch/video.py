@@ -34,7 +34,11 @@ BACKEND = "pyav"  # the name transformers gives this reader in video metadata
 def container_of(path: str) -> str:
     """The FFmpeg demuxer for the file's container; MediaError(reason) when it is not a supported one."""
     with open(path, "rb") as file:
-        head = file.read(HEAD_BYTES)
+        return demuxer_for(file.read(HEAD_BYTES))
+
+
+def demuxer_for(head: bytes) -> str:
+    """The FFmpeg demuxer for content starting with `head`; MediaError(reason) when it is no supported container."""
     demuxer = video_demuxer(head)
     if demuxer is None:
         reason = f"not a supported video container ({describe_content(head)}; {VIDEO_CONTAINERS} are read)"
