@@ -48,6 +48,7 @@ URL_MAX_BYTES = 512 * 1024 * 1024
 # a 50 MP camera photo and the 102 MP of medium-format cameras pass; decoding one at the cap takes about
 # 0.4 GB (RGB) and its RGB copy as much again, which keeps a request's peak memory under 1 GiB.
 MAX_IMAGE_PIXELS = 120_000_000
+STRIP_ROWS = 256  # rows of a large frame copied out of Pillow at a time
 IMAGE_FORMATS = "JPEG, PNG, GIF, WebP, BMP, TIFF or HEIF/AVIF"
 VIDEO_READER_VARIABLE = "FORCE_QWENVL_VIDEO_READER"  # names one of qwen-vl-utils' readers to use instead of PyAV
 # Pillow warns from 89 MP on; images are refused above MAX_IMAGE_PIXELS before decoding instead.
@@ -372,16 +373,13 @@ def _load_frame_list(part: dict) -> tuple[Any, dict]:
     """A video given as frames: each decoded, then resized as `fetch_video` resizes a frame list, one at a time."""
     info = {key: value for key, value in part.items() if key not in ("type", "video")}
     nframes = vision_process.ceil_by_factor(len(part["video"]), vision_process.FRAME_FACTOR)
-    # qwen-vl-utils passes the merged patch size to fetch_image as its patch size; so does this.
-    patch = IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE
     frames: list[torch.Tensor] = []
     size = first = None
     for source in part["video"]:
         image = open_image(source if isinstance(source, Image.Image) else os.fspath(source))
         try:
-            array = np.array(vision_process.fetch_image({"image": image, **info}, patch))
+            frame = torch.from_numpy(_list_frame(image, info).transpose(2, 0, 1))
             del image
-            frame = torch.from_numpy(array.transpose(2, 0, 1))
             if first is None:
                 first = tuple(frame.shape)
                 size = frame_size(info, nframes, frame.shape[1], frame.shape[2], IMAGE_PATCH_SIZE)
@@ -397,6 +395,26 @@ def _load_frame_list(part: dict) -> tuple[Any, dict]:
     metadata = {"fps": raw_fps, "frames_indices": list(range(nframes)),
                 "total_num_frames": nframes / sample_fps * raw_fps}
     return torch.stack(frames).float(), metadata
+
+
+def _list_frame(image: Image.Image, info: dict) -> np.ndarray:
+    """A frame of a frame list as `fetch_video` first resizes it (`fetch_image`, to which qwen-vl-utils passes
+    the merged patch size as the patch size), without fetch_image's full-size copies of an RGB frame."""
+    factor = IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE**2
+    image = image if image.mode == "RGB" else vision_process.to_rgb(image)
+    if "resized_height" in info and "resized_width" in info:
+        height, width = vision_process.smart_resize(info["resized_height"], info["resized_width"], factor=factor)
+    else:
+        height, width = vision_process.smart_resize(
+            image.height, image.width, factor=factor,
+            min_pixels=info.get("min_pixels", vision_process.IMAGE_MIN_TOKEN_NUM * factor**2),
+            max_pixels=info.get("max_pixels", vision_process.IMAGE_MAX_TOKEN_NUM * factor**2))
+    if image.size != (width, height):
+        image = image.resize((width, height))
+    pixels = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, STRIP_ROWS):  # np.asarray of the whole image would hold two more copies at once
+        pixels[top:top + STRIP_ROWS] = np.asarray(image.crop((0, top, width, min(top + STRIP_ROWS, height))))
+    return pixels
 
 
 def load_media(parts: list[dict]) -> LoadedMedia:
