@@ -337,7 +337,7 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
             return _read_video_file(path, part)
     except MediaError as exc:
         raise failure("video", source, exc.reason) from None
-    except OSError as exc:
+    except Exception as exc:  # a file that cannot be opened, or what a decoder raises for bad data
         raise failure("video", source, media_reason(exc)) from None
 
 
