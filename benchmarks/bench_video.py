@@ -4,9 +4,9 @@ Speed: each video read as an item reads it (sampled, resized to the model's size
 same run, best of 3; figures are sampled frames per second and the ratio of the times. Memory: the peak
 resident memory (VmHWM) growth of one process that reads one video item, each in a fresh process, for
 the PyAV reader and for qwen-vl-utils' `fetch_video` with decord (what qvlsearch ran before).
-Videos: the sample videos, and generated H.264 clips: 720p at 30 fps for 60 s, 1080p at 30 fps for 120 s.
+Videos: the sample videos, and generated H.264 clips: 720p at 30 fps (60 s), 1080p at 30 fps (120 s).
 
-    python benchmarks/bench_video.py [--long-seconds 120]
+    python benchmarks/bench_video.py [--seconds 60] [--long-seconds 120]
 """
 
 from __future__ import annotations
@@ -92,15 +92,15 @@ def peak_growth(reader: str, path: str, extra: dict) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
 
 
-def run(long_seconds: int) -> list[Figure]:
+def run(seconds: int, long_seconds: int) -> list[Figure]:
     figures = []
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        clip720 = str(make_clip(Path(folder) / "720p.mp4", 60, (1280, 720)))
+        clip720 = str(make_clip(Path(folder) / "720p.mp4", seconds, (1280, 720)))
         clip1080 = str(make_clip(Path(folder) / "1080p.mp4", long_seconds, (1920, 1080)))
         print(f"clips made in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         videos = [(Path(p).name, p, {}) for p in sorted(glob.glob(str(ROOT / "sample_data" / "videos" / "*.mp4")))]
-        videos += [("720p 60 s", clip720, {}), (f"1080p {long_seconds} s", clip1080, {}),
+        videos += [(f"720p {seconds} s", clip720, {}), (f"1080p {long_seconds} s", clip1080, {}),
                    (f"1080p {long_seconds} s, moment 30-40 s", clip1080, {"video_start": 30.0, "video_end": 40.0})]
         for name, path, extra in videos:
             count = read_pyav(path, extra)
@@ -113,8 +113,9 @@ def run(long_seconds: int) -> list[Figure]:
                                   "frames/s", detail=detail))
             figures.append(Figure("video", f"{name}: PyAV time / decord time", round(pyav_s / decord_s, 3), "x",
                                   "<= 1.0"))
-        for name, path, extra in [("720p 60 s, fps 1, max_frames 64", clip720, {}),
-                                  ("720p 60 s, fps 30, max_frames 300", clip720, {"fps": 30.0, "max_frames": 300}),
+        for name, path, extra in [(f"720p {seconds} s, fps 1, max_frames 64", clip720, {}),
+                                  (f"720p {seconds} s, fps 30, max_frames 300", clip720,
+                                   {"fps": 30.0, "max_frames": 300}),
                                   (f"1080p {long_seconds} s, fps 1, max_frames 64", clip1080, {})]:
             pyav, decord = peak_growth("pyav", path, extra), peak_growth("decord", path, extra)
             figures.append(Figure("video", f"{name}: peak RSS growth, PyAV reader", round(pyav), "MiB", "<= 1024",
@@ -124,9 +125,10 @@ def run(long_seconds: int) -> list[Figure]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=60, help="length of the 720p clip")
     parser.add_argument("--long-seconds", type=int, default=120, help="length of the 1080p clip")
     args = parser.parse_args()
-    figures = run(args.long_seconds)
+    figures = run(args.seconds, args.long_seconds)
     print(report(figures))
     print(f"saved to {save(figures, 'video')}")
 

@@ -30,7 +30,7 @@ from qwen_vl_utils import vision_process
 from .errors import InputError, MediaError
 from .pages import PdfPage
 from .signatures import HEAD_BYTES, describe_content, image_format
-from .video import demuxer_for, frame_size, read_video, resize_frame
+from .video import container_of, demuxer_for, frame_size, read_video, resize_frame
 
 try:  # HEIC/HEIF photos, where the optional pillow-heif plugin is installed
     import pillow_heif
@@ -326,7 +326,6 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
             path = local_path(source)
             if os.path.isdir(path):
                 raise IsADirectoryError(path)
-            demuxer_for(_head(path))
             return _read_video_file(path, part)
         demuxer_for(data[:HEAD_BYTES])
         with tempfile.TemporaryDirectory(prefix="qvlsearch-video-") as folder:  # mode 0700
@@ -341,14 +340,9 @@ def _load_video_file(part: dict) -> tuple[Any, dict]:
         raise failure("video", source, media_reason(exc)) from None
 
 
-def _head(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read(HEAD_BYTES)
-
-
 def _read_video_file(path: str, part: dict) -> tuple[Any, dict]:
-    """The frames and metadata of a checked local video, by PyAV or by the qwen-vl-utils reader that
-    FORCE_QWENVL_VIDEO_READER names (never its fallback to torchvision)."""
+    """The frames and metadata of a local video, by PyAV or by the qwen-vl-utils reader that
+    FORCE_QWENVL_VIDEO_READER names (never its fallback to torchvision); each checks the container first."""
     reader = os.environ.get(VIDEO_READER_VARIABLE, "").strip() or "pyav"
     if reader == "pyav":
         video, metadata, _ = read_video(path, {**part, "video": path}, IMAGE_PATCH_SIZE)
@@ -356,6 +350,7 @@ def _read_video_file(path: str, part: dict) -> tuple[Any, dict]:
     if reader not in vision_process.VIDEO_READER_BACKENDS:
         readers = ", ".join(["pyav", *vision_process.VIDEO_READER_BACKENDS])
         raise MediaError(f"{VIDEO_READER_VARIABLE}={reader} is not a video reader ({readers})")
+    container_of(path)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # decord prints its own errors
             frames, metadata, _ = vision_process.VIDEO_READER_BACKENDS[reader]({**part, "video": path})

@@ -1,11 +1,12 @@
 """Read the frames a video item needs with PyAV, fenced to one local file in a supported container.
 
-The container is told by its first bytes and opened with its one FFmpeg demuxer, the file protocol
-only and no external references, so that a playlist, a concat script or a reference to another file
-or URL is never followed. The frames sampled are exactly those qwen-vl-utils' decord reader takes
-(the same frame count, average frame rate, window and indices), rotated as decord rotates them, and
-each is resized as it is decoded to the size `fetch_video` computes, so that the tensor equals
-`fetch_video`'s while only one full-size frame is held at a time.
+The container is told by its first bytes and read with its one FFmpeg demuxer through the handle
+whose bytes were checked, with no protocol but `file` and no external references, so that a playlist,
+a concat script or a reference to another file or URL is never followed. The frames sampled are
+exactly those qwen-vl-utils' decord reader takes (the same frame count, average frame rate, window
+and indices), rotated as decord rotates them, and each is resized as it is decoded to the size
+`fetch_video` computes, so that the tensor equals `fetch_video`'s while only one full-size frame is
+held at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import numpy as np
@@ -26,7 +27,8 @@ from torchvision.transforms import functional as tvf
 from .errors import MediaError
 from .signatures import HEAD_BYTES, MPEGTS, VIDEO_CONTAINERS, describe_content, video_demuxer
 
-# The file protocol only, and no mov/mp4 data references to other files (FFmpeg's default, made explicit).
+# Should a demuxer try to open anything besides the file it is given (none of the four does): the file protocol
+# only, and no mov/mp4 data references to other files (FFmpeg's default, made explicit).
 OPEN_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0"}
 BACKEND = "pyav"  # the name transformers gives this reader in video metadata
 
@@ -75,8 +77,13 @@ def read_video(path: str, ele: dict[str, Any], image_patch_size: int) -> tuple[t
     with a one-line reason for an unsupported container, no video stream, fewer than 2 frames, a window
     outside the video, or frames that cannot be decoded.
     """
-    demuxer = container_of(path)
-    with _open(path, demuxer) as container:
+    with open(path, "rb") as file:  # one handle: the content checked is the content decoded
+        return _read(file, demuxer_for(file.read(HEAD_BYTES)), ele, image_patch_size)
+
+
+def _read(file: BinaryIO, demuxer: str, ele: dict[str, Any], image_patch_size: int
+          ) -> tuple[torch.Tensor, dict, float]:
+    with _open(file, demuxer) as container:
         if not container.streams.video:
             raise _error("has no video stream")
         stream = container.streams.best("video")
@@ -100,10 +107,10 @@ def read_video(path: str, ele: dict[str, Any], image_patch_size: int) -> tuple[t
     seek_to = keys if demuxer != MPEGTS else []  # MPEG-TS has no index: seeking there lands near, not on, a frame
     try:
         try:
-            frames = _decode(path, demuxer, stream_index, targets, seek_to, by_position=pts is None)
+            frames = _decode(file, demuxer, stream_index, targets, seek_to, by_position=pts is None)
             resized = _resized(wanted, frames, ele, nframes, image_patch_size)
         except _SeekMissed:  # decode from the start instead
-            frames = _decode(path, demuxer, stream_index, targets, [], by_position=pts is None)
+            frames = _decode(file, demuxer, stream_index, targets, [], by_position=pts is None)
             resized = _resized(wanted, frames, ele, nframes, image_patch_size)
     except av.FFmpegError as exc:
         raise _error(f"cannot decode frames ({_ffmpeg_reason(exc)})") from None
@@ -131,9 +138,11 @@ class _SeekMissed(Exception):
     """A seek landed on another frame than the keyframe asked for."""
 
 
-def _open(path: str, demuxer: str) -> av.container.InputContainer:
+def _open(file: BinaryIO, demuxer: str) -> av.container.InputContainer:
+    """The file, from its start, as a container of the one format `demuxer` reads."""
+    file.seek(0)
     try:
-        return av.open(path, format=demuxer, options=OPEN_OPTIONS)
+        return av.open(file, format=demuxer, options=OPEN_OPTIONS)
     except av.FFmpegError as exc:
         raise _error(f"cannot read video: {_ffmpeg_reason(exc)}") from None
 
@@ -164,12 +173,12 @@ def _index(container: av.container.InputContainer, stream: av.VideoStream
     return len(pts), sorted(pts), sorted(keys)  # type: ignore[arg-type]
 
 
-def _decode(path: str, demuxer: str, stream_index: int, targets: list[int], keys: list[int], by_position: bool
+def _decode(file: BinaryIO, demuxer: str, stream_index: int, targets: list[int], keys: list[int], by_position: bool
             ) -> Iterator[av.VideoFrame]:
     """The frames at the timestamps `targets` (ascending), in a fresh container: decoding forward, and seeking to
     the keyframe before a target when one of `keys` lies between the last decoded frame and it. Targets are
     positions in presentation order instead when the stream's packets have no timestamps."""
-    with _open(path, demuxer) as container:
+    with _open(file, demuxer) as container:
         stream = container.streams[stream_index]
         stream.codec_context.thread_type = "AUTO"
         frames = container.decode(stream)

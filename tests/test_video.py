@@ -169,9 +169,10 @@ def test_a_remote_video_is_read_from_a_private_file_removed_afterwards(embedder,
     seen = []
     real_open = av.open
 
-    def spy(path, *args, **kwargs):
+    def spy(file, *args, **kwargs):
+        path = file.name  # the handle whose first bytes were checked
         seen.append((path, os.stat(path).st_mode & 0o777, os.stat(os.path.dirname(path)).st_mode & 0o777, kwargs))
-        return real_open(path, *args, **kwargs)
+        return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(av, "open", spy)
     from_uri = embedder.embed([{"video": data_uri(Path(media["video"]).read_bytes())}])
