@@ -31,13 +31,13 @@ def thumbnail(result: SearchResult) -> Image.Image:
             with Image.open(path) as image:
                 image = image.convert("RGB")
         elif result.kind == "video":
-            import decord
+            from .video import frame_count_and_rate, frame_image
 
-            reader = decord.VideoReader(path)
-            middle = len(reader) // 2
+            frames, fps = frame_count_and_rate(path)
+            middle = frames // 2
             if result.start_s is not None:  # the frame in the middle of the moment
-                middle = min(len(reader) - 1, int((result.start_s + result.end_s) / 2 * (reader.get_avg_fps() or 1)))
-            image = Image.fromarray(reader[middle].asnumpy())
+                middle = int((result.start_s + result.end_s) / 2 * (fps or 1))
+            image = frame_image(path, middle)
         else:
             image = text_card(file_item(path, "text")["text"][:600])
     except Exception as exc:  # an unreadable file still gets a tile

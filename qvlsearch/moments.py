@@ -20,11 +20,10 @@ MAX_MOMENTS = 300  # an hour of 12 s windows, or 10 hours of 120 s ones
 
 def video_duration(path: str) -> float:
     """The container's duration in seconds (frames / frame rate), read without decoding frames."""
-    import decord
+    from .video import frame_count_and_rate
 
-    reader = decord.VideoReader(path)
-    fps = reader.get_avg_fps() or 0.0
-    return len(reader) / fps if fps else 0.0
+    frames, fps = frame_count_and_rate(path)
+    return frames / fps if fps else 0.0
 
 
 def windows(duration: float, seconds: float = MOMENT_SECONDS, max_moments: int = MAX_MOMENTS

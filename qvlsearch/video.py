@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import av
 import numpy as np
 import torch
+from PIL import Image
 from qwen_vl_utils import vision_process
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
@@ -119,6 +120,41 @@ def _read(file: BinaryIO, demuxer: str, ele: dict[str, Any], image_patch_size: i
     video = torch.stack([resized[i] for i in indices]).float()
     metadata = {"fps": fps, "frames_indices": indices, "total_num_frames": count, "video_backend": BACKEND}
     return video, metadata, nframes / max(count, 1e-6) * fps
+
+
+def frame_count_and_rate(path: str) -> tuple[int, float]:
+    """(frames as decord counts them, average frame rate) of a video file, read without decoding frames."""
+    with open(path, "rb") as file, _open(file, demuxer_for(file.read(HEAD_BYTES))) as container:
+        if not container.streams.video:
+            raise _error("has no video stream")
+        stream = container.streams.best("video")
+        try:
+            total, _, _ = _index(container, stream)
+        except av.FFmpegError as exc:
+            raise _error(f"cannot read video: {_ffmpeg_reason(exc)}") from None
+        return total, float(stream.average_rate or 0)
+
+
+def frame_image(path: str, index: int) -> Image.Image:
+    """Frame `index` of a video file (counted as decord counts, clamped to the video), turned upright."""
+    with open(path, "rb") as file:
+        demuxer = demuxer_for(file.read(HEAD_BYTES))
+        with _open(file, demuxer) as container:
+            if not container.streams.video:
+                raise _error("has no video stream")
+            stream = container.streams.best("video")
+            stream_index = stream.index
+            total, pts, keys = _index(container, stream)
+        if total == 0:
+            raise _error("has no frames")
+        index = min(max(index, 0), total - 1)
+        target = [index] if pts is None else [pts[index]]
+        try:
+            frame = next(_decode(file, demuxer, stream_index, target, keys if demuxer != MPEGTS else [],
+                                 by_position=pts is None))
+        except _SeekMissed:
+            frame = next(_decode(file, demuxer, stream_index, target, [], by_position=pts is None))
+    return Image.fromarray(np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), _quarter_turns(frame))))
 
 
 def _resized(wanted: list[int], frames: Iterator[av.VideoFrame], ele: dict[str, Any], nframes: int,
