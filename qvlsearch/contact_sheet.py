@@ -8,6 +8,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import av
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InputError
@@ -15,6 +17,7 @@ from .fs import file_item
 from .moments import place
 from .pages import PdfPage
 from .search import SearchResult
+from .video import OPEN_OPTIONS, container_of
 
 THUMB = 256
 CAPTION = 40
@@ -31,19 +34,34 @@ def thumbnail(result: SearchResult) -> Image.Image:
             with Image.open(path) as image:
                 image = image.convert("RGB")
         elif result.kind == "video":
-            import decord
-
-            reader = decord.VideoReader(path)
-            middle = len(reader) // 2
-            if result.start_s is not None:  # the frame in the middle of the moment
-                middle = min(len(reader) - 1, int((result.start_s + result.end_s) / 2 * (reader.get_avg_fps() or 1)))
-            image = Image.fromarray(reader[middle].asnumpy())
+            image = middle_frame(path, result.start_s, result.end_s)
         else:
             image = text_card(file_item(path, "text")["text"][:600])
     except Exception as exc:  # an unreadable file still gets a tile
         image = text_card(f"cannot show this file:\n{exc}")
     image.thumbnail((THUMB, THUMB))
     return image
+
+
+def middle_frame(path: str, start_s: float | None, end_s: float | None) -> Image.Image:
+    """The video's middle frame as decord numbers frames (or the frame in the middle of the moment from start_s to
+    end_s), turned as it is displayed: decoded from the keyframe before it."""
+    with av.open(path, format=container_of(path), options=OPEN_OPTIONS) as container:
+        stream = container.streams.best("video")
+        if stream is None:
+            raise InputError("has no video stream")
+        fps = float(stream.average_rate or 1)
+        frames = sum(1 for packet in container.demux(stream) if packet.size)
+        middle = frames // 2 if start_s is None else min(frames - 1, int((start_s + (end_s or start_s)) / 2 * fps))
+        target = (stream.start_time or 0) + middle / fps / stream.time_base
+        container.seek(int(target), stream=stream, backward=True)
+        frame = None
+        for frame in container.decode(stream):
+            if frame.pts is None or frame.pts >= target - 0.5 / fps / stream.time_base:
+                break
+        if frame is None:
+            raise InputError("has no frames")
+        return Image.fromarray(np.rot90(frame.to_ndarray(format="rgb24"), round(frame.rotation / 90) % 4))
 
 
 def text_card(text: str) -> Image.Image:

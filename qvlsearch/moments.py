@@ -13,18 +13,25 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import av
+
+from .video import OPEN_OPTIONS, container_of
+
 MOMENT_SECONDS = 10.0
 MOMENT_FRAMES = 8
 MAX_MOMENTS = 300  # an hour of 12 s windows, or 10 hours of 120 s ones
 
 
 def video_duration(path: str) -> float:
-    """The container's duration in seconds (frames / frame rate), read without decoding frames."""
-    import decord
-
-    reader = decord.VideoReader(path)
-    fps = reader.get_avg_fps() or 0.0
-    return len(reader) / fps if fps else 0.0
+    """The video's duration in seconds as decord and the reader count it (packets / average frame rate), read
+    without decoding frames, through the reader's container fence."""
+    with av.open(path, format=container_of(path), options=OPEN_OPTIONS) as container:
+        if not container.streams.video:
+            return 0.0
+        stream = container.streams.best("video")
+        fps = float(stream.average_rate or 0)
+        frames = sum(1 for packet in container.demux(stream) if packet.size)
+    return frames / fps if fps else 0.0
 
 
 def windows(duration: float, seconds: float = MOMENT_SECONDS, max_moments: int = MAX_MOMENTS
