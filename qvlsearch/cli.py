@@ -56,7 +56,8 @@ ModelOption = Annotated[
     str,
     typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder."),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE",
+                                           help="auto, cpu, cuda, cuda:N or mps (Apple Silicon).")]
 NoServerFlag = Annotated[bool, typer.Option(
     "--no-server", help="Load the models here even when a `qvlsearch serve` for this index and model runs.")]
 

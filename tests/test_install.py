@@ -84,3 +84,29 @@ def test_asking_for_decord_without_it_says_how_to_install_it(without_decord):
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "decord is not installed" in last and "pip install 'qvlsearch[decord]'" in last
+
+
+# --- Apple Silicon (MPS): this machine has none, so these check the way there and the refusal ------------------
+
+
+def test_mps_runs_float16_and_auto_prefers_cuda_then_mps_then_cpu():
+    import torch
+
+    from qvlsearch.qwen import pick_device, pick_dtype
+
+    assert pick_dtype(torch.device("mps"), None) == torch.float16
+    assert pick_dtype(torch.device("mps"), "float32") == torch.float32
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+
+
+def test_asking_for_mps_without_it_is_one_line_and_exit_2():
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    done = subprocess.run([sys.executable, "-m", "qvlsearch", "embed", "a cat", "--device", "mps", "--no-server"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("qvlsearch: device mps asked for, but this machine has no Apple Silicon GPU that "
+                                   "PyTorch can use (MPS); use --device cpu")
