@@ -110,3 +110,29 @@ def test_asking_for_mps_without_it_is_one_line_and_exit_2():
     assert done.returncode == 2
     assert done.stderr.strip() == ("qvlsearch: device mps asked for, but this machine has no Apple Silicon GPU that "
                                    "PyTorch can use (MPS); use --device cpu")
+
+
+# --- the platform wheel check (tools/check_wheels.py; `make wheels` asks the package index) ----------------------
+
+
+def test_the_wheel_check_evaluates_markers_for_each_target():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_wheels
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from packaging.requirements import Requirement
+
+    dependencies = [Requirement(line) for line in check_wheels.default_dependencies(ROOT / "pyproject.toml")]
+    wanted = {platform: {r.name for r in dependencies if check_wheels.applies(r, check_wheels.environment(
+        platform, "3.12"), set())} for platform in check_wheels.PLATFORMS}
+    assert "faiss-gpu" in wanted["Linux x86_64"] and "faiss-cpu" not in wanted["Linux x86_64"]
+    for platform in ("macOS arm64", "Linux aarch64", "Windows amd64"):
+        assert "faiss-cpu" in wanted[platform] and "faiss-gpu" not in wanted[platform]
+    assert all("decord" not in names for names in wanted.values())  # the `decord` extra only
+    extra = Requirement("decord>=0.6; (sys_platform == 'linux' and platform_machine == 'x86_64') "
+                        "or sys_platform == 'win32'")
+    assert [check_wheels.applies(extra, check_wheels.environment(platform, "3.10"), set())
+            for platform in check_wheels.PLATFORMS] == [False, False, True, True]
+    torch_cuda = Requirement('nvidia-cublas-cu12; platform_system == "Linux" and platform_machine == "x86_64"')
+    assert not check_wheels.applies(torch_cuda, check_wheels.environment("macOS arm64", "3.13"), set())

@@ -3,8 +3,9 @@
 `pip install --platform` evaluates the markers of the machine it runs on, not those of the target (pip issue
 11664), so this resolves one level at a time itself: pip picks each requirement's wheel for the target with
 `--no-deps` (reading only the wheel's metadata, not the wheel), and the markers of its Requires-Dist are evaluated
-here for the target with `packaging.markers`. Results are cached under $XDG_CACHE_HOME/qvlsearch-wheels (or
-~/.cache/qvlsearch-wheels) for a day, keyed by the requirements checked. Exit status 1 names what lacks a wheel.
+here for the target with `packaging.markers`. Each platform's result, and each requirement's wheel, is cached
+under $XDG_CACHE_HOME/qvlsearch-wheels (or ~/.cache/qvlsearch-wheels) for a day, so that a changed dependency
+asks pip about what changed only. Exit status 1 names what lacks a wheel.
 
     python tools/check_wheels.py [--pyproject PATH] [--max-age-hours 24]
 """
@@ -44,7 +45,7 @@ PLATFORMS: dict[str, tuple[list[str], dict[str, str]]] = {
                       {"sys_platform": "win32", "platform_system": "Windows", "os_name": "nt",
                        "platform_machine": "AMD64"}),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def environment(platform: str, python: str) -> dict[str, str]:
@@ -90,7 +91,24 @@ def pick_wheels(requirements: list[str], platform: str, python: str) -> dict[str
             for item in picked}
 
 
-def resolve(dependencies: list[str], platform: str, python: str) -> dict:
+def cached_picks(requirements: list[str], platform: str, python: str, max_age_s: float) -> dict[str, dict]:
+    """`pick_wheels`, each requirement's answer from the cache when it was asked less than `max_age_s` ago."""
+    picked: dict[str, dict] = {}
+    paths = {line: cache_path("pick", line, platform, python) for line in requirements}
+    fresh = {line for line, path in paths.items() if path.exists() and time.time() - path.stat().st_mtime < max_age_s}
+    for line in fresh:
+        picked.update(json.loads(paths[line].read_text()))
+    asked = [line for line in requirements if line not in fresh]
+    found = pick_wheels(asked, platform, python)
+    for line in asked:
+        name = canonicalize_name(Requirement(line).name)
+        answer = {name: found[name]} if name in found else {}
+        write_cache(paths[line], answer)
+        picked.update(answer)
+    return picked
+
+
+def resolve(dependencies: list[str], platform: str, python: str, max_age_s: float) -> dict:
     """The wheels of `dependencies` and of everything they need on the target, level by level: {"wheels": {name:
     wheel file}, "missing": [requirements with no wheel]}. Specifiers of one name are combined across parents."""
     env = environment(platform, python)
@@ -113,7 +131,7 @@ def resolve(dependencies: list[str], platform: str, python: str) -> dict:
     pending = set(specs)
     while pending:
         asked = {name: f"{name}[{','.join(sorted(extras[name]))}]{specs[name]}" for name in sorted(pending)}
-        picked = pick_wheels(list(asked.values()), platform, python)
+        picked = cached_picks(list(asked.values()), platform, python, max_age_s)
         missing.update(name for name in asked if name not in picked)
         for name, item in picked.items():
             found[name], resolved_extras[name] = item, set(extras[name])
@@ -126,20 +144,24 @@ def resolve(dependencies: list[str], platform: str, python: str) -> dict:
     return {"wheels": {name: item["wheel"] for name, item in sorted(found.items())}, "missing": missing_lines}
 
 
-def cache_folder() -> Path:
+def cache_path(*key: object) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base, "qvlsearch-wheels")
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, *key]).encode()).hexdigest()[:32]
+    return Path(base, "qvlsearch-wheels", f"{digest}.json")
+
+
+def write_cache(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1))
 
 
 def cached_resolve(dependencies: list[str], platform: str, python: str, max_age_s: float) -> dict:
     """`resolve`, from the cache when the same check ran less than `max_age_s` ago."""
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, dependencies, platform, python]).encode()).hexdigest()[:32]
-    path = cache_folder() / f"{key}.json"
+    path = cache_path("platform", dependencies, platform, python)
     if path.exists() and time.time() - path.stat().st_mtime < max_age_s:
         return json.loads(path.read_text())
-    result = resolve(dependencies, platform, python)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    result = resolve(dependencies, platform, python, max_age_s)
+    write_cache(path, result)
     return result
 
 
