@@ -136,3 +136,16 @@ def test_the_wheel_check_evaluates_markers_for_each_target():
             for platform in check_wheels.PLATFORMS] == [False, False, True, True]
     torch_cuda = Requirement('nvidia-cublas-cu12; platform_system == "Linux" and platform_machine == "x86_64"')
     assert not check_wheels.applies(torch_cuda, check_wheels.environment("macOS arm64", "3.13"), set())
+
+
+# --- Windows, by reading: what can be checked here ---------------------------------------------------------------
+
+
+def test_a_model_served_from_a_windows_folder_is_named_by_its_last_part():
+    from qvlsearch.server import ApiError, named
+
+    named("tiny", "C:\\models\\tiny", "embedding")
+    named("tiny", "C:\\models\\tiny\\", "embedding")
+    named("Qwen3-VL-Embedding-2B", "Qwen/Qwen3-VL-Embedding-2B", "embedding")
+    with pytest.raises(ApiError):
+        named("models", "C:\\models\\tiny", "embedding")
