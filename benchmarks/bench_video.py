@@ -76,9 +76,9 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
     figures = []
     for name, batch in (("whole videos", items), ("moments (2 s windows)", moments)):
         with reader(None):
-            pyav = torch.from_numpy(np.stack([r.vector for r in embedder.embed(batch)]))
+            pyav = torch.from_numpy(np.asarray(embedder.embed(batch)))
         with reader("decord"):
-            decord = torch.from_numpy(np.stack([r.vector for r in embedder.embed(batch)]))
+            decord = torch.from_numpy(np.asarray(embedder.embed(batch)))
         cosines = torch.nn.functional.cosine_similarity(pyav, decord)
         figures.append(Figure("video", f"cosine PyAV vs decord, {name}, worst of {len(batch)}", float(cosines.min()),
                               "", goal=">= 0.9999", detail={"mean": float(cosines.mean())}))
