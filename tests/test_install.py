@@ -76,6 +76,15 @@ def test_without_decord_a_video_is_embedded(without_decord, checkpoints):
     assert len(json.loads(done.stdout)["vector"]) > 0
 
 
+@pytest.mark.parametrize("video", sorted((ROOT / "sample_data" / "videos").glob("*.mp4")), ids=lambda p: p.stem)
+def test_moment_windows_use_decords_duration(video):
+    decord = pytest.importorskip("decord", reason="the qvlsearch[decord] extra")
+    from qvlsearch.moments import video_duration
+
+    reader = decord.VideoReader(str(video))
+    assert video_duration(str(video)) == pytest.approx(len(reader) / reader.get_avg_fps(), rel=1e-9)
+
+
 @pytest.mark.xfail(strict=True, reason="media.py (video branch) must say so; today: No module named 'decord'")
 def test_asking_for_decord_without_it_says_how_to_install_it(without_decord):
     done = run(["-c", "import sys; from qvlsearch.media import VisionOptions, content_parts, load_media; "
