@@ -103,4 +103,4 @@ def run(workdir: Path, checkpoints: dict[str, Path]) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    run_standalone(run, "video", budget_s=600)
+    run_standalone(run, "video", budget_s=1200)
