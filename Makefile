@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test lint format checkpoints bench clean
+.PHONY: install test lint wheels format checkpoints bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,20 @@ install:
 $(BIN)/qvlsearch:
 	$(MAKE) install
 
-test: lint
+test: lint wheels
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: | $(BIN)/qvlsearch
-	$(BIN)/ruff check qvlsearch tests benchmarks
+	$(BIN)/ruff check qvlsearch tests benchmarks tools
+
+# Every default dependency, and theirs, has a wheel for macOS arm64, Linux aarch64/x86_64 and Windows amd64,
+# CPython 3.10-3.13 (asks the package index through pip; cached a day in ~/.cache/qvlsearch-wheels)
+wheels: | $(BIN)/qvlsearch
+	$(BIN)/python tools/check_wheels.py
 
 format:
-	$(BIN)/ruff format qvlsearch tests benchmarks
-	$(BIN)/ruff check --fix qvlsearch tests benchmarks
+	$(BIN)/ruff format qvlsearch tests benchmarks tools
+	$(BIN)/ruff check --fix qvlsearch tests benchmarks tools
 
 # The CPU benchmark suite (not part of `make test`): figures beside goals, results in benchmarks/results/
 bench: | $(BIN)/qvlsearch

@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
+
+if sys.platform == "darwin":  # operators MPS lacks run on the CPU; torch reads this once, when it is imported
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 __version__ = "0.1.0"
 DEFAULT_EMBEDDER = "Qwen/Qwen3-VL-Embedding-2B"

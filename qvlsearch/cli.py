@@ -59,13 +59,12 @@ ModelOption = Annotated[
     typer.Option("--model", envvar="QVLSEARCH_MODEL", help="Embedding model: Hugging Face id or local folder.",
                  show_default=f"the index's, else {DEFAULT_EMBEDDER}"),
 ]
-DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE", help="auto, cpu, cuda or cuda:N.")]
+DeviceOption = Annotated[str, typer.Option("--device", envvar="QVLSEARCH_DEVICE",
+                                           help="auto, cpu, cuda, cuda:N or mps (Apple Silicon).")]
 IndexOption = Annotated[
     Path | None, typer.Option("--index", help="Index folder (env QVLSEARCH_INDEX).",
                                show_default="the user data folder")
 ]
-
-
 NoServerFlag = Annotated[bool, typer.Option(
     "--no-server", help="Load the models here even when a `qvlsearch serve` for this index and model runs.")]
 

@@ -34,13 +34,17 @@ log = logging.getLogger("qvlsearch")
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto" means the first GPU when there is one, else the CPU."""
+    """`None`/"auto" means the first CUDA GPU when there is one, else Apple Silicon's GPU (MPS), else the CPU.
+    On MPS, operators it lacks run on the CPU (see PYTORCH_ENABLE_MPS_FALLBACK in qvlsearch/__init__.py)."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ModelLoadError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ModelLoadError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device mps asked for, but this machine has no Apple Silicon GPU that PyTorch can "
+                             "use (MPS); use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} asked for, but no CUDA GPU is available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -50,9 +54,10 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
-    """bfloat16 on GPUs, float32 on CPUs, unless asked otherwise."""
+    """bfloat16 on CUDA GPUs, float16 on MPS (whose bfloat16 needs macOS 14 and is slower), float32 on CPUs,
+    unless asked otherwise."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")

@@ -16,6 +16,7 @@ import base64
 import hmac
 import json
 import logging
+import ntpath
 import os
 import queue
 import socket
@@ -328,7 +329,7 @@ class SearchRequest(BaseModel):
 
 def named(requested: str | None, served: str, what: str) -> None:
     """404 unless `requested` names the served model (its id or path, or the last part of it)."""
-    if requested is None or requested in (served, served.rstrip("/").rsplit("/", 1)[-1]):
+    if requested is None or requested in (served, ntpath.basename(served.rstrip("/\\"))):  # / or \ (Windows)
         return
     raise ApiError(404, f"this server has no {what} model {requested!r}; it serves {served!r}", "model_not_found")
 

@@ -291,8 +291,8 @@ def test_sigkill_inside_indexing_then_resume_equals_an_uninterrupted_run(tmp_pat
         start, deadline = generation(killed), time.monotonic() + 120
         while generation(killed) < start + commits and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+        proc.kill()  # SIGKILL; TerminateProcess (exit status 1) on Windows
+        assert proc.wait() == (1 if sys.platform == "win32" else -signal.SIGKILL), "the run ended before it was killed"
         store = assert_consistent(killed, view=False)  # the view catches up at the next run
         assert 0 < len(store.rows) < len(clean)
     done = len(store.rows)
@@ -308,6 +308,7 @@ def test_sigkill_inside_indexing_then_resume_equals_an_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.parametrize("decoders", ["threads", "processes"])
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C to a process group (killpg, SIGSTOP): POSIX")
 def test_ctrl_c_commits_and_exits_130(tmp_path, checkpoints, decoders):
     rng = np.random.default_rng(0)
     for i in range(200):  # distinct noise photos: enough model work to be interrupted in the middle

@@ -127,6 +127,7 @@ def test_a_replica_that_dies_is_restarted_and_a_file_that_kills_every_worker_is_
     assert_same_vectors(ray_vectors, local_vectors)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl-C to a process group (killpg, SIGSTOP): POSIX")
 def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, checkpoints):
     rng = np.random.default_rng(0)
     for i in range(150):  # distinct noise photos: enough model work to be interrupted in the middle

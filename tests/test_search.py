@@ -209,7 +209,7 @@ def test_rerank_files_with_an_unreadable_one(tmp_path, checkpoints, reranker):
 def expected_tile(path: str, kind: str) -> Image.Image:
     """What a result's tile must show, made here from the file: the picture, or a video's middle frame."""
     if kind == "video":
-        import decord
+        decord = pytest.importorskip("decord", reason="decord (the qvlsearch[decord] extra) draws the expected frame")
 
         reader = decord.VideoReader(path)
         tile = Image.fromarray(reader[len(reader) // 2].asnumpy())
