@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import importlib.util
 import io
 import os
 import tempfile
@@ -346,6 +347,10 @@ def _read_video_file(path: str, part: dict) -> tuple[Any, dict]:
     if reader not in vision_process.VIDEO_READER_BACKENDS:
         readers = ", ".join(["pyav", *vision_process.VIDEO_READER_BACKENDS])
         raise MediaError(f"{VIDEO_READER_VARIABLE}={reader} is not a video reader ({readers})")
+    if importlib.util.find_spec(reader) is None:  # decord and torchcodec are optional
+        extra = f"pip install 'qvlsearch[{reader}]'" if reader == "decord" else f"pip install {reader}"
+        raise MediaError(f"{VIDEO_READER_VARIABLE}={reader}, but {reader} is not installed: {extra}, or unset "
+                         f"{VIDEO_READER_VARIABLE} to read videos with PyAV")
     container_of(path)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # decord prints its own errors

@@ -85,7 +85,6 @@ def test_moment_windows_use_decords_duration(video):
     assert video_duration(str(video)) == pytest.approx(len(reader) / reader.get_avg_fps(), rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="media.py (video branch) must say so; today: No module named 'decord'")
 def test_asking_for_decord_without_it_says_how_to_install_it(without_decord):
     done = run(["-c", "import sys; from qvlsearch.media import VisionOptions, content_parts, load_media; "
                       "load_media(content_parts({'video': sys.argv[1]}, VisionOptions()))",
