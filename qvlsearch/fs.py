@@ -16,14 +16,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .signatures import image_format, video_demuxer
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 TEXT_SUFFIXES = {".txt", ".md"}
 PDF_SUFFIXES = {".pdf"}
 SNIFF_BYTES = 64 * 1024
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
-BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header sizes a real BMP has at offset 14
-HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
 UNKNOWN_CONTENT = "unknown content (not an image, video, PDF, UTF-8 text or text with a byte-order mark)"
 # Byte-order marks and the codec that decodes (and drops) them; UTF-32 LE's comes before UTF-16 LE's, its prefix.
 TEXT_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
@@ -213,15 +212,9 @@ def sniff_kind(path: str) -> str:
 
 def _content_kind(head: bytes) -> str | None:
     """The kind that a file's first bytes show, or None."""
-    if head.startswith(IMAGE_MAGIC):
+    if image_format(head):
         return "image"
-    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES:
-        return "image"
-    if head.startswith(b"RIFF") and head[8:12] in (b"WEBP", b"AVI "):
-        return "image" if head[8:12] == b"WEBP" else "video"
-    if head[4:8] == b"ftyp":
-        return "image" if head[8:12] in HEIF_BRANDS else "video"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska and WebM
+    if video_demuxer(head):
         return "video"
     if head.startswith(b"%PDF-"):
         return "pdf"

@@ -20,7 +20,16 @@ from torch.nn import functional
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import MediaError
-from .media import IMAGE_PATCH_SIZE, failure, is_data_uri, is_url, local_path, media_reason, vision_process
+from .media import (
+    IMAGE_PATCH_SIZE,
+    MAX_IMAGE_PIXELS,
+    failure,
+    is_data_uri,
+    is_url,
+    local_path,
+    media_reason,
+    vision_process,
+)
 
 if TYPE_CHECKING:
     from .batching import Encoded
@@ -58,9 +67,9 @@ def read_jpeg(parts: list[dict]) -> PendingJpeg | None:
         if not data.startswith(JPEG_MAGIC):
             return None
         with Image.open(io.BytesIO(data)) as image:  # the header only
-            if image.mode not in ("RGB", "L"):
-                return None
             width, height = image.size
+            if image.mode not in ("RGB", "L") or width * height > MAX_IMAGE_PIXELS:  # today's path says why
+                return None
         resized = vision_process.smart_resize(
             height, width, factor=IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE,
             min_pixels=part["min_pixels"], max_pixels=part["max_pixels"],

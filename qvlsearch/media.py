@@ -16,24 +16,21 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+from qwen_vl_utils import vision_process
 
 from .errors import InputError, MediaError
 from .pages import PdfPage
-
-# qwen-vl-utils chooses its video reader once, at import; its torchvision reader is broken
-# with torchvision 0.29, so pin decord before the import.
-os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
-from qwen_vl_utils import vision_process  # noqa: E402
-
-with contextlib.redirect_stderr(io.StringIO()):  # it announces its choice on stderr at first use
-    vision_process.get_video_reader_backend()
+from .signatures import HEAD_BYTES, describe_content, image_format
+from .video import demuxer_for, frame_size, read_video, resize_frame
 
 try:  # HEIC/HEIF photos, where the optional pillow-heif plugin is installed
     import pillow_heif
@@ -47,6 +44,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".t
 IMAGE_PATCH_SIZE = 16
 URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 512 * 1024 * 1024
+# The most pixels an image (or a frame of a frame list) may have, checked from its header before it is decoded:
+# a 50 MP camera photo and the 102 MP of medium-format cameras pass; decoding one at the cap takes about
+# 0.4 GB (RGB) and its RGB copy as much again, which keeps a request's peak memory under 1 GiB.
+MAX_IMAGE_PIXELS = 120_000_000
+STRIP_ROWS = 256  # rows of a large frame copied out of Pillow at a time
+IMAGE_FORMATS = "JPEG, PNG, GIF, WebP, BMP, TIFF or HEIF/AVIF"
+VIDEO_READER_VARIABLE = "FORCE_QWENVL_VIDEO_READER"  # names one of qwen-vl-utils' readers to use instead of PyAV
+# Pillow warns from 89 MP on; images are refused above MAX_IMAGE_PIXELS before decoding instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def media_reason(exc: BaseException) -> str:
     if isinstance(exc, (OSError, SyntaxError)) and not isinstance(exc, urllib.error.URLError):
         return f"not a readable image (corrupt or truncated: {exc})"
     if isinstance(exc, Image.DecompressionBombError):
-        return "image has too many pixels (decompression bomb limit)"
+        return f"image has too many pixels (decompression bomb limit; the cap is {MAX_IMAGE_PIXELS // 10**6} MP)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if type(exc).__name__ == "DECORDError":  # "[time] file.cc:151: Check failed: ... ERROR what went wrong"
         if "cannot find video stream" in text:
@@ -266,17 +272,31 @@ def remote_bytes(source: str) -> bytes:
 
 
 def open_image(source: str | Image.Image) -> Image.Image:
-    """Decode an image from a path, a URL, a data URI or a PIL image (fully loaded, file closed)."""
+    """Decode an image from a path, a URL, a data URI or a PIL image (fully loaded, file closed).
+
+    The content must start with the signature of a supported image format, and the size its header
+    gives must be within MAX_IMAGE_PIXELS, before anything is decoded.
+    """
     if isinstance(source, Image.Image):
         return source
     try:
         remote = is_url(source) or is_data_uri(source)
-        with Image.open(io.BytesIO(remote_bytes(source)) if remote else local_path(source)) as image:
-            image.load()
-            if image.mode == "P" and "transparency" in image.info:
-                # Pillow's advice (it warns when such an image becomes RGB); transparent parts then turn white.
-                return image.convert("RGBA")
-            return image
+        with io.BytesIO(remote_bytes(source)) if remote else open(local_path(source), "rb") as file:
+            head = file.read(HEAD_BYTES)
+            if image_format(head) is None:
+                reason = f"not a readable image ({describe_content(head)}; {IMAGE_FORMATS} are read)"
+                raise failure("image", source, reason)
+            file.seek(0)
+            with Image.open(file) as image:  # the header only
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise failure("image", source, f"image has too many pixels: {width}x{height} is "
+                                  f"{width * height / 1e6:.0f} MP, the cap is {MAX_IMAGE_PIXELS // 10**6} MP")
+                image.load()
+                if image.mode == "P" and "transparency" in image.info:
+                    # Pillow's advice (it warns when such an image becomes RGB); transparent parts then turn white.
+                    return image.convert("RGBA")
+                return image
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many types for bad files
@@ -294,56 +314,107 @@ def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
 
 
 def _load_video_file(part: dict) -> tuple[Any, dict]:
-    import decord
+    """A video file, URL or data URI: its container checked by content, then its sampled frames decoded.
 
+    A URL's or data URI's bytes are checked before they are written to a file that only this user can
+    read, in a folder of its own, removed afterwards.
+    """
     source = part["video"]
-    temp = None
+    data = remote_bytes(source) if is_url(source) or is_data_uri(source) else None  # its errors name the source
     try:
-        if is_url(source) or is_data_uri(source):
-            suffix = ".mp4" if is_data_uri(source) else Path(source.split("?")[0]).suffix or ".mp4"
-            fd, temp = tempfile.mkstemp(suffix=suffix)
-            with os.fdopen(fd, "wb") as out:
-                out.write(remote_bytes(source))
-            path = temp
-        else:
+        if data is None:
             path = local_path(source)
-        try:
             if os.path.isdir(path):
                 raise IsADirectoryError(path)
-            with open(path, "rb"):
-                pass
-            frames = len(decord.VideoReader(path))
-        except Exception as exc:
-            raise failure("video", source, media_reason(exc)) from None
-        if frames < 2:
-            raise failure("video", source, f"has {frames} frame(s); at least 2 are needed")
-        try:
-            (video, metadata), _ = vision_process.fetch_video(
-                {**part, "video": path},
-                image_patch_size=IMAGE_PATCH_SIZE,
-                return_video_sample_fps=True,
-                return_video_metadata=True,
-            )
-        except Exception as exc:
-            raise failure("video", source, f"cannot decode frames ({media_reason(exc)})") from None
+            demuxer_for(_head(path))
+            return _read_video_file(path, part)
+        demuxer_for(data[:HEAD_BYTES])
+        with tempfile.TemporaryDirectory(prefix="qvlsearch-video-") as folder:  # mode 0700
+            path = os.path.join(folder, "video")
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(data)
+            del data
+            return _read_video_file(path, part)
+    except MediaError as exc:
+        raise failure("video", source, exc.reason) from None
+    except Exception as exc:  # a file that cannot be opened, or what a decoder raises for bad data
+        raise failure("video", source, media_reason(exc)) from None
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(HEAD_BYTES)
+
+
+def _read_video_file(path: str, part: dict) -> tuple[Any, dict]:
+    """The frames and metadata of a checked local video, by PyAV or by the qwen-vl-utils reader that
+    FORCE_QWENVL_VIDEO_READER names (never its fallback to torchvision)."""
+    reader = os.environ.get(VIDEO_READER_VARIABLE, "").strip() or "pyav"
+    if reader == "pyav":
+        video, metadata, _ = read_video(path, {**part, "video": path}, IMAGE_PATCH_SIZE)
         return video, metadata
-    finally:
-        if temp is not None:
-            os.unlink(temp)
+    if reader not in vision_process.VIDEO_READER_BACKENDS:
+        readers = ", ".join(["pyav", *vision_process.VIDEO_READER_BACKENDS])
+        raise MediaError(f"{VIDEO_READER_VARIABLE}={reader} is not a video reader ({readers})")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # decord prints its own errors
+            frames, metadata, _ = vision_process.VIDEO_READER_BACKENDS[reader]({**part, "video": path})
+        if len(frames) < 2:
+            raise MediaError(f"has {len(frames)} frame(s); at least 2 are needed")
+        size = frame_size(part, frames.shape[0], frames.shape[2], frames.shape[3], IMAGE_PATCH_SIZE)
+        return torch.stack([resize_frame(frame, size) for frame in frames]).float(), metadata
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(media_reason(exc)) from None
 
 
 def _load_frame_list(part: dict) -> tuple[Any, dict]:
-    frames = [open_image(f if isinstance(f, Image.Image) else os.fspath(f)) for f in part["video"]]
-    try:
-        (video, metadata), _ = vision_process.fetch_video(
-            {**part, "video": frames},
-            image_patch_size=IMAGE_PATCH_SIZE,
-            return_video_sample_fps=True,
-            return_video_metadata=True,
-        )
-    except Exception as exc:
-        raise failure("video", part["video"], media_reason(exc)) from None
-    return video, metadata
+    """A video given as frames: each decoded, then resized as `fetch_video` resizes a frame list, one at a time."""
+    info = {key: value for key, value in part.items() if key not in ("type", "video")}
+    nframes = vision_process.ceil_by_factor(len(part["video"]), vision_process.FRAME_FACTOR)
+    frames: list[torch.Tensor] = []
+    size = first = None
+    for source in part["video"]:
+        image = open_image(source if isinstance(source, Image.Image) else os.fspath(source))
+        try:
+            frame = torch.from_numpy(_list_frame(image, info).transpose(2, 0, 1))
+            del image
+            if first is None:
+                first = tuple(frame.shape)
+                size = frame_size(info, nframes, frame.shape[1], frame.shape[2], IMAGE_PATCH_SIZE)
+            elif tuple(frame.shape) != first:
+                raise ValueError(f"frames differ in size ({first[2]}x{first[1]} and {frame.shape[2]}x{frame.shape[1]}"
+                                 " after resizing)")
+            frames.append(resize_frame(frame, size))
+        except Exception as exc:
+            raise failure("video", part["video"], media_reason(exc)) from None
+    frames.extend([frames[-1]] * (nframes - len(frames)))
+    sample_fps = info.get("sample_fps", 2.0)
+    raw_fps = info.get("raw_fps", sample_fps)
+    metadata = {"fps": raw_fps, "frames_indices": list(range(nframes)),
+                "total_num_frames": nframes / sample_fps * raw_fps}
+    return torch.stack(frames).float(), metadata
+
+
+def _list_frame(image: Image.Image, info: dict) -> np.ndarray:
+    """A frame of a frame list as `fetch_video` first resizes it (`fetch_image`, to which qwen-vl-utils passes
+    the merged patch size as the patch size), without fetch_image's full-size copies of an RGB frame."""
+    factor = IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE**2
+    image = image if image.mode == "RGB" else vision_process.to_rgb(image)
+    if "resized_height" in info and "resized_width" in info:
+        height, width = vision_process.smart_resize(info["resized_height"], info["resized_width"], factor=factor)
+    else:
+        height, width = vision_process.smart_resize(
+            image.height, image.width, factor=factor,
+            min_pixels=info.get("min_pixels", vision_process.IMAGE_MIN_TOKEN_NUM * factor**2),
+            max_pixels=info.get("max_pixels", vision_process.IMAGE_MAX_TOKEN_NUM * factor**2))
+    if image.size != (width, height):
+        image = image.resize((width, height))
+    pixels = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, STRIP_ROWS):  # np.asarray of the whole image would hold two more copies at once
+        pixels[top:top + STRIP_ROWS] = np.asarray(image.crop((0, top, width, min(top + STRIP_ROWS, height))))
+    return pixels
 
 
 def load_media(parts: list[dict]) -> LoadedMedia:

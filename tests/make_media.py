@@ -39,6 +39,21 @@ def make_video(
     return path
 
 
+def make_audio_only(path: str | PathLike[str]) -> None:
+    """An .mp4 with sound and no video frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for _ in range(5):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def make_image(
     path: str | PathLike[str],
     size: tuple[int, int] = (64, 48),

@@ -13,16 +13,16 @@ The one deliberate fix: under transformers 5 the official reranker crashes becau
 
 from __future__ import annotations
 
-import os
 import unicodedata
 
 import numpy as np
 import torch
 from PIL import Image
+from qwen_vl_utils import process_vision_info, vision_process
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
-from qwen_vl_utils import process_vision_info  # noqa: E402
-from transformers import AutoProcessor, Qwen3VLForConditionalGeneration  # noqa: E402
+# The official reader (decord), set in qwen-vl-utils only: the environment variable would choose qvlsearch's too.
+vision_process.FORCE_QWENVL_VIDEO_READER = "decord"
 
 MIN_PIXELS, MAX_PIXELS, TOTAL_PIXELS, FPS, MAX_FRAMES = 4096, 1843200, 7864320, 1.0, 64
 JUDGE = (

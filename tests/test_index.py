@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_DATA
-from make_media import make_image, make_video
+from make_media import make_audio_only, make_image, make_video
 from PIL import Image
 
 from qvlsearch.indexer import Indexer, IndexOptions, lock_index
@@ -154,21 +154,6 @@ def test_several_roots_share_one_index(tmp_path, corpus, options, embedder):
     store = assert_consistent(index_dir)
     assert {r["root"] for r in store.rows.values()} == {str(corpus / "photos"), str(corpus / "notes")}
     assert store.manifest["counts"]["items"] == 21
-
-
-def make_audio_only(path: Path) -> None:
-    """An .mp4 with sound and no video frames."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for _ in range(5):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_bad_inputs_become_error_rows_and_the_run_completes(tmp_path, options, embedder):
