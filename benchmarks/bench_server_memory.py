@@ -9,7 +9,7 @@ The server runs the `wide` checkpoint (the real model's 2048-wide vectors on one
 over an index of 2000 rows of the sample files.
 Not a test: it takes minutes on a CPU and needs Linux's /proc.
 
-    python benchmarks/bench_server_memory.py [--long-texts N] [--only TEXT] [--keep DIR]
+    python benchmarks/bench_server_memory.py [--long-texts N] [--photo-items N] [--only TEXT] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def clip_720p(folder: Path) -> bytes:
     return make_video(folder / "clip720.mp4", frames=300, fps=30, size=(1280, 720)).read_bytes()
 
 
-def worst_requests(model: str, folder: Path, long_texts: int) -> list[tuple[str, str, dict]]:
+def worst_requests(model: str, folder: Path, long_texts: int, photo_items: int) -> list[tuple[str, str, dict]]:
     """(name, route, body) of the heaviest requests a client may send, each under 64 MiB."""
     words = "the quick brown fox jumps over a lazy dog while cats sleep on warm chairs "
     long_text = (words * (100_000 // len(words) + 1))[:100_000]
@@ -133,10 +133,14 @@ def worst_requests(model: str, folder: Path, long_texts: int) -> list[tuple[str,
         ("720p video at the server's fps and max_frames", "/v1/embeddings",
          {"model": model, "input": [{"video": video}]}),
         ("frame list of three 8000x8000 PNGs", "/v1/embeddings", {"model": model, "input": [{"video": [png] * 3}]}),
-        ("one item of eight 8000x8000 PNGs (the cap)", "/v1/embeddings",
-         {"model": model, "input": [{"image": [png] * 8}]}),
+        ("one item of five 8000x8000 PNGs (refused)", "/v1/embeddings",
+         {"model": model, "input": [{"image": [png] * 5}]}),
+        ("one item of four 8000x8000 PNGs (the cap)", "/v1/embeddings",
+         {"model": model, "input": [{"image": [png] * 4}]}),
         ("one item of four 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 4}]}),
-        ("60 items of four 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 4}] * 60}),
+        (f"{photo_items} items of four 1536x1200 PNGs", "/v1/embeddings",
+         {"model": model, "input": [{"image": [full] * 4}] * photo_items}),
+        ("256 items of one 1536x1200 PNG", "/v1/embeddings", {"model": model, "input": [{"image": full}] * 256}),
         ("search k=1e21, rerank_top=1e20 (refused)", "/v1/search",
          {"query": "a cat", "k": 1e21, "rerank": True, "rerank_top": 1e20}),
         ("search k=1000 (the cap), rerank_top=200 (the cap)", "/v1/search",
@@ -164,7 +168,7 @@ def started_server(index: Path, checkpoints: dict[str, Path]) -> tuple[subproces
     return server, url
 
 
-def run(folder: Path, long_texts: int, only: str = "") -> list[Figure]:
+def run(folder: Path, long_texts: int, photo_items: int, only: str = "") -> list[Figure]:
     """Each request on a server of its own (memory that one request leaves resident would hide the next's)."""
     from qvlsearch.tiny import build_checkpoints
 
@@ -172,7 +176,7 @@ def run(folder: Path, long_texts: int, only: str = "") -> list[Figure]:
     index = folder / "index"
     make_index(index, checkpoints["embedder"], 2000)
     figures = []
-    for name, route, body in worst_requests(str(checkpoints["embedder"]), folder, long_texts):
+    for name, route, body in worst_requests(str(checkpoints["embedder"]), folder, long_texts, photo_items):
         if only not in name:
             continue
         server, url = started_server(index, checkpoints)
@@ -199,15 +203,18 @@ def main() -> None:
     parser.add_argument("--long-texts", type=int, default=4,
                         help="how many 100k-character texts the long-text requests send (default 4; the cap "
                              "allows 256, at many minutes each on a CPU)")
+    parser.add_argument("--photo-items", type=int, default=60,
+                        help="how many items of four full-size images one request sends (default 60; about 40 s "
+                             "each on 2 CPU cores)")
     parser.add_argument("--only", default="", help="run only the requests whose name contains this text")
     parser.add_argument("--keep", type=Path, help="build the checkpoints and index here instead of a temp folder")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        figures = run(args.keep, args.long_texts, args.only)
+        figures = run(args.keep, args.long_texts, args.photo_items, args.only)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            figures = run(Path(tmp), args.long_texts, args.only)
+            figures = run(Path(tmp), args.long_texts, args.photo_items, args.only)
     print(report(figures))
 
 

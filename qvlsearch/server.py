@@ -13,6 +13,8 @@ Every search first follows the index to its newest committed generation.
 from __future__ import annotations
 
 import base64
+import ctypes
+import functools
 import hmac
 import json
 import logging
@@ -139,6 +141,7 @@ class ModelThread:
                 for e in self.embedder.embed_iter((owners[i][0].items[owners[i][1]] for i in chunk), normalize=False):
                     job, n = owners[chunk[e.index]]
                     results[id(job)][n] = Embedding(n, e.vector, e.error, e.facts)
+                trim_heap()
         except Exception as exc:
             for job in jobs:
                 job.future.set_exception(exc)
@@ -295,6 +298,21 @@ def within_limits(item: Any, where: str, options: VisionOptions) -> None:
         raise ApiError(400, f"{where}: its images and videos may take {tokens} vision tokens at this server's "
                             f"max_pixels and total_pixels, over the limit of {MAX_ITEM_VISION_TOKENS} an item (four "
                             "full-size images, or two videos); send them as separate items")
+
+
+def trim_heap() -> None:
+    """Give the memory that the C heap holds free back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Pixels freed by one chunk's worker threads otherwise stay resident in their malloc arenas, and the next
+    chunk's come on top: 60 items of four full-size images grew the server by 1.19 GiB without this."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def libc() -> Any:
+    return ctypes.CDLL(None)
 
 
 def vision_tokens(item: Any, options: VisionOptions) -> int:
