@@ -133,13 +133,13 @@ def worst_requests(model: str, folder: Path, long_texts: int, photo_items: int) 
         ("720p video at the server's fps and max_frames", "/v1/embeddings",
          {"model": model, "input": [{"video": video}]}),
         ("frame list of three 8000x8000 PNGs", "/v1/embeddings", {"model": model, "input": [{"video": [png] * 3}]}),
-        ("one item of five 8000x8000 PNGs (refused)", "/v1/embeddings",
-         {"model": model, "input": [{"image": [png] * 5}]}),
-        ("one item of four 8000x8000 PNGs (the cap)", "/v1/embeddings",
+        ("one item of four 8000x8000 PNGs (refused)", "/v1/embeddings",
          {"model": model, "input": [{"image": [png] * 4}]}),
-        ("one item of four 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 4}]}),
-        (f"{photo_items} items of four 1536x1200 PNGs", "/v1/embeddings",
-         {"model": model, "input": [{"image": [full] * 4}] * photo_items}),
+        ("one item of three 8000x8000 PNGs (the cap)", "/v1/embeddings",
+         {"model": model, "input": [{"image": [png] * 3}]}),
+        ("one item of three 1536x1200 PNGs", "/v1/embeddings", {"model": model, "input": [{"image": [full] * 3}]}),
+        (f"{photo_items} items of three 1536x1200 PNGs", "/v1/embeddings",
+         {"model": model, "input": [{"image": [full] * 3}] * photo_items}),
         ("256 items of one 1536x1200 PNG", "/v1/embeddings", {"model": model, "input": [{"image": full}] * 256}),
         ("search k=1e21, rerank_top=1e20 (refused)", "/v1/search",
          {"query": "a cat", "k": 1e21, "rerank": True, "rerank_top": 1e20}),
@@ -204,7 +204,7 @@ def main() -> None:
                         help="how many 100k-character texts the long-text requests send (default 4; the cap "
                              "allows 256, at many minutes each on a CPU)")
     parser.add_argument("--photo-items", type=int, default=60,
-                        help="how many items of four full-size images one request sends (default 60; about 40 s "
+                        help="how many items of three full-size images one request sends (default 60; about 40 s "
                              "each on 2 CPU cores)")
     parser.add_argument("--only", default="", help="run only the requests whose name contains this text")
     parser.add_argument("--keep", type=Path, help="build the checkpoints and index here instead of a temp folder")

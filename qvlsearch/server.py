@@ -55,9 +55,10 @@ MAX_DOCUMENTS = 1000  # documents per /v1/rerank request (and its top_n)
 MAX_TEXT_CHARS = 100_000  # characters per text or instruction
 MAX_MEDIA_PER_ITEM = 8  # images and videos in one item (a frame list is one video)
 # Vision tokens one item may take at most, counted from the server's settings before anything is decoded: an image
-# as max_pixels / 32² (1800 by default), a video as total_pixels / (2 · 32²) (3840). 7680: four full-size images,
-# or two videos. An item's forward pass alone grows memory by about 72 KiB a token (four images: +913 MiB).
-MAX_ITEM_VISION_TOKENS = 7680
+# as max_pixels / 32² (1800 by default), a video as total_pixels / (2 · 32²) (3840). 5640: three full-size images, or
+# a video and an image. An item's forward pass alone grows memory by about 72 KiB a token, and one of four 8000x8000
+# PNGs (7200 tokens, each image decoded whole before it is resized) grew the server by 1409 MiB.
+MAX_ITEM_VISION_TOKENS = 5640
 TOKEN_PIXELS = 32 * 32  # pixels of one vision token: 16-pixel patches, merged 2 × 2 (and video frames in pairs)
 MAX_K = 1000  # /v1/search results
 MAX_RERANK_TOP = 200  # /v1/search candidates that the reranker reads
@@ -296,8 +297,8 @@ def within_limits(item: Any, where: str, options: VisionOptions) -> None:
     tokens = vision_tokens(item, options)
     if tokens > MAX_ITEM_VISION_TOKENS:
         raise ApiError(400, f"{where}: its images and videos may take {tokens} vision tokens at this server's "
-                            f"max_pixels and total_pixels, over the limit of {MAX_ITEM_VISION_TOKENS} an item (four "
-                            "full-size images, or two videos); send them as separate items")
+                            f"max_pixels and total_pixels, over the limit of {MAX_ITEM_VISION_TOKENS} an item (three "
+                            "full-size images, or a video and an image); send them as separate items")
 
 
 def trim_heap() -> None:
