@@ -25,6 +25,8 @@ from conftest import PHOTOS, SAMPLE_DATA
 
 from qvlsearch.client import find_server
 from qvlsearch.indexer import Indexer, IndexOptions
+from qvlsearch.media import VisionOptions
+from qvlsearch.server import chunks
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 ENV.pop("QVLSEARCH_SERVER", None)
@@ -385,6 +387,9 @@ def test_requests_beyond_the_caps_are_refused_naming_the_limit(server, index_dir
         ("/v1/embeddings", {"model": model, "input": [{**video, "fps": -1}]}, "fps must be"),
         ("/v1/embeddings", {"model": model, "input": [{**video, "fps": float("nan")}]}, "fps must be"),
         ("/v1/embeddings", {"model": model, "input": [{"image": [cat] * 9}]}, "limit of 8"),
+        ("/v1/embeddings", {"model": model, "input": [{"image": [cat] * 4}]}, "over the limit of 5640"),
+        ("/v1/embeddings", {"model": model, "input": [{"image": [cat] * 2, **video}]}, "over the limit of 5640"),
+        ("/v1/rerank", {"query": "x", "documents": [{"image": [cat] * 4}]}, "over the limit of 5640"),
         ("/v1/rerank", {"query": "x", "documents": ["d"] * 1001}, "1000"),
         ("/v1/rerank", {"query": "x", "documents": ["d"], "top_n": 1001}, "1000"),
         ("/v1/rerank", {"query": {**video, "fps": 30}, "documents": ["d"]}, "fps 30"),
@@ -404,6 +409,22 @@ def test_requests_beyond_the_caps_are_refused_naming_the_limit(server, index_dir
                                                                                "max_frames": 2}] + ["y"] * 255})
     assert status == 200 and len(answer["data"]) == 256
     assert server.post("/v1/search", {"query": "a cat", "k": 1000, "rerank": True, "rerank_top": 5})[0] == 200
+
+
+def test_photos_are_embedded_in_chunks_of_bounded_pixels_with_the_same_vectors(server, index_dir, checkpoints):
+    """One-photo items and an item of three photos (the most an item may have) pass, embedded a few at a
+    time (server.chunks: 256 one-photo items go three at a time), with the vectors that each gets alone."""
+    model = str(checkpoints["embedder"])
+    photos = [str(root_of(index_dir) / name) for name in ("cat.jpg", "cake.jpg")]
+    items = [{"image": photos[i % 2]} for i in range(6)] + [{"image": [*photos, photos[0]]}]
+    status, answer = server.post("/v1/embeddings", {"model": model, "input": items})
+    assert status == 200 and len(answer["data"]) == 7
+    for item, record in zip(items[:2] + items[-1:], answer["data"][:2] + answer["data"][-1:], strict=True):
+        status, alone = server.post("/v1/embeddings", {"model": model, "input": [item]})
+        assert status == 200 and np.allclose(alone["data"][0]["embedding"], record["embedding"], atol=1e-5)
+    assert [len(c) for c in chunks(items, VisionOptions())] == [3, 3, 1]
+    assert [len(c) for c in chunks([{"image": photos[0]}] * 256 + [{"text": "x"}] * 9, VisionOptions())
+            ] == [3] * 85 + [1 + 9]
 
 
 def test_embed_through_a_server_when_every_item_succeeds(server, index_dir, checkpoints):
