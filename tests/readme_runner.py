@@ -153,7 +153,8 @@ class Workspace:
         self.tmp.mkdir()
         (self.root / "home").mkdir()
         shim = self.root / "bin" / "qvlsearch"
-        shim.write_text(f"#!{sys.executable}\nimport sys\nfrom qvlsearch.cli import main\nsys.exit(main())\n")
+        shim.write_text(f"#!{sys.executable}\nimport sys\nfrom qvlsearch.cli import main\n\n"  # as pip writes it:
+                        "if __name__ == '__main__':\n    sys.exit(main())\n")  # spawned workers import it
         python = self.root / "bin" / "python"
         python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
         for path in (shim, python):
