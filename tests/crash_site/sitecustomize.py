@@ -32,7 +32,7 @@ def install() -> None:
     load = ImageFile.ImageFile.load
 
     def load_or_crash(self):
-        crash_on(getattr(self, "filename", ""))
+        crash_on(getattr(self, "filename", "") or getattr(getattr(self, "fp", None), "name", ""))  # a path or a file
         return load(self)
 
     ImageFile.ImageFile.load = load_or_crash
