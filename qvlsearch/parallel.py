@@ -155,15 +155,17 @@ class WorkerProcesses:
         with self.lone_lock:  # one item at a time
             if self.lone is None:
                 self.lone = self.start(1)
-            future = self.lone.submit(_call_worker_fn, index, item)
+            pool = self.lone
+            future = pool.submit(_call_worker_fn, index, item)
             # The pool keeps its process private, and with it how the process ended (the signal).
-            processes = list((getattr(self.lone, "_processes", None) or {}).values())
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             try:
                 return future.result()
             except BrokenProcessPool:
                 self.lone = None  # started afresh for the next one
-                for process in processes:
-                    process.join(timeout=5)
+                processes = processes or list((getattr(pool, "_processes", None) or {}).values())
+                for process in processes:  # dead already; a core dump can hold its exit status back a while
+                    process.join(timeout=30)
                 codes = [p.exitcode for p in processes]
         if 0 in codes:  # it ended as if in good order: its start failed (the log says why), not the item
             raise QvlsearchError("a worker process could not start (see the messages above)")
