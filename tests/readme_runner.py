@@ -186,7 +186,7 @@ class Workspace:
             stash = self.root / "host" / str(i)
             lines.append(f"mkdir -p {stash} && mount --bind {shlex.quote(str(path))} {stash}")
         lines += ["mkdir -p /home && mount -t tmpfs tmpfs /home", f"mkdir -p {SHOWN_ROOT}",
-                  f"mount --bind {self.root} {SHOWN_ROOT}", f"mount --bind {SHOWN_ROOT}/tmp /tmp"]
+                  f"mount --rbind {self.root} {SHOWN_ROOT}", f"mount --bind {SHOWN_ROOT}/tmp /tmp"]
         for i, path in enumerate(needed):
             quoted = shlex.quote(str(path))
             lines.append(f"mkdir -p {quoted} && mount --bind {SHOWN_ROOT}/host/{i} {quoted}")
