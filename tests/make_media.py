@@ -161,13 +161,19 @@ def set_creation_time(source: str | PathLike[str], path: str | PathLike[str], wh
                       location: str | None = None) -> Path:
     """Copy a video's packets into `path` with the container tags a phone writes: creation_time
     ('2022-03-04T05:06:07.000000Z') and an ISO 6709 location ('+48.8577+002.2950/')."""
+    tags = {"creation_time": when, **({"location": location} if location else {})}
+    return copy_video_packets(source, path, tags=tags)
+
+
+def copy_video_packets(source: str | PathLike[str], path: str | PathLike[str], tags: dict[str, str] | None = None,
+                       options: dict[str, str] | None = None) -> Path:
+    """A new container at `path` holding the video packets of `source` as they are (no re-encoding), with the
+    container `tags` and muxer `options` given."""
     import av
 
     path = Path(path)
-    with av.open(str(source)) as src, av.open(str(path), "w") as dst:
-        dst.metadata["creation_time"] = when
-        if location:
-            dst.metadata["location"] = location
+    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {}) as dst:
+        dst.metadata.update(tags or {})
         stream = dst.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:

@@ -16,12 +16,20 @@ from rich.cells import cell_len
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def on_terminal(*args: str, columns: int, env: dict[str, str]) -> tuple[int, str]:
-    """(exit code, what `qvlsearch ARGS` printed on a terminal `columns` wide, without colours)."""
+def on_terminal(*args: str, columns: int, env: dict[str, str], stream: str = "stdout") -> tuple[int, str]:
+    """(exit code, what `qvlsearch ARGS` printed on a terminal `columns` wide, without colours): its `stream`
+    (stdout or stderr) goes to the terminal, the other is thrown away."""
+    code, printed = raw_terminal(*args, columns=columns, env=env, stream=stream)
+    return code, ANSI.sub("", printed.replace("\r\n", "\n"))
+
+
+def raw_terminal(*args: str, columns: int, env: dict[str, str], stream: str = "stdout") -> tuple[int, str]:
+    """(exit code, the bytes `qvlsearch ARGS` wrote to `stream` on a terminal, decoded, control codes kept)."""
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args], stdout=secondary,
-                            stderr=subprocess.DEVNULL, env={**env, "COLUMNS": str(columns)})
+    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: secondary}
+    proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args], **streams,
+                            env={**env, "COLUMNS": str(columns)})
     os.close(secondary)
     chunks = []
     while True:
@@ -34,7 +42,7 @@ def on_terminal(*args: str, columns: int, env: dict[str, str]) -> tuple[int, str
         chunks.append(chunk)
     proc.wait(timeout=300)
     os.close(primary)
-    return proc.returncode, ANSI.sub("", b"".join(chunks).decode().replace("\r\n", "\n"))
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
 
 
 def check_paths(lines: list[str], paths: list[str], columns: int) -> None:

@@ -22,6 +22,7 @@ import pytest
 from conftest import SAMPLE_DATA
 from make_media import make_audio_only, make_image, make_video
 from PIL import Image
+from terminal import raw_terminal
 
 from qvlsearch.indexer import Indexer, IndexOptions, lock_index
 from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError
@@ -391,29 +392,12 @@ def test_default_index_folder_comes_from_the_environment(tmp_path, checkpoints):
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path, checkpoints):
-    import pty
-
     root = tmp_path / "r"
     for i in range(3):
         make_image(root / f"{i}.png", color=(i * 60, 0, 0))
-    args = [sys.executable, "-m", "qvlsearch", "index", str(root), "--index", str(tmp_path / "i"), "--model",
-            str(checkpoints["embedder"])]
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=secondary, env={**ENV, "COLUMNS": "100"})
-    os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(primary, 4096)
-        except OSError:  # the terminal closed
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    proc.wait(timeout=300)
-    os.close(primary)
-    on_terminal = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0 and "indexing" in on_terminal and "files/s" in on_terminal
+    code, on_terminal = raw_terminal("index", str(root), "--index", str(tmp_path / "i"), "--model",
+                                     str(checkpoints["embedder"]), columns=100, env=ENV, stream="stderr")
+    assert code == 0 and "indexing" in on_terminal and "files/s" in on_terminal
     # a line says the model loads (a large one takes a while), on a line of its own above the bar
     loading = f"qvlsearch: loading the model {checkpoints['embedder']} on cpu"
     assert re.search(r"(\n|\r|\x1b\[2K)" + re.escape(loading), on_terminal), on_terminal

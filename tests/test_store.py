@@ -166,18 +166,26 @@ def test_adding_10_files_to_2000_writes_under_10_percent(tmp_path, texts, checkp
             np.testing.assert_allclose([s for _, s in hits["i"]], [s for _, s in hits["scratch"]], atol=1e-5)
 
 
-def test_a_schema1_index_is_read_then_upgraded_without_the_model(tmp_path, texts, checkpoints, embedder,
-                                                                  monkeypatch):
-    corpus = tmp_path / "notes"
-    shutil.copytree(texts / "f00", corpus)
-    options = IndexOptions(model=str(checkpoints["embedder"]))
+def index_then_write_schema1(tmp_path: Path, corpus: Path, options: IndexOptions, embedder,
+                             names: list[str]) -> None:
+    """Index `corpus` into tmp_path/new, then write the same rows and vectors as 0.1.0 (schema 1) indexes
+    tmp_path/NAME."""
     Indexer(tmp_path / "new", options, embedder=embedder).run([corpus])
     snapshot = Snapshot(tmp_path / "new")
     rows = snapshot.items.to_pylist()
     ok = [r["id"] for r in rows if r["status"] == "ok"]
     vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
     settings = {k: snapshot.manifest[k] for k in writer.SETTINGS_KEYS}
-    write_schema1_index(tmp_path / "old", settings, snapshot.manifest["full_dim"], rows, vectors)
+    for name in names:
+        write_schema1_index(tmp_path / name, settings, snapshot.manifest["full_dim"], rows, vectors)
+
+
+def test_a_schema1_index_is_read_then_upgraded_without_the_model(tmp_path, texts, checkpoints, embedder,
+                                                                  monkeypatch):
+    corpus = tmp_path / "notes"
+    shutil.copytree(texts / "f00", corpus)
+    options = IndexOptions(model=str(checkpoints["embedder"]))
+    index_then_write_schema1(tmp_path, corpus, options, embedder, ["old"])
     query = embedder.embed([{"text": "a cat on a boat"}], dim=64)
     want = SearchIndex(tmp_path / "new").raw_search(query, 10)
     read = SearchIndex(tmp_path / "old").raw_search(query, 10)  # read as it is: one segment
@@ -203,14 +211,7 @@ def test_a_schema1_index_takes_moments_after_the_upgrade(tmp_path, checkpoints, 
     corpus = tmp_path / "notes"
     shutil.copytree(SAMPLE_DATA / "notes", corpus)
     options = IndexOptions(model=str(checkpoints["embedder"]))
-    Indexer(tmp_path / "new", options, embedder=embedder).run([corpus])
-    snapshot = Snapshot(tmp_path / "new")
-    rows = snapshot.items.to_pylist()
-    ok = [r["id"] for r in rows if r["status"] == "ok"]
-    vectors = dict(zip(ok, StoredVectors(snapshot).get(np.array(ok)), strict=True))
-    settings = {k: snapshot.manifest[k] for k in writer.SETTINGS_KEYS}
-    for name in ("default", "asked"):
-        write_schema1_index(tmp_path / name, settings, snapshot.manifest["full_dim"], rows, vectors)
+    index_then_write_schema1(tmp_path, corpus, options, embedder, ["default", "asked"])
     shutil.copy(SAMPLE_DATA / "videos" / "red, then blue, then a moving checkerboard.mp4", corpus / "parts.mp4")  # 30 s
     Indexer(tmp_path / "default", options, embedder=embedder).run([corpus])
     asked = cli("index", str(corpus), "--index", str(tmp_path / "asked"), "--model", str(checkpoints["embedder"]),

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from make_media import make_audio_only, make_video
+from make_media import copy_video_packets, make_audio_only, make_video
 from PIL import Image
 
 from qvlsearch import MediaError
@@ -36,13 +36,7 @@ def playlist(target: Path) -> bytes:
 
 def faststart_copy(source: Path, path: Path) -> Path:
     """The same packets with the index (moov) before the data, as a streaming site writes an mp4."""
-    with av.open(str(source)) as src, av.open(str(path), "w", options={"movflags": "faststart"}) as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                dst.mux(packet)
-    return path
+    return copy_video_packets(source, path, options={"movflags": "faststart"})
 
 
 def make_clip(path: Path, frames: int = 240, fps: int = 24, size: tuple[int, int] = (160, 120), codec: str = "libx264",
