@@ -15,7 +15,7 @@ $(BIN)/qvlsearch:
 	$(MAKE) install
 
 test: lint wheels
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 lint: | $(BIN)/qvlsearch
 	$(BIN)/ruff check qvlsearch tests benchmarks tools
