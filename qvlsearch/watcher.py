@@ -37,6 +37,7 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afpfs", "9p", "c
 NETWORK_POLL_SECONDS = 5.0  # polling interval picked for a network or FUSE filesystem without --poll
 IDLE_WAKE_MS = 1000  # how often an idle watcher looks whether its roots are still there
 DEBOUNCE_MS, STEP_MS = 500, 50  # watchfiles: changes are grouped over at most DEBOUNCE_MS
+WATCH_LIMIT = "the inotify watch limit was reached"
 WORKERS_IDLE_SECONDS = 60.0  # decoder processes left running this long after a batch, then stopped (memory)
 
 Signature = tuple[int, int, bool] | None  # size, mtime_ns, is a folder; None: the path is gone
@@ -221,14 +222,16 @@ class Watcher:
                 self.notifier = RustNotify(roots, False, bool(poll), int((poll or 1) * 1000), True, True)
         except FileNotFoundError:  # a root went meanwhile: the next check says so
             return
-        except OSError as exc:  # the inotify watch limit, or no inotify at all
-            self.fall_back(str(exc).splitlines()[0], roots)
+        except OSError as exc:  # the inotify watch limit (watchfiles: "OS file watch limit reached"), or no inotify
+            text = str(exc).splitlines()[0]
+            self.fall_back(WATCH_LIMIT if "watch limit" in text else text, roots)
 
     def fall_back(self, why: str, roots: list[str] | None = None) -> None:
         """OS events failed: poll from now on, and rescan (changes may have been missed)."""
         self.options.poll = NETWORK_POLL_SECONDS
         self.mode = f"polling every {NETWORK_POLL_SECONDS:g}s: OS file events failed ({why})"
-        self.say(f"{self.mode}; raise fs.inotify.max_user_watches (sysctl) to get them back")
+        self.say(f"{self.mode}; raise fs.inotify.max_user_watches (sysctl) to get them back" if WATCH_LIMIT in why
+                 else self.mode)
         if self.notifier is not None:
             self.notifier.close()
         from watchfiles._rust_notify import RustNotify
@@ -312,7 +315,7 @@ class Watcher:
             except OSError:
                 continue  # gone again
             if stat.S_ISDIR(st.st_mode) and st.st_ino not in watched:
-                self.fall_back(f"the inotify watch limit was reached: {folder} is not watched")
+                self.fall_back(f"{WATCH_LIMIT}: {folder} is not watched")
                 return
 
     def settled(self) -> list[str]:
