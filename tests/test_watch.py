@@ -137,8 +137,8 @@ def test_watch_follows_adds_edits_moves_deletes_imports_and_a_second_writer(watc
     w = start("--exclude", "*.part", settle=1.0)
     assert w.batches()[0]["what"] == "indexed" and w.batches()[0]["added"] == 2
     assert "OS file events" in w.stderr()
-    info = cli("info", "--index", str(w.index))
-    assert f"watcher:   pid {w.proc.pid}" in info.stdout, info.stdout
+    info = subprocess.Popen([sys.executable, "-m", "qvlsearch", "info", "--index", str(w.index)],
+                            stdout=subprocess.PIPE, text=True, env=ENV)  # read after the adds: it starts slowly
 
     # adds: a search finds them (`search` reads the index as the watcher commits it)
     seen = len(w.batches())
@@ -148,6 +148,7 @@ def test_watch_follows_adds_edits_moves_deletes_imports_and_a_second_writer(watc
     w.next_batches(seen, lambda b: total(b, "added") == 3, "three files added")
     found = SearchIndex(w.index, embedder=embedder).search("the moon over the sea")
     assert str(root / "b" / "poem.txt") in {r.path for r in found}
+    assert f"watcher:   pid {w.proc.pid}" in info.communicate(timeout=300)[0]
 
     # at once: an edit (embedded again), a rename across folders and a folder renamed (moves: the stored
     # vectors, no model), a delete
@@ -201,9 +202,9 @@ def test_watch_follows_adds_edits_moves_deletes_imports_and_a_second_writer(watc
     assert watcher_info(w.index) is None
 
 
-def test_events_the_os_dropped_and_a_root_renamed_away_and_back(watched, tmp_path):
+def test_dropped_events_a_root_renamed_away_and_back_and_the_watch_limit_reached(watched, tmp_path):
     root, start = watched
-    w = start("--rescan-every", "2")
+    w = start("--rescan-every", "2", inotify_watches=3)  # lib, a and b: all watched
     # the watcher stopped (SIGSTOP) while more changes come than the kernel queues for it: the queue overflows
     # and a file written after that is never reported; the periodic rescan finds it
     queue = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
@@ -238,42 +239,42 @@ def test_events_the_os_dropped_and_a_root_renamed_away_and_back(watched, tmp_pat
     assert w.stderr().count("is back; rescanning it") == 1
     assert names(w.paths()) == {"note.txt", "todo.txt", "lost.txt", "while-away.txt"}
 
-    # SIGTERM with work pending: committed, exit 0
-    late = write_notes(root / "b", 30, "late")
-    assert w.stop(signal.SIGTERM) == 0
-    assert late <= names(w.paths())
-    w.assert_stopped_cleanly()
-
-
-def test_past_the_inotify_watch_limit_at_start_it_polls(watched):
-    root, start = watched
-    for i in range(6):
-        (root / "b" / f"album{i}").mkdir()
-    w = start(inotify_watches=4)  # 9 folders
-    assert ("polling every 5s: OS file events failed (the inotify watch limit was reached); raise "
-            "fs.inotify.max_user_watches") in w.stderr(), w.stderr()
-    assert "polling every 5s" in json.loads((w.index / WATCH_FILE).read_text())["mode"]
-    seen = len(w.batches())
-    (root / "b" / "album5" / "deep.txt").write_text("in a folder OS events would not have covered")
-    w.next_batches(seen, lambda b: total(b, "added") == 1, "a file found by polling")
-    assert w.stop(signal.SIGTERM) == 0
-    assert names(w.paths()) == {"note.txt", "todo.txt", "deep.txt"}
-    w.assert_stopped_cleanly()
-
-
-def test_reaching_the_inotify_watch_limit_while_watching_it_polls(watched):
-    root, start = watched
-    w = start(inotify_watches=3)  # lib, a and b: all watched
+    # folders that came past the inotify watch limit: said once, then polling (and a rescan)
     assert "OS file events" in w.stderr() and "failed" not in w.stderr()
     seen = len(w.batches())
-    write_notes(root / "import" / "day1", 3, "one")  # two more folders: past the limit
+    write_notes(root / "import" / "day1", 3, "one")  # two more folders
     w.next_batches(seen, lambda b: total(b, "added") == 3, "the folder that came")
     until(lambda: "the inotify watch limit was reached" in w.stderr(), "the fall-back said")
     seen = len(w.batches())
     (root / "import" / "day1" / "later.txt").write_text("in a folder without an inotify watch")
     w.next_batches(seen, lambda b: total(b, "added") == 1, "a later file, found by polling")
     assert w.stop(signal.SIGTERM) == 0
-    assert len(w.paths()) == 6
+    assert len(w.paths()) == 8
+    w.assert_stopped_cleanly()
+
+
+def test_past_the_inotify_watch_limit_at_start_it_polls_and_sigterm_commits_pending_work(watched):
+    root, start = watched
+    for i in range(6):
+        (root / "b" / f"album{i}").mkdir()
+    w = start(inotify_watches=4, settle=1.0)  # 9 folders
+    assert ("polling every 5s: OS file events failed (the inotify watch limit was reached); raise "
+            "fs.inotify.max_user_watches") in w.stderr(), w.stderr()
+    assert "polling every 5s" in json.loads((w.index / WATCH_FILE).read_text())["mode"]
+    seen = len(w.batches())
+    (root / "b" / "album5" / "deep.txt").write_text("in a folder OS events would not have covered")
+    w.next_batches(seen, lambda b: total(b, "added") == 1, "a file found by polling")
+
+    # SIGTERM while a file is pending (seen by a poll while it was still being written): it settles, is
+    # committed whole, and the exit is 0
+    with open(root / "b" / "slow.txt", "w") as f:
+        for i in range(40):  # 8 s: a 5 s poll sees it
+            f.write(f"line {i} of a slowly written file\n")
+            f.flush()
+            time.sleep(0.2)
+    assert w.stop(signal.SIGTERM) == 0
+    assert names(w.paths()) == {"note.txt", "todo.txt", "deep.txt", "slow.txt"}
+    assert total(w.batches(), "added") == 4 and total(w.batches(), "updated") == 0  # slow.txt once, whole
     w.assert_stopped_cleanly()
 
 
