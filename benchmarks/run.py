@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
             module = importlib.import_module(f"bench_{name}")  # only the chosen ones: each imports what it needs
             if name == "dupes":
                 figures += module.calibration(work, tiny["embedder"]) + module.run(work)
+            elif name == "watch":
+                figures += module.run(work, {"tiny": tiny, "wide": build_checkpoints(work / "wide", preset="wide")})
             else:
                 models = build_checkpoints(work / "small", preset="small") if name == "models" else tiny
                 figures += module.run(work, models)

@@ -183,6 +183,11 @@ class Embedder(QwenModel):
         weakref.finalize(self, pool.shutdown)
         return pool
 
+    def stop_workers(self) -> None:
+        """Stop the worker processes, if any run (an idle watcher's memory); the next item starts them again."""
+        if self.__dict__.get("worker_processes") is not None:  # started: the cached property was read
+            self.worker_processes.shutdown()
+
     def check_dim(self, dim: int | None) -> None:
         if dim is not None and not (MIN_DIM <= dim <= self.dim):
             raise InputError(f"dim must be between {MIN_DIM} and the model's hidden size {self.dim}, got {dim}")

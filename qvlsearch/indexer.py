@@ -487,6 +487,12 @@ class Indexer:
         self.summary.seconds = time.monotonic() - started
         return self.summary
 
+    def stop_workers(self) -> None:
+        """Stop the decoder processes (and the embedder's); the next file that needs them starts them again."""
+        self.decoders.shutdown()
+        if hasattr(self.embedder, "stop_workers"):  # a RayEmbedder's replicas are Ray's
+            self.embedder.stop_workers()
+
     def open_store(self) -> Store:
         if (self.index_dir / "manifest.json").exists():
             store = self.store = Store.open(self.index_dir, write=not self.dry_run)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afpfs", "9p", "c
 NETWORK_POLL_SECONDS = 5.0  # polling interval picked for a network or FUSE filesystem without --poll
 IDLE_WAKE_MS = 1000  # how often an idle watcher looks whether its roots are still there
 DEBOUNCE_MS, STEP_MS = 500, 50  # watchfiles: changes are grouped over at most DEBOUNCE_MS
+WATCH_LIMIT = "the inotify watch limit was reached"
+WORKERS_IDLE_SECONDS = 60.0  # decoder processes left running this long after a batch, then stopped (memory)
 
 Signature = tuple[int, int, bool] | None  # size, mtime_ns, is a folder; None: the path is gone
 
@@ -77,6 +80,24 @@ def signature(path: str) -> Signature:
     return st.st_size, st.st_mtime_ns, os.path.isdir(path)
 
 
+def watched_inodes() -> set[int] | None:
+    """The inode numbers of the folders this process's inotify instances watch (Linux, from /proc/self/fdinfo);
+    None where that cannot be told. watchfiles starts without a folder it could not watch and says nothing, so
+    this is how a folder past the inotify watch limit is noticed."""
+    try:
+        fds = os.listdir("/proc/self/fdinfo")
+    except OSError:
+        return None
+    inodes: set[int] = set()
+    for fd in fds:
+        try:
+            lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+        except OSError:
+            continue
+        inodes.update(int(line.split(" ino:")[1].split()[0], 16) for line in lines if line.startswith("inotify wd:"))
+    return inodes
+
+
 def watcher_info(index_dir: Path) -> dict[str, Any] | None:
     """What the running watcher of an index wrote about itself; None when none runs."""
     try:
@@ -105,6 +126,8 @@ class Watcher:
         self.stopping = self.interrupted = False
         self.stop_by = 0.0
         self.mode = ""
+        self.rescan_due = False  # events were lost (OS events gave way to polling): rescan every root
+        self.last_batch = 0.0  # when the last batch ended (decoder processes stop after WORKERS_IDLE_SECONDS)
 
     # --- the session ------------------------------------------------------------------------------
 
@@ -131,6 +154,7 @@ class Watcher:
                 self.notifier.close()
             (self.indexer.index_dir / WATCH_FILE).unlink(missing_ok=True)
             self.release()
+            self.indexer.stop_workers()
         return 130 if self.interrupted else 0
 
     def on_signal(self, signum: int, frame: Any) -> None:
@@ -154,11 +178,15 @@ class Watcher:
                 self.note(changes)
             if settled := self.settled():
                 self.batch(settled, self.present_roots(), "watch")
-            if next_rescan is not None and time.monotonic() >= next_rescan and not self.stopping:
+            due = next_rescan is not None and time.monotonic() >= next_rescan
+            if (due or self.rescan_due) and not self.stopping and self.present_roots():
+                self.rescan_due = False
                 self.batch(self.present_roots(), (), "rescan")
-                next_rescan = time.monotonic() + self.options.rescan_every
+                next_rescan = time.monotonic() + self.options.rescan_every if self.options.rescan_every else None
             if not self.pending:
                 self.release()  # idle: another writer may go
+                if time.monotonic() - self.last_batch >= WORKERS_IDLE_SECONDS:
+                    self.indexer.stop_workers()  # an idle watcher holds no decoder processes
         if self.pending:
             self.say(f"{len(self.pending)} changed paths had not settled; the next run takes them")
 
@@ -188,14 +216,30 @@ class Watcher:
             return
         poll = self.options.poll
         try:
-            self.notifier = RustNotify(roots, False, bool(poll), int((poll or 1) * 1000), True, True)
+            try:  # strict: watchfiles would leave out, unsaid, every folder it cannot watch (the watch limit)
+                self.notifier = RustNotify(roots, False, bool(poll), int((poll or 1) * 1000), True, False)
+            except PermissionError:  # a folder this user cannot read: watch the others (its files are errors)
+                self.notifier = RustNotify(roots, False, bool(poll), int((poll or 1) * 1000), True, True)
         except FileNotFoundError:  # a root went meanwhile: the next check says so
             return
-        except OSError as exc:  # e.g. the inotify watch limit
-            self.options.poll = poll = NETWORK_POLL_SECONDS
-            self.mode = f"polling every {poll:g}s: {str(exc).splitlines()[0]}"
-            self.say(f"OS file events failed ({str(exc).splitlines()[0]}); {self.mode}")
-            self.notifier = RustNotify(roots, False, True, int(poll * 1000), True, True)
+        except OSError as exc:  # the inotify watch limit (watchfiles: "OS file watch limit reached"), or no inotify
+            text = str(exc).splitlines()[0]
+            self.fall_back(WATCH_LIMIT if "watch limit" in text else text, roots)
+
+    def fall_back(self, why: str, roots: list[str] | None = None) -> None:
+        """OS events failed: poll from now on, and rescan (changes may have been missed)."""
+        self.options.poll = NETWORK_POLL_SECONDS
+        self.mode = f"polling every {NETWORK_POLL_SECONDS:g}s: OS file events failed ({why})"
+        self.say(f"{self.mode}; raise fs.inotify.max_user_watches (sysctl) to get them back" if WATCH_LIMIT in why
+                 else self.mode)
+        if self.notifier is not None:
+            self.notifier.close()
+        from watchfiles._rust_notify import RustNotify
+
+        self.notifier = RustNotify(roots or self.present_roots(), False, True, int(NETWORK_POLL_SECONDS * 1000),
+                                   True, True)
+        self.rescan_due = True
+        self.write_watch_file()
 
     def check_roots(self) -> None:
         """A root that went keeps its rows and is said once; one that is back is rescanned."""
@@ -229,12 +273,19 @@ class Watcher:
             return "timeout"
         # no stop event: watchfiles drops the changes it holds when one ends the wait (a signal ends it within
         # `timeout`, at most a second, and the changes are still read)
-        return self.notifier.watch(DEBOUNCE_MS, STEP_MS, int(timeout * 1000), None)
+        try:
+            return self.notifier.watch(DEBOUNCE_MS, STEP_MS, int(timeout * 1000), None)
+        except RuntimeError as exc:  # watchfiles' error "in underlying watcher"
+            if self.options.poll:
+                raise StoreError(f"watching {', '.join(self.present_roots())} failed: {exc}") from None
+            self.fall_back(str(exc).splitlines()[0])
+            return "timeout"
 
     def note(self, changes: Iterable[tuple[int, str]]) -> None:
         """Changed paths become pending: files that could be indexed, folders that came (their files), gone paths."""
         now, o = time.monotonic(), self.indexer.options
         roots = self.present_roots()
+        came: set[str] = set()  # folders that came, and the folders below them: each must have an OS watch now
         for change, path in changes:
             root = owner_of(path, roots)
             if root not in roots or path == root or ignored(path, root, include_hidden=o.include_hidden,
@@ -248,6 +299,24 @@ class Watcher:
                 for f in walk([path], include_hidden=o.include_hidden, follow_symlinks=o.follow_symlinks):
                     if not ignored(f.path, root, include_hidden=o.include_hidden, exclude=o.exclude):
                         self.pending[f.path] = (signature(f.path), now)
+                if not self.options.poll:
+                    came.update(folder for folder, _, _ in os.walk(path))
+        if came:
+            self.check_watched(came)
+
+    def check_watched(self, folders: set[str]) -> None:
+        """Folders that came must be watched now; one that is not is past the inotify watch limit: poll."""
+        watched = watched_inodes()
+        if not watched:  # not Linux, or no inotify (then no events would have come)
+            return
+        for folder in sorted(folders):
+            try:
+                st = os.lstat(folder)
+            except OSError:
+                continue  # gone again
+            if stat.S_ISDIR(st.st_mode) and st.st_ino not in watched:
+                self.fall_back(f"{WATCH_LIMIT}: {folder} is not watched")
+                return
 
     def settled(self) -> list[str]:
         """The pending paths whose signature has not changed for `settle` seconds, taken out of pending."""
@@ -287,6 +356,7 @@ class Watcher:
             indexer.update(indexer.store, paths, owners)
         finally:
             indexer.store.commit()  # also on a second Ctrl-C: keep what is done
+            self.last_batch = time.monotonic()
         indexer.summary.seconds = time.monotonic() - started
         s = indexer.summary
         if what != "watch" or s.added or s.updated or s.moved or s.removed or s.failed or indexer.options.verbose:
