@@ -4,6 +4,7 @@ camera RAW files through LibRaw. Every file is built here from a sample photo.""
 from __future__ import annotations
 
 import datetime as dt
+import io
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +96,36 @@ def test_contact_sheet_tiles_are_upright(turned):
         assert tile.shape == tiles[0].shape and np.abs(tile - tiles[0]).mean() < 4
 
 
-def write_dng(path: Path, source: Path, orientation: int, taken: str, camera: tuple[str, str]) -> None:
-    """A minimal DNG: the photo as an RGGB Bayer mosaic (12 bits), with the DNG tags LibRaw needs."""
+def write_dng(path: Path, source: Path, orientation: int, taken: str, camera: tuple[str, str],
+              preview: tuple[int, int] | None = None) -> None:
+    """A minimal DNG: the photo as an RGGB Bayer mosaic (12 bits) with the DNG tags LibRaw needs, and
+    optionally, as a camera writes it, a JPEG preview of the photo (`preview`: its width and height) in IFD0."""
     rgb = np.asarray(Image.open(source).convert("RGB"), dtype=np.uint16) * 16
     mosaic = np.empty(rgb.shape[:2], np.uint16)
     mosaic[0::2, 0::2], mosaic[0::2, 1::2] = rgb[0::2, 0::2, 0], rgb[0::2, 1::2, 1]
     mosaic[1::2, 0::2], mosaic[1::2, 1::2] = rgb[1::2, 0::2, 1], rgb[1::2, 1::2, 2]
     identity = (1, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 1)
-    tags = [(254, "I", 1, 0, True), (271, "s", 0, camera[0], True), (272, "s", 0, camera[1], True),
-            (274, "H", 1, orientation, True), (306, "s", 0, taken, True),
-            (33421, "H", 2, (2, 2), True), (33422, "B", 4, (0, 1, 1, 2), True),  # CFA: 2x2 RGGB
-            (50706, "B", 4, (1, 4, 0, 0), True), (50707, "B", 4, (1, 1, 0, 0), True),  # DNG version
-            (50708, "s", 0, " ".join(camera), True), (50714, "H", 1, 0, True), (50717, "H", 1, 4095, True),
-            (50721, "2i", 9, identity, True), (50778, "H", 1, 21, True), (50728, "2I", 3, (1, 1) * 3, True)]
-    tifffile.imwrite(path, mosaic, photometric=32803, extratags=tags)
+    main = [(271, "s", 0, camera[0], True), (272, "s", 0, camera[1], True), (274, "H", 1, orientation, True),
+            (306, "s", 0, taken, True), (50706, "B", 4, (1, 4, 0, 0), True), (50707, "B", 4, (1, 1, 0, 0), True),
+            (50708, "s", 0, " ".join(camera), True), (50721, "2i", 9, identity, True), (50778, "H", 1, 21, True),
+            (50728, "2I", 3, (1, 1) * 3, True)]
+    cfa = [(33421, "H", 2, (2, 2), True), (33422, "B", 4, (0, 1, 1, 2), True),  # CFA: 2x2 RGGB
+           (50714, "H", 1, 0, True), (50717, "H", 1, 4095, True)]  # black and white levels
+    with tifffile.TiffWriter(path) as tif:
+        if preview is None:
+            tif.write(mosaic, photometric=32803, subfiletype=0, extratags=main + cfa)
+            return
+        jpeg = io.BytesIO()
+        Image.open(source).convert("RGB").resize(preview).save(jpeg, "JPEG", quality=85)
+        # tifffile writes JPEG strips only with imagecodecs: the bytes go in as they are, the tags are set below
+        tif.write(np.frombuffer(jpeg.getvalue(), np.uint8)[None], photometric="minisblack", subfiletype=1,
+                  subifds=1, extratags=main)
+        tif.write(mosaic, photometric=32803, subfiletype=0, extratags=cfa)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tags = tif.pages[0].tags
+        for name, value in (("Compression", 7), ("ImageWidth", preview[0]), ("ImageLength", preview[1]),
+                            ("RowsPerStrip", preview[1]), ("PhotometricInterpretation", 6), ("SamplesPerPixel", 3)):
+            tags[name].overwrite(value)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +137,8 @@ def library(tmp_path_factory) -> Path:
     pillow_heif.from_pillow(sideways).save(root / "IMG_0001.HEIC", exif=exif, quality=90)
     sideways.save(root / "IMG_0002.avif", exif=exif_of(6, "2021:05:02 10:00:00").tobytes(), quality=90)
     write_dng(root / "DSC_0003.dng", PHOTOS / "cat.jpg", 8, "2020:02:02 12:00:00", ("Testmaker", "Model T"))
+    write_dng(root / "DSC_0004.DNG", PHOTOS / "cat.jpg", 6, "2020:02:03 12:00:00", ("Testmaker", "Model T"),
+              preview=(1800, 1200))  # 2.2 MP: more than the 1.84 MP the model takes
     (root / "broken.nef").write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 4000)
     (root / "broken.raf").write_bytes(b"FUJIFILMCCD-RAW 0201" + b"\x00" * 4000)
     return root
@@ -148,6 +167,12 @@ def test_heic_avif_and_raw_are_read_as_shown_with_their_exif(library):
                        np.asarray(upright.convert("L"), float).ravel())[0, 1] > 0.8  # the picture, turned upright
     assert read_metadata(str(library / "DSC_0003.dng"), "image") == {
         "taken_at": dt.datetime(2020, 2, 2, 12, tzinfo=UTC), "lat": None, "lon": None, "camera": "Testmaker Model T"}
+    # A preview as large as the model needs is used as it is (turned upright by tag 6); a smaller one is not.
+    shown = open_image(str(library / "DSC_0004.DNG"))
+    assert shown.size == (1200, 1800) and shown.info["photo_size"] == (256, 384)
+    upright = Image.open(PHOTOS / "cat.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270).resize(shown.size)
+    assert np.abs(np.asarray(shown, np.int16) - np.asarray(upright, np.int16)).mean() < 6
+    assert open_image(str(library / "DSC_0004.DNG"), needed_pixels=2400 * 1600).size == (128, 192)
 
 
 def test_a_phone_and_camera_library_is_indexed_and_found_by_date(tmp_path, library, checkpoints, embedder):
@@ -155,9 +180,10 @@ def test_a_phone_and_camera_library_is_indexed_and_found_by_date(tmp_path, libra
 
     options = IndexOptions(model=str(checkpoints["embedder"]))
     summary = Indexer(tmp_path / "i", options, embedder=embedder).run([library])
-    assert (summary.added, summary.failed) == (3, 2)
+    assert (summary.added, summary.failed) == (4, 2)
     rows = {Path(r["path"]).name: r for r in Store.open(tmp_path / "i").rows.values()}
-    for name, size in {"IMG_0001.HEIC": (384, 576), "IMG_0002.avif": (384, 576), "DSC_0003.dng": (256, 384)}.items():
+    for name, size in {"IMG_0001.HEIC": (384, 576), "IMG_0002.avif": (384, 576), "DSC_0003.dng": (256, 384),
+                       "DSC_0004.DNG": (256, 384)}.items():
         assert (rows[name]["kind"], rows[name]["status"], rows[name]["width"], rows[name]["height"]) == (
             "image", "ok", *size), name
     for name in ("broken.nef", "broken.raf"):
@@ -166,4 +192,4 @@ def test_a_phone_and_camera_library_is_indexed_and_found_by_date(tmp_path, libra
     search = SearchIndex(tmp_path / "i", embedder=embedder).search
     assert [Path(r.path).name for r in search("books", k=10, after="2021-05-01", before="2021-05-01T23:00:00Z")] == [
         "IMG_0001.HEIC"]
-    assert [Path(r.path).name for r in search("a cat", k=10, before="2021-01-01")] == ["DSC_0003.dng"]
+    assert [Path(r.path).name for r in search("a cat", k=10, before="2020-02-03")] == ["DSC_0003.dng"]
