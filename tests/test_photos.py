@@ -178,7 +178,7 @@ def test_heic_avif_and_raw_are_read_as_shown_with_their_exif(library):
 def test_a_phone_and_camera_library_is_indexed_and_found_by_date(tmp_path, library, checkpoints, embedder):
     from qvlsearch.search import SearchIndex
 
-    options = IndexOptions(model=str(checkpoints["embedder"]))
+    options = IndexOptions(model=str(checkpoints["embedder"]), workers=1)  # one decoder process to start
     summary = Indexer(tmp_path / "i", options, embedder=embedder).run([library])
     assert (summary.added, summary.failed) == (4, 2)
     rows = {Path(r["path"]).name: r for r in Store.open(tmp_path / "i").rows.values()}
