@@ -1,5 +1,5 @@
 """Media decoded in worker processes, so that a decoder that crashes on a corrupt or hostile file
-(a segfault or abort in FFmpeg, pdfium or an image library) costs that one item, not the process.
+(a segfault or abort in FFmpeg, pdfium, LibRaw or an image library) costs that one item, not the process.
 
 `Decoders` runs `load_media` (and other module-level functions that open media files) in
 spawned worker processes for the kinds it is given, and in the calling thread for the rest
@@ -20,10 +20,11 @@ from .errors import MediaError
 from .media import LoadedMedia, describe, load_media
 from .pages import PdfPage
 from .parallel import WorkerCrashed, WorkerProcesses, apply
+from .raw import is_raw_name
 
 T = TypeVar("T")
 
-MEDIA_KINDS = frozenset({"image", "video", "pdf"})
+MEDIA_KINDS = frozenset({"image", "raw", "video", "pdf"})  # "raw": camera RAW images, which LibRaw decodes
 
 
 def crash_reason(how: str) -> str:
@@ -33,16 +34,21 @@ def crash_reason(how: str) -> str:
     return f"the decoder crashed{f' ({how})' if how else ''}; the file may be corrupt or hostile"
 
 
+def decoding_kind(path: str, kind: str) -> str:
+    """The kind of decoder a file of `kind` (as `fs` tells) needs: 'raw' for an image with a RAW name."""
+    return "raw" if kind == "image" and is_raw_name(path) else kind
+
+
 def part_kind(part: dict) -> str | None:
-    """The kind of file a content part makes a decoder open: 'image', 'video' or 'pdf'; None for text and
-    for images already decoded (PIL images, and frame lists of them)."""
+    """The kind of file a content part makes a decoder open: 'image', 'raw', 'video' or 'pdf'; None for text
+    and for images already decoded (PIL images, and frame lists of them)."""
     source = part.get(part["type"]) if part["type"] in ("image", "video") else None
     if isinstance(source, PdfPage):
         return "pdf"
     if isinstance(source, list):  # a video as a list of frames
         return "image" if any(not isinstance(frame, Image.Image) for frame in source) else None
     if isinstance(source, (str, os.PathLike)):
-        return part["type"]
+        return decoding_kind(os.fspath(source), part["type"])
     return None
 
 

@@ -67,7 +67,7 @@ class ItemEncoder:
             deferred = deferred_inputs(self.processor, conversation, parts) if self.decode_jpeg_on_device else None
             if deferred is not None:
                 inputs, jpeg = deferred
-                media = LoadedMedia(parts, [], [], [(jpeg.width, jpeg.height)])
+                media = LoadedMedia(parts, [], [], [jpeg.shown_size])
             else:
                 jpeg, media = None, self.decoders.load(parts) if self.decoders else load_media(parts)
                 inputs = run_processor(self.processor, conversation, media)

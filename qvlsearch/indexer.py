@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
-from .decoders import MEDIA_KINDS, Decoders, crash_reason
+from .decoders import MEDIA_KINDS, Decoders, crash_reason, decoding_kind
 from .errors import MediaError, SettingError, check_setting
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .limits import VisionOptions
@@ -41,10 +41,11 @@ from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
 REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
-# The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg and pdfium parse
-# containers and documents full of offsets, and a crash on one file must not end every run. Images stay in
-# threads: worker processes take seconds to start, which a run that adds a few photos would pay each time.
-DECODED_APART = frozenset({"video", "pdf"})
+# The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg, pdfium and LibRaw
+# parse containers, documents and RAW files full of offsets, and a crash on one file must not end every run. Other
+# images stay in threads: worker processes take seconds to start, which a run that adds a few photos would pay
+# each time.
+DECODED_APART = frozenset({"video", "pdf", "raw"})
 
 log = logging.getLogger("qvlsearch")
 
@@ -193,7 +194,8 @@ def sniff(found: Found, options: IndexOptions, decoders: Decoders | None = None)
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
         if decoders is not None:
-            units, warning, metadata = decoders.run(kind, inspect, found.path, kind, options)
+            units, warning, metadata = decoders.run(decoding_kind(found.path, kind), inspect, found.path, kind,
+                                                    options)
         else:
             units, warning, metadata = inspect(found.path, kind, options)
         return Sniffed(found, kind, digest, units, None, warning, metadata)
@@ -450,7 +452,8 @@ class Indexer:
         self.progress = progress or (lambda done, total, failed: None)
         self.embedder = embedder
         # Files of these kinds are opened and decoded in worker processes (started when the first comes), so
-        # that a decoder's crash is that file's error row: videos and PDFs; with --processes, every media file.
+        # that a decoder's crash is that file's error row: videos, PDFs and RAW files; with --processes, every
+        # media file.
         self.decoders = Decoders(options.workers, MEDIA_KINDS if options.processes else DECODED_APART)
         self.begin()
 

@@ -4,7 +4,8 @@ On a GPU, decoding, resizing and patchifying photos in worker threads is what li
 throughput. On this path a worker only reads a JPEG file's bytes and header and computes
 the item's token ids from the resized size; the batch's JPEGs are then decoded, resized
 and patchified together on the model's device, in the thread that forms the batches.
-Only items whose one medium is a local JPEG file in RGB or L mode take this path.
+Only items whose one medium is a local JPEG file in RGB or L mode take this path. A photo's
+EXIF orientation is applied to the decoded pixels before resizing, as on the PIL path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .media import (
     media_reason,
     vision_process,
 )
+from .orientation import orientation_of, turns, upright, upright_tensor
 
 if TYPE_CHECKING:
     from .batching import Encoded
@@ -39,13 +41,19 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 @dataclass
 class PendingJpeg:
-    """A JPEG file's bytes, its size, and the size qwen-vl-utils would resize it to."""
+    """A JPEG file's bytes, its stored size and orientation, and the size qwen-vl-utils would resize it to."""
 
     source: str  # as the item gave it, for error messages
     data: bytes
-    width: int
+    width: int  # as stored, before the orientation is applied
     height: int
-    resized: tuple[int, int]  # (height, width), multiples of 32
+    resized: tuple[int, int]  # (height, width) of the photo as shown, multiples of 32
+    orientation: int = 1  # EXIF Orientation
+
+    @property
+    def shown_size(self) -> tuple[int, int]:
+        """(width, height) of the photo as shown: its orientation applied."""
+        return (self.height, self.width) if turns(self.orientation) else (self.width, self.height)
 
 
 def read_jpeg(parts: list[dict]) -> PendingJpeg | None:
@@ -70,13 +78,15 @@ def read_jpeg(parts: list[dict]) -> PendingJpeg | None:
             width, height = image.size
             if image.mode not in ("RGB", "L") or width * height > MAX_IMAGE_PIXELS:  # today's path says why
                 return None
+            orientation = orientation_of(image)
+        shown_height, shown_width = (width, height) if turns(orientation) else (height, width)
         resized = vision_process.smart_resize(
-            height, width, factor=IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE,
+            shown_height, shown_width, factor=IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE,
             min_pixels=part["min_pixels"], max_pixels=part["max_pixels"],
         )
     except Exception:
         return None
-    return PendingJpeg(source, data, width, height, resized)
+    return PendingJpeg(source, data, width, height, resized, orientation)
 
 
 def deferred_inputs(processor: Any, conversation: list[dict], parts: list[dict]
@@ -106,7 +116,7 @@ def pil_decode(jpeg: PendingJpeg) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(jpeg.data)) as image:
             image.load()
-            resized = vision_process.to_rgb(image).resize(jpeg.resized[::-1])
+            resized = vision_process.to_rgb(upright(image, jpeg.orientation)).resize(jpeg.resized[::-1])
     except Exception as exc:
         raise failure("image", jpeg.source, media_reason(exc)) from None
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
@@ -144,7 +154,7 @@ def decode_resized(jpegs: list[PendingJpeg], device: torch.device) -> list[torch
             if image is None or tuple(image.shape[-2:]) != (jpeg.height, jpeg.width):
                 out.append(pil_decode(jpeg).to(device))
             else:
-                out.append(resize(image, *jpeg.resized))
+                out.append(resize(upright_tensor(image, jpeg.orientation), *jpeg.resized))
         except MediaError as exc:
             out.append(exc)
     return out

@@ -13,6 +13,10 @@ from typing import Any
 from .errors import check_setting
 
 PIXELS_PER_TOKEN = 32 * 32  # a 16-pixel patch (media.IMAGE_PATCH_SIZE), merged 2×2 (SPATIAL_MERGE_SIZE)
+# The most pixels an image (or a frame of a frame list) may have, checked from its header before it is decoded:
+# a 50 MP camera photo and the 102 MP of medium-format cameras pass; decoding one at the cap takes about
+# 0.4 GB (RGB) and its RGB copy as much again, which keeps a request's peak memory under 1 GiB.
+MAX_IMAGE_PIXELS = 120_000_000
 IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS, VIDEO_MIN_TOKENS, FRAME_FACTOR = 4, 16384, 128, 2  # qwen-vl-utils'
 
 LIMITS: dict[str, dict[str, Any]] = {  # check_setting's arguments for each setting

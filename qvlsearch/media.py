@@ -24,34 +24,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pillow_heif
 import torch
 from PIL import Image
 from qwen_vl_utils import vision_process
 
 from .errors import InputError, MediaError, SettingError, check_setting
-from .limits import LIMITS, VisionOptions
+from .limits import LIMITS, MAX_IMAGE_PIXELS, VisionOptions
+from .orientation import orientation_of, upright
 from .pages import PdfPage
-from .signatures import HEAD_BYTES, describe_content, image_format
+from .raw import PHOTO_SIZE, PREVIEW_MIN_PIXELS, RAW_EXTENSIONS, RawError, is_raw_name, open_raw
+from .signatures import HEAD_BYTES, RAW_FORMATS, describe_content, image_format
 from .video import container_of, demuxer_for, frame_size, read_video, resize_frame
 
-try:  # HEIC/HEIF photos, where the optional pillow-heif plugin is installed
-    import pillow_heif
-
-    pillow_heif.register_heif_opener()
-except ImportError:
-    pass
+# HEIC/HEIF photos (every iPhone's default) through pillow-heif; AVIF through Pillow's own plugin
+pillow_heif.register_heif_opener()
 
 ITEM_KEYS = {"text", "image", "video", "instruction", "fps", "max_frames", "video_start", "video_end"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tiff", ".tif", ".svg", ".heic", ".heif", ".avif",
+                  *RAW_EXTENSIONS}
 IMAGE_PATCH_SIZE = 16
 URL_TIMEOUT_S = 30.0
 URL_MAX_BYTES = 512 * 1024 * 1024
-# The most pixels an image (or a frame of a frame list) may have, checked from its header before it is decoded:
-# a 50 MP camera photo and the 102 MP of medium-format cameras pass; decoding one at the cap takes about
-# 0.4 GB (RGB) and its RGB copy as much again, which keeps a request's peak memory under 1 GiB.
-MAX_IMAGE_PIXELS = 120_000_000
 STRIP_ROWS = 256  # rows of a large frame copied out of Pillow at a time
-IMAGE_FORMATS = "JPEG, PNG, GIF, WebP, BMP, TIFF or HEIF/AVIF"
+IMAGE_FORMATS = "JPEG, PNG, GIF, WebP, BMP, TIFF, HEIF/AVIF or camera RAW"
 VIDEO_READER_VARIABLE = "FORCE_QWENVL_VIDEO_READER"  # names one of qwen-vl-utils' readers to use instead of PyAV
 # Pillow warns from 89 MP on; images are refused above MAX_IMAGE_PIXELS before decoding instead.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -268,11 +264,13 @@ def remote_bytes(source: str) -> bytes:
     return data_uri_bytes(source) if is_data_uri(source) else fetch_url(source)
 
 
-def open_image(source: str | Image.Image) -> Image.Image:
-    """Decode an image from a path, a URL, a data URI or a PIL image (fully loaded, file closed).
+def open_image(source: str | Image.Image, needed_pixels: int = PREVIEW_MIN_PIXELS) -> Image.Image:
+    """Decode an image from a path, a URL, a data URI or a PIL image (fully loaded, file closed), as shown:
+    its EXIF orientation applied (see `orientation`).
 
     The content must start with the signature of a supported image format, and the size its header
-    gives must be within MAX_IMAGE_PIXELS, before anything is decoded.
+    gives must be within MAX_IMAGE_PIXELS, before anything is decoded. A camera RAW file gives its embedded
+    preview when that has `needed_pixels`, else a half-size demosaic (see `raw`).
     """
     if isinstance(source, Image.Image):
         return source
@@ -280,10 +278,15 @@ def open_image(source: str | Image.Image) -> Image.Image:
         remote = is_url(source) or is_data_uri(source)
         with io.BytesIO(remote_bytes(source)) if remote else open(local_path(source), "rb") as file:
             head = file.read(HEAD_BYTES)
-            if image_format(head) is None:
+            found = image_format(head)
+            if found is None:
                 reason = f"not a readable image ({describe_content(head)}; {IMAGE_FORMATS} are read)"
                 raise failure("image", source, reason)
             file.seek(0)
+            # LibRaw reads a file only when both its name (a URL's path) and its first bytes say RAW
+            name = source.split("?")[0] if is_url(source) else "" if remote else source
+            if (found in RAW_FORMATS or found == "tiff") and is_raw_name(name):
+                return open_raw(file, MAX_IMAGE_PIXELS, needed_pixels)
             with Image.open(file) as image:  # the header only
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
@@ -292,20 +295,22 @@ def open_image(source: str | Image.Image) -> Image.Image:
                 image.load()
                 if image.mode == "P" and "transparency" in image.info:
                     # Pillow's advice (it warns when such an image becomes RGB); transparent parts then turn white.
-                    return image.convert("RGBA")
-                return image
+                    return upright(image.convert("RGBA"), orientation_of(image))
+                return upright(image)
     except MediaError:
         raise
+    except RawError as exc:
+        raise failure("image", source, str(exc)) from None
     except Exception as exc:  # PIL raises many types for bad files
         raise failure("image", source, media_reason(exc)) from None
 
 
 def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
     source = part["image"]
-    image = source.render(part["max_pixels"]) if isinstance(source, PdfPage) else open_image(source)
+    image = source.render(part["max_pixels"]) if isinstance(source, PdfPage) else open_image(source, part["max_pixels"])
     try:
         resized = vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
-        return resized, image.size
+        return resized, image.info.get(PHOTO_SIZE, image.size)  # a RAW file's full size, not its preview's
     except Exception as exc:
         raise failure("image", part["image"], media_reason(exc)) from None
 

@@ -5,7 +5,8 @@
 (a wrong type, a date in the future, a latitude of 200°): odd metadata never fails a file.
 EXIF dates carry no time zone unless the camera wrote OffsetTimeOriginal; without it (or with
 one that is no offset: past ±14:00, or minutes over 59) the camera's clock is taken as UTC. Each
-field is read on its own: a bad one costs only itself.
+field is read on its own: a bad one costs only itself. HEIC/HEIF and AVIF photos are read like JPEGs
+(pillow-heif, Pillow); camera RAW files as `raw.raw_exif` says.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import pillow_heif
 from PIL import ExifTags, Image
+
+from .raw import is_raw_name, raw_exif
+from .signatures import RAW_FORMATS, image_format
 
 log = logging.getLogger(__name__)
 FIELDS = ("taken_at", "lat", "lon", "camera")
 EARLIEST = dt.datetime(1826, 1, 1, tzinfo=dt.timezone.utc)  # the oldest surviving photograph
 OFFSET = re.compile(r"([+-])(\d\d):(\d\d)")  # EXIF OffsetTime: +02:00
 MAX_OFFSET = dt.timedelta(hours=14)  # the zones in use run from UTC-12:00 to UTC+14:00
+pillow_heif.register_heif_opener()  # HEIC/HEIF EXIF (media registers it too; it may be imported alone)
 ISO6709 = re.compile(r"^([+-]\d+(?:\.\d+)?)([+-]\d+(?:\.\d+)?)")  # QuickTime's location: +48.8577+002.2950+035/
 
 
@@ -38,10 +44,15 @@ def read_metadata(path: str, kind: str | None) -> dict[str, Any]:
 
 
 def image_metadata(path: str) -> dict[str, Any]:
-    with Image.open(path) as image:
-        if image.format == "PNG" and "exif" not in image.info:
-            return {}  # no eXIf chunk before the pixels: looking after them would decode the whole image
-        exif = image.getexif()
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if (image_format(head) in RAW_FORMATS or image_format(head) == "tiff") and is_raw_name(path):
+        exif = raw_exif(path)
+    else:
+        with Image.open(path) as image:
+            if image.format == "PNG" and "exif" not in image.info:
+                return {}  # no eXIf chunk before the pixels: looking after them would decode the whole image
+            exif = image.getexif()
     position = field_of(path, "GPS", exif_position, exif) or {}
     return {"taken_at": field_of(path, "date", exif_taken, exif), **position,
             "camera": field_of(path, "camera", exif_camera, exif)}

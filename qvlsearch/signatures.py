@@ -9,10 +9,15 @@ from __future__ import annotations
 import codecs
 
 HEAD_BYTES = 1024  # enough for every check below (three MPEG-TS packets of 188 bytes, or M2TS's of 192)
+# TIFF is also the container of most camera RAW files (DNG, CR2, NEF, ARW...): their suffix tells them apart.
 IMAGE_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif",
-               b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+               b"II*\x00": "tiff", b"MM\x00*": "tiff",
+               # camera RAW files in containers of their own: Fujifilm, Olympus (two magics), Panasonic
+               b"FUJIFILMCCD-RAW": "raf", b"IIRO": "orf", b"IIRS": "orf", b"MMOR": "orf", b"IIU\x00": "rw2"}
 BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header sizes a real BMP has at offset 14
 HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+CR3_BRAND = b"crx "  # Canon's CR3 RAW: an ISO-BMFF file, like MP4 and HEIF, but neither a video nor a HEIF image
+RAW_FORMATS = {"raf", "orf", "rw2", "cr3"}  # what `image_format` calls the RAW files that are not TIFF inside
 EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # Matroska and WebM
 TS_SYNC = 0x47
 # FFmpeg's demuxer for each container, by the name av.open(format=...) takes.
@@ -21,7 +26,8 @@ VIDEO_CONTAINERS = "MP4/MOV, Matroska/WebM, AVI or MPEG-TS"
 
 
 def image_format(head: bytes) -> str | None:
-    """'jpeg', 'png', 'gif', 'tiff', 'bmp', 'webp' or 'heif' (HEIC and AVIF) by the first bytes, else None."""
+    """'jpeg', 'png', 'gif', 'tiff', 'bmp', 'webp', 'heif' (HEIC and AVIF) or a RAW_FORMATS name by the first
+    bytes, else None. TIFF-based RAW files (DNG, CR2, NEF, ARW...) are 'tiff'."""
     for magic, name in IMAGE_MAGIC.items():
         if head.startswith(magic):
             return name
@@ -31,6 +37,8 @@ def image_format(head: bytes) -> str | None:
         return "webp"
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return "heif"
+    if head[4:8] == b"ftyp" and head[8:12] == CR3_BRAND:
+        return "cr3"
     return None
 
 
@@ -40,7 +48,7 @@ def video_demuxer(head: bytes) -> str | None:
     Anything else (an HLS playlist, an FFmpeg concat script, SDP, an image, text) is None, so that no
     demuxer that follows references to other files or URLs is ever picked by probing the content.
     """
-    if head[4:8] == b"ftyp" and head[8:12] not in HEIF_BRANDS:
+    if head[4:8] == b"ftyp" and head[8:12] not in HEIF_BRANDS and head[8:12] != CR3_BRAND:
         return MOV
     if head.startswith(EBML_MAGIC):
         return MATROSKA

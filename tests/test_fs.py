@@ -35,6 +35,8 @@ def rels(found: list[Found], base: Path) -> list[str]:
 def test_suffix_kind():
     assert suffix_kind("/a/b.JPG") == "image"
     assert suffix_kind("x.heic") == "image"
+    assert [suffix_kind(f"x.{suffix}") for suffix in ("AVIF", "dng", "CR3", "nef", "arw", "raf", "orf", "RW2")] == [
+        "image"] * 8
     assert suffix_kind("clip.MkV") == "video"
     assert suffix_kind("notes.md") == "text"
     assert suffix_kind("doc.PDF") == "pdf"
@@ -49,7 +51,7 @@ def test_walk_nested_folders_in_stable_order(tmp_path):
     found = walk([tmp_path])
     assert iter(found) is found  # a stream, not a list
     found = list(found)
-    assert rels(found, tmp_path) == ["a/sub/n.txt", "a/x.mp4", "a.png", "b/m.md", "z.jpg"]
+    assert rels(found, tmp_path) == ["a/sub/n.txt", "a/sub/raw.CR2", "a/x.mp4", "a.png", "b/m.md", "z.jpg"]
     assert found == list(walk([str(tmp_path)]))
     first = found[0]
     st = os.stat(first.path)
