@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import InputError
 from .fs import file_item
@@ -21,15 +21,17 @@ CAPTION = 40
 COLUMNS = 5
 
 
-def thumbnail(result: SearchResult) -> Image.Image:
-    """The picture for a result: the image, a middle frame of a video, or a card with the text's start."""
+def thumbnail(result: SearchResult, size: int = THUMB) -> Image.Image:
+    """The picture for a result, at most `size` pixels a side: the image (turned upright by its EXIF
+    orientation), the page of a PDF, a middle frame of a video (of its moment), or a card with the text's start."""
     path = result.fs_path or result.path
     try:
         if result.kind == "pdf":
-            image = PdfPage(path, result.page or 1).render(4 * THUMB * THUMB)
+            image = PdfPage(path, result.page or 1).render(4 * size * size)
         elif result.kind == "image":
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image.draft("RGB", (size, size))  # a JPEG decodes at 1/2, 1/4 or 1/8 scale when that is enough
+                image = ImageOps.exif_transpose(image).convert("RGB")
         elif result.kind == "video":
             from .video import frame_count_and_rate, frame_image
 
@@ -42,7 +44,7 @@ def thumbnail(result: SearchResult) -> Image.Image:
             image = text_card(file_item(path, "text")["text"][:600])
     except Exception as exc:  # an unreadable file still gets a tile
         image = text_card(f"cannot show this file:\n{exc}")
-    image.thumbnail((THUMB, THUMB))
+    image.thumbnail((size, size))
     return image
 
 
