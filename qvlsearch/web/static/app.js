@@ -55,9 +55,11 @@ async function run() {
   else if (p.get("q")) body.query = p.get("q");
   else {
     show([], "");
+    delete $("#results").dataset.count; // no search yet
     return;
   }
   $("#example-preview").hidden = !body.query?.image;
+  delete $("#results").dataset.count; // set again when this search's hits are shown
   status("Searching…");
   const started = performance.now();
   let answer;
