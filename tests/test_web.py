@@ -77,7 +77,7 @@ def requests_made() -> list[str]:
 
 @pytest.fixture
 def page(browser, requests_made):
-    """A fresh page (its own cookies) that records every URL it asks for."""
+    """A fresh page (its own cookies) that records every URL it asks for: all must be of one origin."""
     context = browser.new_context(viewport={"width": 1280, "height": 2000})
     context.set_default_timeout(180_000)  # the first rerank loads the reranker; CI machines are shared
     page = context.new_page()
@@ -88,6 +88,8 @@ def page(browser, requests_made):
     yield page
     context.close()
     assert not errors, errors
+    origins = {urllib.parse.urlsplit(url)[:2] for url in requests_made}
+    assert len(origins) <= 1, requests_made  # no request leaves the server's origin, in any test
 
 
 def wait_until(page, script: str, timeout: float = 180) -> None:
