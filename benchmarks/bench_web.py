@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 HITS = 50
 # Installed in the page through the DevTools protocol (the page's CSP refuses eval, not this): resolves with the
 # milliseconds from Enter to the first 50 thumbnails decoded and two frames later (painted).
-TIMER = """() => window.enterToPainted = new Promise(resolve => {
+TIMER = """() => { window.enterToPainted = new Promise(resolve => {
   document.querySelector('#q').addEventListener('keydown', event => {
     if (event.key !== 'Enter') return;
     const started = performance.now();
@@ -43,7 +43,7 @@ TIMER = """() => window.enterToPainted = new Promise(resolve => {
     };
     check();
   }, {once: true});
-})""".replace("HITS", str(HITS))
+}); }""".replace("HITS", str(HITS))
 
 
 def make_index(workdir: Path, embedder: Path, photos: int) -> Path:
