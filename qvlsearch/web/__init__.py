@@ -15,7 +15,8 @@ from .routes import add_routes, indexed
 
 SESSION_COOKIE = "qvlsearch_session"
 PAGES = ("/", "/dupes")  # a browser that has not signed in is sent to /signin from these
-OPEN_PATHS = ("/signin", "/web/signin", "/static/style.css", "/static/signin.js")  # what signing in needs
+# what signing in needs
+OPEN_PATHS = ("/signin", "/web/signin", "/static/style.css", "/static/signin.js", "/static/favicon.svg")
 # The page's own files and nothing else: no inline script or style, no other origin, no frames.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
