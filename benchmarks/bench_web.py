@@ -30,15 +30,18 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HITS = 50
 # Installed in the page through the DevTools protocol (the page's CSP refuses eval, not this): resolves with the
-# milliseconds from Enter to the first 50 thumbnails decoded and two frames later (painted).
+# milliseconds from Enter to the first 50 thumbnails decoded and two frames later (painted), and to their tiles
+# shown (the search answered, the thumbnails asked for).
 TIMER = """() => { window.enterToPainted = new Promise(resolve => {
   document.querySelector('#q').addEventListener('keydown', event => {
     if (event.key !== 'Enter') return;
     const started = performance.now();
+    let shown = null;
     const check = () => {
       const images = [...document.querySelectorAll('#results img')].slice(0, HITS);
+      if (shown === null && images.length === HITS) shown = performance.now() - started;
       if (images.length === HITS && images.every(i => i.complete && i.naturalWidth > 0))
-        requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now() - started)));
+        requestAnimationFrame(() => requestAnimationFrame(() => resolve([performance.now() - started, shown])));
       else requestAnimationFrame(check);
     };
     check();
@@ -60,17 +63,18 @@ def make_index(workdir: Path, embedder: Path, photos: int) -> Path:
     return index
 
 
-def enter_to_painted(browser, url: str, query: str) -> float:
-    """Seconds from Enter to the first 50 thumbnails painted, in a new context (an empty browser cache)."""
+def enter_to_painted(browser, url: str, query: str) -> tuple[float, float]:
+    """Seconds from Enter to the first 50 thumbnails painted, and to their tiles shown, in a new context (an empty
+    browser cache)."""
     context = browser.new_context(viewport={"width": 1920, "height": 2400})
     page = context.new_page()
     page.goto(url + "/")
     page.evaluate(TIMER)
     page.fill("#q", query)
     page.press("#q", "Enter")
-    milliseconds = page.evaluate("window.enterToPainted")
+    painted, shown = page.evaluate("window.enterToPainted")
     context.close()
-    return milliseconds / 1000
+    return painted / 1000, shown / 1000
 
 
 def thumbnails_per_second(url: str, ids: list[int], clients: int = 8) -> float:
@@ -103,11 +107,15 @@ def run(workdir: Path, checkpoints: dict[str, Path], photos: int = 120, runs: in
             first = enter_to_painted(browser, url, "a black cat")
             cached = [enter_to_painted(browser, url, "a black cat") for _ in range(runs)]
             browser.close()
-        detail = {"photos": photos, "hits": HITS, "cached_runs_s": [round(t, 3) for t in cached]}
+        detail = {"photos": photos, "hits": HITS, "cached_runs_s": [round(t, 3) for t, _ in cached],
+                  "tiles_shown_s": [round(t, 3) for _, t in cached]}
         figures += [
             Figure("web", f"Enter to {HITS} thumbnails painted, cached (median of {runs})",
-                   statistics.median(cached), "s", goal="<= 1", detail=detail),
-            Figure("web", f"Enter to {HITS} thumbnails painted, first time (none cached)", first, "s", detail=detail),
+                   statistics.median(t for t, _ in cached), "s", goal="<= 1", detail=detail),
+            Figure("web", "of which Enter to the tiles shown (the search answered; median)",
+                   statistics.median(t for _, t in cached), "s", detail=detail),
+            Figure("web", f"Enter to {HITS} thumbnails painted, first time (none cached)", first[0], "s",
+                   detail={"photos": photos, "tiles_shown_s": round(first[1], 3)}),
         ]
         hits = json.loads(urllib.request.urlopen(urllib.request.Request(
             url + "/web/search", data=json.dumps({"query": "a cat", "k": photos}).encode(),
