@@ -88,7 +88,7 @@ def page(browser, requests_made):
     yield page
     context.close()
     assert not errors, errors
-    origins = {urllib.parse.urlsplit(url)[:2] for url in requests_made}
+    origins = {urllib.parse.urlsplit(url.removeprefix("blob:"))[:2] for url in requests_made}  # blob: is the page's
     assert len(origins) <= 1, requests_made  # no request leaves the server's origin, in any test
 
 
