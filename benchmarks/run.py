@@ -1,12 +1,13 @@
 """`make bench`: the CPU benchmark suite. Prints each figure beside its goal and writes
 benchmarks/results/<machine>-<date>-cpu.json.
 
-    python benchmarks/run.py [index] [models] [search] [scale] [server] [dupes] [moments] [store] [watch]
-                                                   (default: all but store and watch)
+    python benchmarks/run.py [index] [models] [search] [scale] [server] [dupes] [moments] [store] [watch] [web]
+                                                   (default: all but store, watch and web)
 
 `store` runs only when named: it writes indexes of up to 1M × 2048 vectors, which takes 20–45
 minutes on 2 cores, 3 GiB of memory and 13 GB of free disk in the temporary folder ($TMPDIR).
-`watch` runs only when named too: it leaves watchers idle for minutes on purpose.
+`watch` runs only when named too: it leaves watchers idle for minutes on purpose; `web` too: it needs
+Debian's chromium (`apt-get install chromium`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from common import report, save  # noqa: E402
 
-SUITES = ("index", "models", "search", "scale", "server", "dupes", "moments", "store", "watch")
-DEFAULT = SUITES[:-2]
+SUITES = ("index", "models", "search", "scale", "server", "dupes", "moments", "store", "watch", "web")
+DEFAULT = SUITES[:-3]
 
 
 def main(argv: list[str]) -> int:

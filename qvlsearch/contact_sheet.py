@@ -25,14 +25,15 @@ CAPTION = 40
 COLUMNS = 5
 
 
-def thumbnail(result: SearchResult) -> Image.Image:
-    """The picture for a result: the image, a middle frame of a video, or a card with the text's start."""
+def thumbnail(result: SearchResult, size: int = THUMB) -> Image.Image:
+    """The picture for a result, at most `size` pixels a side: the image (turned upright by its EXIF
+    orientation), the page of a PDF, a middle frame of a video (of its moment), or a card with the text's start."""
     path = result.fs_path or result.path
     try:
         if result.kind == "pdf":
-            image = PdfPage(path, result.page or 1).render(4 * THUMB * THUMB)
+            image = PdfPage(path, result.page or 1).render(4 * size * size)
         elif result.kind == "image":
-            image = photo(path)
+            image = photo(path, size)
         elif result.kind == "video":
             from .video import frame_count_and_rate, frame_image
 
@@ -45,18 +46,19 @@ def thumbnail(result: SearchResult) -> Image.Image:
             image = text_card(file_item(path, "text")["text"][:600])
     except Exception as exc:  # an unreadable file still gets a tile
         image = text_card(f"cannot show this file:\n{exc}")
-    image.thumbnail((THUMB, THUMB))
+    image.thumbnail((size, size))
     return image
 
 
-def photo(path: str) -> Image.Image:
-    """A photo as shown (its EXIF orientation applied); a RAW file's preview, or its half-size demosaic."""
+def photo(path: str, size: int = THUMB) -> Image.Image:
+    """A photo as shown (its EXIF orientation applied) for a tile of `size`: a RAW file's preview, or its
+    half-size demosaic."""
     with open(path, "rb") as file:
         found = image_format(file.read(HEAD_BYTES))
     if found in RAW_FORMATS | {"tiff"} and is_raw_name(path):
-        return open_raw(path, MAX_IMAGE_PIXELS, needed_pixels=THUMB * THUMB)
+        return open_raw(path, MAX_IMAGE_PIXELS, needed_pixels=size * size)
     with Image.open(path) as image:
-        image.draft("RGB", (THUMB, THUMB))  # a JPEG decodes at 1/2 to 1/8 size: faster, and enough for a tile
+        image.draft("RGB", (size, size))  # a JPEG decodes at 1/2 to 1/8 size: faster, and enough for a tile
         return upright(image.convert("RGB"), orientation_of(image))
 
 

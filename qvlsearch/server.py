@@ -1,9 +1,11 @@
 """`qvlsearch serve`: the models stay loaded behind an HTTP API (FastAPI on uvicorn).
 
     POST /v1/embeddings   OpenAI's embeddings API: the `openai` client works unchanged
-    POST /v1/rerank       the rerank API that Cohere and Jina share
+    POST /v1/rerank       the rerank API that Cohere (v1) and Jina share; /v2/rerank: Cohere's v2 client;
+                          /rerank: text-embeddings-inference's
     POST /v1/search       what `qvlsearch search --json` prints, over the served index
     GET  /health          models, index path and generation;  GET /v1/models
+    GET  /                the web page (qvlsearch/web): search, thumbnails, a viewer, duplicates
 
 One thread runs the models. Embedding requests that wait together go through the
 Embedder's token batching as one stream, so concurrent clients share forward passes.
@@ -25,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -36,17 +39,18 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
-from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__
+from . import DEFAULT_EMBEDDER, DEFAULT_RERANKER, __version__, web
 from .client import discovery_path, model_id, untrusted, write_discovery
 from .decoders import Decoders
 from .embedder import Embedder, Embedding
 from .errors import InputError, MediaError, ModelLoadError, QvlsearchError
 from .media import VisionOptions, check_item, content_parts, is_data_uri
-from .search import SearchIndex, SearchResult, open_index, query_item
+from .search import SearchIndex, SearchResult, document_item, open_index, query_item
 from .store import Snapshot, StoreError, commit_key, read_manifest
 
 log = logging.getLogger("qvlsearch")
@@ -367,8 +371,17 @@ class RerankRequest(BaseModel):
     instruction: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
 
-class SearchRequest(BaseModel):
+class TeiRerankRequest(BaseModel):
     query: Item
+    texts: list[Item] = Field(max_length=MAX_DOCUMENTS)
+    return_text: bool = False
+    raw_scores: bool = False  # accepted; the scores are the reranker's probabilities either way
+    truncate: bool | None = None
+
+
+class SearchRequest(BaseModel):
+    query: Item | None = None
+    like: int | None = None  # an item id of the index: search with that file (or page, or moment) as the query
     k: int = Field(default=10, ge=1, le=MAX_K)
     kind: str | list[str] | None = None
     under: str | None = None
@@ -413,25 +426,26 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
         app.state.last_request = time.monotonic()
         refused = refusal(request, hosts)
         if refused is not None:
-            return refused
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                      "authentication_error")
+            return with_headers(refused)
+        if api_key is not None and not signed_in(request, api_key) and request.url.path not in web.OPEN_PATHS:
+            if request.method == "GET" and request.url.path in web.PAGES:
+                return with_headers(RedirectResponse("/signin", status_code=303))
+            return with_headers(error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY` "
+                                                    "(a browser: sign in at /signin)", "authentication_error"))
         if request.method == "POST":
             if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-                return error_response(415, "send the body as JSON, with `Content-Type: application/json`",
-                                      "invalid_request_error")
+                return with_headers(error_response(415, "send the body as JSON, with `Content-Type: "
+                                                        "application/json`", "invalid_request_error"))
             length = request.headers.get("content-length")
             if length is None:
-                return error_response(411, "send the body with a Content-Length", "invalid_request_error")
+                return with_headers(error_response(411, "send the body with a Content-Length",
+                                                   "invalid_request_error"))
             if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-                return error_response(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB; send fewer or "
-                                           "smaller items", "request_too_large")
+                return with_headers(error_response(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB; send "
+                                                        "fewer or smaller items", "request_too_large"))
         app.state.in_flight += 1
         try:
-            return await call_next(request)
+            return with_headers(await call_next(request))
         finally:
             app.state.in_flight -= 1
             app.state.last_request = time.monotonic()
@@ -454,8 +468,8 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
     async def unknown_route(request: Request, exc: HTTPException) -> JSONResponse:
         """Unknown routes (404) and methods (405) answer in the same error shape as the rest of the API."""
         response = error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; this "
-                                  "server answers /v1/embeddings, /v1/rerank, /v1/search, /v1/models and /health",
-                                  "invalid_request_error")
+                                  "server answers /v1/embeddings, /v1/rerank, /v2/rerank, /rerank, /v1/search, "
+                                  "/v1/models, /health and the web page at /", "invalid_request_error")
         response.headers.update(exc.headers or {})  # 405: Allow
         return response
 
@@ -518,45 +532,87 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                            failed=[{"index": i, "message": failed[i]} for i in sorted(failed)], **body)
         return body
 
-    @app.post("/v1/rerank")
-    def rerank(request: RerankRequest) -> dict[str, Any]:
-        named(request.model, models.reranker_name, "rerank")
-        query = as_item(request.query)
+    def reranked(query: Item, documents: list[Item], instruction: str | None,
+                 top_n: int | None) -> tuple[list[tuple[int, float]], dict[int, Exception]]:
+        """(document index, score) best first, at most `top_n`, and the documents that failed (every rerank shape)."""
+        query = as_item(query)
         sources.check(query, "query")
         within_limits(query, "query", models.rerank_options)
-        documents = [as_item(d) for d in request.documents]
+        documents = [as_item(d) for d in documents]
         for i, document in enumerate(documents):
             sources.check(document, f"documents[{i}]")
             within_limits(document, f"documents[{i}]", models.rerank_options)
         scores, errors = models.call(lambda: models.reranker().scores_and_errors(
-            query, documents, instruction=request.instruction))
+            query, documents, instruction=instruction))
         order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
-        body = {"model": models.reranker_name,
-                "results": [{"index": i, "relevance_score": scores[i]} for i in order[: request.top_n]]}
+        return [(i, scores[i]) for i in order[:top_n]], errors
+
+    def failed_documents(errors: dict[int, Exception], **body: Any) -> ApiError:
+        return ApiError(422, "; ".join(str(e) for e in errors.values()),
+                        failed=[{"index": i, "message": str(e)} for i, e in errors.items()], **body)
+
+    @app.post("/v1/rerank")
+    def rerank(request: RerankRequest) -> dict[str, Any]:
+        named(request.model, models.reranker_name, "rerank")
+        ranked, errors = reranked(request.query, request.documents, request.instruction, request.top_n)
+        body = {"model": models.reranker_name, "results": [{"index": i, "relevance_score": s} for i, s in ranked]}
         if errors:
-            raise ApiError(422, "; ".join(str(e) for e in errors.values()),
-                           failed=[{"index": i, "message": str(e)} for i, e in errors.items()], **body)
+            raise failed_documents(errors, **body)
         return body
 
-    @app.post("/v1/search")
-    def search(request: SearchRequest) -> list[dict[str, Any]]:
+    @app.post("/v2/rerank")
+    def rerank_v2(request: RerankRequest) -> dict[str, Any]:
+        """Cohere's v2 shape (`cohere.ClientV2.rerank`): v1's, with an `id` and `meta`."""
+        named(request.model, models.reranker_name, "rerank")
+        ranked, errors = reranked(request.query, request.documents, request.instruction, request.top_n)
+        body = {"id": str(uuid.uuid4()), "results": [{"index": i, "relevance_score": s} for i, s in ranked],
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+        if errors:
+            raise failed_documents(errors, **body)
+        return body
+
+    @app.post("/rerank")
+    def rerank_tei(request: TeiRerankRequest) -> list[dict[str, Any]]:
+        """text-embeddings-inference's shape: `{query, texts}` in, `[{index, score}]` out, best first."""
+        ranked, errors = reranked(request.query, request.texts, None, None)
+        if errors:
+            raise failed_documents(errors)
+        return [{"index": i, "score": s, **({"text": request.texts[i]} if request.return_text else {})}
+                for i, s in ranked]
+
+    def searched(request: SearchRequest) -> list[SearchResult]:
+        """The results of a /v1/search (or the web page's) request over the newest generation."""
         if served is None:
             raise ApiError(404, "this server has no index; start it with `qvlsearch serve --index DIR`",
                            "index_not_found")
-        query = query_item(request.query)
-        sources.check(query, "query")
-        within_limits(query, "query", lowest(models.embedder.options, models.rerank_options) if request.rerank
-                      else models.embedder.options)
         with served.newest() as index:
+            if request.like is not None:
+                example = web.indexed(index, request.like)
+                if example is None:
+                    raise ApiError(404, f"like: {request.like} is not an item id of this index", "not_found")
+                query = document_item(example)
+            else:
+                if request.query is None:
+                    raise ApiError(400, "query: give a text or an item (or `like`, an item id)")
+                query = query_item(request.query)
+                sources.check(query, "query")
+            within_limits(query, "query", lowest(models.embedder.options, models.rerank_options)
+                          if request.rerank else models.embedder.options)
             if len(index) == 0:
                 raise ApiError(404, f"index {index.path} is empty; add files with `qvlsearch index PATH`",
                                "empty_index")
-            results = index.search(query, request.k, kind=request.kind, under=request.under,
-                                   min_score=request.min_score, rerank=request.rerank,
-                                   rerank_top=request.rerank_top, instruction=request.instruction,
-                                   after=request.after, before=request.before, near=request.near,
-                                   camera=request.camera, sort=request.sort)
-        return [search_record(r) for r in results]
+            return index.search(query, request.k, kind=request.kind, under=request.under,
+                                min_score=request.min_score, rerank=request.rerank,
+                                rerank_top=request.rerank_top, instruction=request.instruction,
+                                after=request.after, before=request.before, near=request.near,
+                                camera=request.camera, sort=request.sort)
+
+    @app.post("/v1/search")
+    def search(request: SearchRequest) -> list[dict[str, Any]]:
+        return [search_record(r) for r in searched(request)]
+
+    if served is not None:
+        web.add_routes(app, served, searched, api_key=api_key)
 
     return app
 
@@ -578,6 +634,21 @@ def refusal(request: Request, hosts: frozenset[str] | None) -> JSONResponse | No
             None, "same-origin", "none"):
         return error_response(403, "requests from web pages of other origins are refused", "permission_error")
     return None
+
+
+def signed_in(request: Request, api_key: str) -> bool:
+    """Whether the request carries the key: `Authorization: Bearer KEY`, or the web page's sign-in cookie."""
+    given = request.headers.get("authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return True
+    cookie = request.cookies.get(web.SESSION_COOKIE, "")
+    return hmac.compare_digest(cookie.encode(), web.session_token(api_key).encode())
+
+
+def with_headers(response: Response) -> Response:
+    """Every answer: a strict Content-Security-Policy (the page's own files only, no inline script) and no sniffing."""
+    response.headers.update(web.SECURITY_HEADERS)
+    return response
 
 
 def host_name(host: str) -> str:

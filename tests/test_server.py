@@ -183,6 +183,29 @@ def test_search_and_rerank_answer_as_the_cli_does(server, index_dir, checkpoints
                                                                     abs=1e-6)
 
 
+def test_cohere_v2_and_text_embeddings_inference_rerank_shapes(server, checkpoints):
+    """Cohere's current client posts to /v2/rerank; text-embeddings-inference's clients to /rerank {query, texts}:
+    both get the scores of /v1/rerank, in their own shapes, under the same caps."""
+    import cohere
+
+    documents = ["notes about cats and kittens", "a chocolate cake recipe", "the rules of chess"]
+    status, v1 = server.post("/v1/rerank", {"query": "a cat", "documents": documents})
+    assert status == 200
+    client = cohere.ClientV2(api_key="unused", base_url=server.url)
+    answer = client.rerank(model=str(checkpoints["reranker"]), query="a cat", documents=documents, top_n=2)
+    assert [(r.index, r.relevance_score) for r in answer.results] == [
+        (r["index"], r["relevance_score"]) for r in v1["results"][:2]]
+    assert answer.id and answer.meta.api_version.version == "2"
+    status, tei = server.post("/rerank", {"query": "a cat", "texts": documents, "return_text": True})
+    assert status == 200 and tei == [{"index": r["index"], "score": r["relevance_score"],
+                                      "text": documents[r["index"]]} for r in v1["results"]]
+    for path, body in (("/v2/rerank", {"query": "x", "documents": ["d"] * 1001}),
+                       ("/rerank", {"query": "x", "texts": ["d"] * 1001}),
+                       ("/v2/rerank", {"query": "x", "documents": ["d"], "top_n": 1001})):
+        status, refused = server.post(path, body)
+        assert status == 400 and "1000" in refused["error"]["message"], (path, refused)
+
+
 def test_cli_with_a_server_imports_no_model_library(server, index_dir):
     probe = ("import runpy, sys; sys.argv = ['qvlsearch', 'search', 'a cat', '--index', sys.argv[1], '--paths']\n"
              "try:\n    runpy.run_module('qvlsearch', run_name='__main__')\nexcept SystemExit:\n    pass\n"
