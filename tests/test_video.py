@@ -287,13 +287,14 @@ def test_a_truncated_video_as_decord_reads_it(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("suffix, codec", [(".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"),
-                                           (".avi", "mpeg4"), (".ts", "libx264")])
+                                           (".avi", "mpeg4"), (".ts", "libx264"), (".mp4", "libx265")])
 def test_seeking_gives_the_frames_decoding_everything_gives(tmp_path, suffix, codec):
-    """Sparse samples seek to a keyframe; the frames must be those of decoding the whole stream in order."""
+    """Sparse samples seek to a keyframe and skip non-reference frames (H.264, HEVC); the frames must be those of
+    decoding the whole stream in order."""
     from qvlsearch.video import read_video, resize_frame
 
     path = str(make_clip(tmp_path / f"clip{suffix}", codec=codec, options={"g": "12", "bf": "2"}
-                         if codec == "libx264" else {"g": "12"}))
+                         if codec in ("libx264", "libx265") else {"g": "12"}))
     with av.open(path) as container:
         every = [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in container.decode(video=0)]
     for window in ({}, {"video_start": 2.3, "video_end": 7.9}, {"fps": 4.0}):
