@@ -276,7 +276,9 @@ def test_a_truncated_video_as_decord_reads_it(tmp_path, suffix):
     if suffix == ".mp4":
         with pytest.raises(Exception):  # noqa: B017 -- decord's, through qwen-vl-utils' fallback
             official(str(path))
-        with pytest.raises(MediaError, match=r"^cannot decode frames \(invalid data found when processing input\)$"):
+        # FFmpeg's error on the cut packet, or, when its frame threads drop that packet, the frames running out
+        reason = r"^cannot decode frames \((invalid data found when processing input|the video ends before its last "
+        with pytest.raises(MediaError, match=reason + r"sampled frame)\)$"):
             read_video(str(path), video_part(str(path)), 16)
         return
     expected, expected_metadata = official(str(path))
