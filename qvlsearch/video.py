@@ -31,6 +31,8 @@ from .signatures import HEAD_BYTES, MPEGTS, VIDEO_CONTAINERS, describe_content, 
 # Should a demuxer try to open anything besides the file it is given (none of the four does): the file protocol
 # only, and no mov/mp4 data references to other files (FFmpeg's default, made explicit).
 OPEN_OPTIONS = {"protocol_whitelist": "file", "enable_drefs": "0"}
+# Decoders that honour a change of skip_frame between packets (others, as libdav1d, read it once when opened)
+SKIPPING_DECODERS = {"h264", "hevc"}
 BACKEND = "pyav"  # the name transformers gives this reader in video metadata
 
 
@@ -217,14 +219,16 @@ def _decode(file: BinaryIO, demuxer: str, stream_index: int, targets: list[int],
     with _open(file, demuxer) as container:
         stream = container.streams[stream_index]
         stream.codec_context.thread_type = "AUTO"
-        frames = container.decode(stream)
+        # MPEG-TS is left whole: an interlaced camcorder stream (AVCHD) may carry a frame's two fields in two packets
+        wanted = None if by_position or demuxer == MPEGTS else set(targets)
+        frames = _frames(container, stream, wanted)
         position = -math.inf  # timestamp (or position) of the last decoded frame
         count = -1
         for target in targets:
             key = keys[bisect.bisect_right(keys, target) - 1] if keys and keys[0] <= target else None
             if key is not None and key > position and key > keys[0]:
                 container.seek(key, stream=stream, backward=True)
-                frames = container.decode(stream)
+                frames = _frames(container, stream, wanted)
                 first = next(frames, None)
                 if first is None or first.pts != key:
                     raise _SeekMissed
@@ -241,6 +245,19 @@ def _decode(file: BinaryIO, demuxer: str, stream_index: int, targets: list[int],
             if position != target:
                 raise ValueError(f"no frame at timestamp {target} (the next one is at {position})")
             yield frame
+
+
+def _frames(container: av.container.InputContainer, stream: av.VideoStream, wanted: set[int] | None
+            ) -> Iterator[av.VideoFrame]:
+    """The stream's frames from where the container stands, in presentation order. The H.264 and HEVC decoders are
+    told to drop each non-reference frame (one that no other frame is predicted from: most B-frames) whose
+    timestamp is not `wanted`, so that it is never decoded; the frames that remain decode to the same pixels."""
+    codec = stream.codec_context
+    skips = wanted is not None and codec.name in SKIPPING_DECODERS
+    for packet in container.demux(stream):
+        if skips:
+            codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted else "NONREF"
+        yield from packet.decode()
 
 
 def _quarter_turns(frame: av.VideoFrame) -> int:

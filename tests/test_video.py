@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -202,14 +203,96 @@ def test_rotated_video_is_turned_as_decord_turns_it(tmp_path, rotation):
     assert torch.equal(frames, expected)
 
 
+def make_vfr_clip(path: Path, frames: int = 60) -> Path:
+    """An H.264 clip whose frames are irregularly spaced in time (17 ms to 250 ms apart, as a phone writes
+    when the scene or the light changes), with B-frames, in the container `path`'s suffix names."""
+    width, height = 128, 96
+    y, x = np.mgrid[0:height, 0:width]
+    gaps_ms = [33, 33, 100, 17, 250, 40, 66]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"g": "12", "bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i in range(frames):
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[..., 0], rgb[..., 1] = (x + 3 * i) % 256, (2 * y + i) % 256
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+            pts += gaps_ms[i % len(gaps_ms)]
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_variable_frame_rate_is_sampled_as_decord_samples_it(tmp_path, suffix):
+    """The rule on a variable frame rate, decord's: frames are counted in presentation order and sampled evenly by
+    that count, and a time window is turned into frame numbers with FFmpeg's average frame rate of the stream (for
+    an mp4 frames / duration; a Matroska file's is its time base, 1000), not with the frames' own timestamps."""
+    from qvlsearch.video import read_video
+
+    path = str(make_vfr_clip(tmp_path / f"vfr{suffix}"))
+    with av.open(path) as container:
+        gaps = np.diff(sorted(p.pts for p in container.demux(video=0) if p.size))
+    assert len(set(gaps.tolist())) > 3  # truly variable
+    for window in ({}, {"fps": 2.0}, {"video_start": 1.0, "video_end": 3.0}):
+        expected, expected_metadata = official(path, **window)
+        frames, metadata, _ = read_video(path, video_part(path, **window), 16)
+        assert metadata == {**expected_metadata, "video_backend": "pyav"}, window
+        assert torch.equal(frames, expected), window
+
+
+def test_a_video_with_no_video_stream_fails_for_decord_too_and_here_in_one_line(tmp_path):
+    from qvlsearch.video import read_video
+
+    path = tmp_path / "sound.mp4"
+    make_audio_only(path)
+    with pytest.raises(Exception):  # noqa: B017 -- decord's own error types
+        official(str(path))
+    with pytest.raises(MediaError, match="^has no video stream$"):
+        read_video(str(path), video_part(str(path)), 16)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_truncated_video_as_decord_reads_it(tmp_path, suffix):
+    """Cut at 70%: an mp4 whose index (moov) comes first promises frames that are missing, which decord fails on
+    and so does this reader, in one line; a Matroska file has no index, and both read the frames that are there."""
+    from qvlsearch.video import read_video
+
+    whole = make_clip(tmp_path / "whole.mp4", frames=96)
+    source = faststart_copy(whole, tmp_path / "faststart.mp4") if suffix == ".mp4" else tmp_path / "whole.mkv"
+    if suffix == ".mkv":
+        make_clip(source, frames=96)
+    data = source.read_bytes()
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(data[: len(data) * 7 // 10])
+    if suffix == ".mp4":
+        with pytest.raises(Exception):  # noqa: B017 -- decord's, through qwen-vl-utils' fallback
+            official(str(path))
+        # FFmpeg's error on the cut packet, or, when its frame threads drop that packet, the frames running out
+        reason = r"^cannot decode frames \((invalid data found when processing input|the video ends before its last "
+        with pytest.raises(MediaError, match=reason + r"sampled frame)\)$"):
+            read_video(str(path), video_part(str(path)), 16)
+        return
+    expected, expected_metadata = official(str(path))
+    frames, metadata, _ = read_video(str(path), video_part(str(path)), 16)
+    assert 0 < metadata["total_num_frames"] < 96
+    assert metadata == {**expected_metadata, "video_backend": "pyav"}
+    assert torch.equal(frames, expected)
+
+
 @pytest.mark.parametrize("suffix, codec", [(".mp4", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9"),
-                                           (".avi", "mpeg4"), (".ts", "libx264")])
+                                           (".avi", "mpeg4"), (".ts", "libx264"), (".mp4", "libx265")])
 def test_seeking_gives_the_frames_decoding_everything_gives(tmp_path, suffix, codec):
-    """Sparse samples seek to a keyframe; the frames must be those of decoding the whole stream in order."""
+    """Sparse samples seek to a keyframe and skip non-reference frames (H.264, HEVC); the frames must be those of
+    decoding the whole stream in order."""
     from qvlsearch.video import read_video, resize_frame
 
-    path = str(make_clip(tmp_path / f"clip{suffix}", codec=codec, options={"g": "12", "bf": "2"}
-                         if codec == "libx264" else {"g": "12"}))
+    options = {"g": "12", "bf": "2"} if codec in ("libx264", "libx265") else {"g": "12"}
+    if codec == "libx265":  # one thread and quiet: x265's own pools and frame threads are slow on a busy machine
+        options.update({"preset": "ultrafast", "x265-params": "pools=1:frame-threads=1:log-level=error"})
+    path = str(make_clip(tmp_path / f"clip{suffix}", codec=codec, options=options))
     with av.open(path) as container:
         every = [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in container.decode(video=0)]
     for window in ({}, {"video_start": 2.3, "video_end": 7.9}, {"fps": 4.0}):
