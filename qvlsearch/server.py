@@ -381,6 +381,7 @@ class SearchRequest(BaseModel):
     near: str | None = None
     camera: str | None = None
     sort: str = "score"
+    mode: str = "hybrid"
 
 
 def named(requested: str | None, served: str, what: str) -> None:
@@ -555,7 +556,7 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                                    min_score=request.min_score, rerank=request.rerank,
                                    rerank_top=request.rerank_top, instruction=request.instruction,
                                    after=request.after, before=request.before, near=request.near,
-                                   camera=request.camera, sort=request.sort)
+                                   camera=request.camera, sort=request.sort, mode=request.mode)
         return [search_record(r) for r in results]
 
     return app
