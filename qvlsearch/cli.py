@@ -926,8 +926,8 @@ def eval_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Measure search quality on your own labelled queries: recall@1/5/10, nDCG@10, MRR and latency for each
-    dim and quantization, from the stored vectors (files are not embedded again); --rerank adds the reranked
-    figures."""
+    dim and quantization and each search mode (semantic, words, hybrid), from the stored vectors (files are not
+    embedded again); --rerank adds the reranked figures."""
     from .evaluate import evaluate, parse_settings, read_qrels, read_queries
     from .search import open_index
 
@@ -953,7 +953,7 @@ def eval_command(
         write_stdout(json.dumps(report.to_json()) + "\n")
     else:
         records = [s.to_json() for s in report.settings]
-        names = ["dim", "quantize", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
+        names = ["dim", "quantize", "mode", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
             "latency_ms"]
         rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
         if sys.stdout.isatty():

@@ -17,6 +17,7 @@ import pytest
 from make_media import make_photo, make_text_pdf
 from test_index import ENV, assert_consistent, cli
 
+from qvlsearch.errors import InputError
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 from qvlsearch.store import Snapshot, Store, now, read_manifest
@@ -138,11 +139,15 @@ def test_cli_json_and_tsv_say_what_matched(index_dir):
     assert record["page"] == 2 and record["matched"] == ["4711"] and record["score"] is None
     table = cli("search", "4711", "--index", str(index_dir), "--mode", "words", "--no-server")
     assert table.stdout.rstrip("\n").endswith("invoices.pdf\tmatched: 4711, p. 2"), table.stdout
-    wrong = cli("search", "x", "--index", str(index_dir), "--mode", "fuzzy", "--no-server")
-    assert wrong.returncode == 2 and "mode must be one of hybrid, semantic, words, got 'fuzzy'" in wrong.stderr
-    image_only = cli("search", "--image", str(index_dir.parent), "--index", str(index_dir), "--mode", "words",
-                     "--no-server")
-    assert image_only.returncode == 2 and "--mode words needs query text" in image_only.stderr
+
+
+def test_bad_modes_and_words_queries_are_one_line_errors(index, library):
+    with pytest.raises(InputError, match="mode must be one of hybrid, semantic, words, got 'fuzzy'"):
+        index.search("x", mode="fuzzy")
+    with pytest.raises(InputError, match="--mode words needs query text"):
+        index.search({"image": str(library / "photos" / "DSC-0042.jpg")}, mode="words")
+    with pytest.raises(InputError, match="--min-score is an embedding score"):
+        index.search("x", mode="words", min_score=0.5)
 
 
 def test_edits_and_deletes_reach_the_words_across_commits_and_merges(tmp_path, checkpoints, embedder):
@@ -171,10 +176,11 @@ def test_edits_and_deletes_reach_the_words_across_commits_and_merges(tmp_path, c
     assert_consistent(tmp_path / "i")
 
 
-def test_an_index_made_before_words_gains_them_without_embedding(tmp_path, library, checkpoints, embedder):
+def test_an_index_made_before_words_gains_them_without_embedding(tmp_path, index_dir, library, checkpoints,
+                                                                  embedder):
     path = tmp_path / "i"
+    shutil.copytree(index_dir, path)
     options = IndexOptions(model=str(checkpoints["embedder"]))
-    Indexer(path, options, embedder=embedder).run([library])
     manifest = read_manifest(path)  # as a qvlsearch before words wrote it: no words files, no words in the manifest
     for segment in manifest["segments"]:
         (path / "segments" / f"{segment['name']}.words").unlink()
