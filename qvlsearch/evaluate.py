@@ -37,7 +37,7 @@ from .indexer import MIN_DIM
 from .quantize import binary_encode
 from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
 from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
-from .words import MODES, query_expression, reciprocal_rank_fusion
+from .words import query_expression, reciprocal_rank_fusion
 
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
 QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
@@ -181,7 +181,7 @@ def metrics(ranked: Sequence[Hashable], relevant: dict[Hashable, int], k: int) -
 
 def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str, int]], *, k: int = 10,
              settings: Iterable[tuple[int, str]] = (), rerank: bool = False, rerank_top: int = 50,
-             modes: Sequence[str] = MODES) -> Report:
+             modes: Sequence[str] = ("semantic", "words", "hybrid")) -> Report:
     """Figures for each (dim, quantize) setting and search mode over the queries that have a relevant file in the
     index (an index without words yet: semantic only)."""
     if k < 1 or rerank_top < 1:

@@ -79,6 +79,7 @@ class Store:
         self.pending_rows: dict[int, dict[str, Any]] = {}
         self.pending_vectors: dict[int, np.ndarray] = {}
         self.pending_words: dict[int, str] = {}  # the text words of pending rows (their names come from their paths)
+        self.words_known = True  # False while pending rows come without their words (a schema-1 upgrade's)
         self.pending_deletes: set[int] = set()  # committed ids to tombstone at the next commit
         self.deleted_now: set[int] = set()  # tombstoned by this writer: merges keep their rows, a reuse may read them
         self.deleted = np.zeros(0, dtype=np.int64)  # every committed tombstone, sorted
@@ -133,8 +134,10 @@ class Store:
             if row["id"] in vectors:
                 store.pending_vectors[row["id"]] = vectors[row["id"]]
         store.dirty = True
+        store.words_known = False  # its segment gets no words: the next `index` run reads them (`add_words`)
         if write:
             store.commit()
+        store.words_known = True
         return store
 
     @property
@@ -338,7 +341,8 @@ class Store:
                        else np.zeros((0, manifest["full_dim"]), dtype=np.float16))
             texts = self.pending_words
             manifest["segments"].append(self.write_new_segment(
-                manifest, new_rows, vectors, words=lambda tmp: write_words(tmp, segment_words(new_rows, texts))))
+                manifest, new_rows, vectors,
+                words=(lambda tmp: write_words(tmp, segment_words(new_rows, texts))) if self.words_known else None))
         deleted = self.deleted
         if self.pending_deletes:
             ids = np.array(sorted(self.pending_deletes), dtype=np.int64)
