@@ -13,6 +13,7 @@
     3, as bench_store.py measures it): at width 2048 for 10k and 100k, and at width 16 for 10k to 1M (a
     1M × 2048 index takes 8 GB and most of an hour to build here, more than this run's 15 minutes;
     bench_store.py measures the vectors' side at 1M × 2048). Goal: 1M ÷ 10k ≤ 1.5.
+    Each index is built once (10k in one segment, 100k and 1M in 9): its queries first, then the commits.
 
     python benchmarks/bench_words.py                                # 10-15 minutes on 2 cores
     python benchmarks/bench_words.py --sizes 10000,100000 --queries 20   # a quick check
@@ -74,10 +75,14 @@ COMMIT = textwrap.dedent("""
 """)
 
 
+WORDS = [f"w{i}" for i in range(VOCABULARY)]
+
+
 def texts(first_id: int, count: int, rng: np.random.Generator) -> dict[int, str]:
     """Each row's synthetic text: Zipf-distributed made-up words and an invoice number of its own."""
-    draws = rng.zipf(1.3, size=(count, WORDS_PER_ROW)) % VOCABULARY
-    return {first_id + i: f"Invoice {first_id + i} " + " ".join(f"w{w}" for w in row) for i, row in enumerate(draws)}
+    draws = (rng.zipf(1.3, size=(count, WORDS_PER_ROW)) % VOCABULARY).tolist()
+    return {first_id + i: f"Invoice {first_id + i} " + " ".join(map(WORDS.__getitem__, row))
+            for i, row in enumerate(draws)}
 
 
 def item_table(first_id: int, count: int) -> pa.Table:
@@ -136,27 +141,19 @@ def median_ms(run, queries: list) -> float:
     return 1000 * statistics.median(times)
 
 
-def words_figures(workdir: Path, sizes: tuple[int, ...], count: int) -> list[Figure]:
+def query_figures(path: Path, rows: int, largest: bool, count: int) -> list[Figure]:
+    """Words query latency by kind of query, and the words databases' bytes per row."""
     figures = []
-    rng = np.random.default_rng(7)
-    for rows in [n for n in sizes if n >= 100_000]:
-        path = workdir / f"words-{rows}"
-        build_s = build_index(path, rows, NARROW, SEGMENTS)
-        words_bytes = sum(p.stat().st_size for p in (path / "segments").glob("*.words"))
-        index = SearchIndex(path)
-        for kind, queries in word_queries(rows, count, rng).items():
-            index.search(queries[0], mode="words")  # untimed: the first query reads the databases' roots
-            found = [len(index.search(q, mode="words")) for q in queries[:5]]
-            ms = median_ms(lambda q, index=index: index.search(q, k=10, mode="words"), queries)
-            figures.append(Figure("words", f"words query {rows:,} rows: {kind}", ms, "ms",
-                                  goal="<= 20" if rows == max(sizes) else "",
-                                  detail={"queries": len(queries), "segments": SEGMENTS, "hits_of_first_5": found}))
-        figures.append(Figure("words", f"words {rows:,} rows: bytes per row", words_bytes / rows, "B",
-                              detail={"words_mib": round(words_bytes / MiB, 1), "build_s": round(build_s, 1),
-                                      "words_per_row": WORDS_PER_ROW + 3}))
-        print(f"[words {rows:,}: build {build_s:.0f} s]", file=sys.stderr, flush=True)
-        del index
-        shutil.rmtree(path)
+    words_bytes = sum(p.stat().st_size for p in (path / "segments").glob("*.words"))
+    index = SearchIndex(path)
+    for kind, queries in word_queries(rows, count, np.random.default_rng(7)).items():
+        index.search(queries[0], mode="words")  # untimed: the first query reads the databases' roots
+        found = [len(index.search(q, mode="words")) for q in queries[:5]]
+        ms = median_ms(lambda q, index=index: index.search(q, k=10, mode="words"), queries)
+        figures.append(Figure("words", f"words query {rows:,} rows: {kind}", ms, "ms", goal="<= 20" if largest else "",
+                              detail={"queries": len(queries), "segments": SEGMENTS, "hits_of_first_5": found}))
+    figures.append(Figure("words", f"words {rows:,} rows: bytes per row", words_bytes / rows, "B",
+                          detail={"words_mib": round(words_bytes / MiB, 1), "words_per_row": WORDS_PER_ROW + 3}))
     return figures
 
 
@@ -172,9 +169,8 @@ class GivenVector:
         return vector / np.linalg.norm(vector)
 
 
-def hybrid_figures(workdir: Path, rows: int, count: int) -> list[Figure]:
-    path = workdir / f"hybrid-{rows}"
-    build_index(path, rows, WIDE, SEGMENTS)
+def hybrid_figures(path: Path, rows: int, count: int) -> list[Figure]:
+    """Semantic, words and hybrid search latency over the index at `path`, the modes taken in turns."""
     rng = np.random.default_rng(11)
     index = SearchIndex(path, embedder=GivenVector(rng.standard_normal((count, WIDE)).astype(np.float32)))
     queries = [f"invoice {n}" for n in rng.integers(1, rows + 1, size=count)]
@@ -187,8 +183,6 @@ def hybrid_figures(workdir: Path, rows: int, count: int) -> list[Figure]:
             index.search(query, k=10, mode=mode)
             spent.append(time.perf_counter() - started)
     ms = {mode: 1000 * statistics.median(spent) for mode, spent in times.items()}
-    del index
-    shutil.rmtree(path)
     label = f"{rows:,} × {WIDE}"
     return [Figure("words", f"search {label}: semantic", ms["semantic"], "ms"),
             Figure("words", f"search {label}: words", ms["words"], "ms"),
@@ -205,32 +199,33 @@ def measured_commit(path: Path, width: int, seed: int) -> dict:
     return json.loads(done.stdout)
 
 
-def commit_figures(workdir: Path, sizes: tuple[int, ...]) -> list[Figure]:
+def run(workdir: Path, checkpoints: dict[str, Path] | None = None, sizes: tuple[int, ...] = SIZES,
+        queries: int = QUERIES) -> list[Figure]:
+    """Each index is built once: its queries are measured first, then the commits into it."""
     figures = []
-    for width, sized in ((WIDE, [n for n in sizes if n <= 100_000]), (NARROW, list(sizes))):
-        by_size = {}
+    for width, sized in ((NARROW, list(sizes)), (WIDE, [n for n in sizes if n <= 100_000])):
+        commit_s = {}
         for rows in sized:
-            path = workdir / f"commit-{width}-{rows}"
-            build_s = build_index(path, rows, width, SEGMENTS if rows == max(sized) else 1)
+            path = workdir / f"words-{width}-{rows}"
+            segments = SEGMENTS if rows >= 100_000 else 1
+            build_s = build_index(path, rows, width, segments)
+            print(f"[width {width}, {rows:,} rows: build {build_s:.0f} s]", file=sys.stderr, flush=True)
+            if width == NARROW and rows >= 100_000:
+                figures += query_figures(path, rows, rows == max(sizes), queries)
+            if width == WIDE and rows == max(sized):
+                figures += hybrid_figures(path, rows, queries)
             commits = [measured_commit(path, width, seed) for seed in range(REPEATS)]
             shutil.rmtree(path)
-            by_size[rows] = min(c["commit_s"] for c in commits)
+            commit_s[rows] = min(c["commit_s"] for c in commits)
             figures.append(Figure("words", f"width {width}: +{NEW_ROWS:,} with words into {rows:,}: commit",
-                                  by_size[rows], "s", detail={"commit_s": [round(c["commit_s"], 3) for c in commits],
-                                                              "build_s": round(build_s, 1)}))
-            print(f"[commit width {width} into {rows:,}: {by_size[rows]:.3f} s]", file=sys.stderr, flush=True)
+                                  commit_s[rows], "s", detail={"commit_s": [round(c["commit_s"], 3) for c in commits],
+                                                               "segments_before": segments,
+                                                               "build_s": round(build_s, 1)}))
+            print(f"[width {width}, {rows:,} rows: commit {commit_s[rows]:.3f} s]", file=sys.stderr, flush=True)
         if len(sized) > 1:
             small, big = min(sized), max(sized)
             figures.append(Figure("words", f"width {width}: commit into {big:,} ÷ into {small:,}",
-                                  by_size[big] / by_size[small], "x", goal="<= 1.5"))
-    return figures
-
-
-def run(workdir: Path, checkpoints: dict[str, Path] | None = None, sizes: tuple[int, ...] = SIZES,
-        queries: int = QUERIES) -> list[Figure]:
-    figures = words_figures(workdir, sizes, queries)
-    figures += hybrid_figures(workdir, 100_000 if 100_000 in sizes else min(sizes), queries)
-    figures += commit_figures(workdir, sizes)
+                                  commit_s[big] / commit_s[small], "x", goal="<= 1.5"))
     return figures
 
 
