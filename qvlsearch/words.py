@@ -259,7 +259,8 @@ class SegmentWords:
         return [(int(i), -float(score)) for i, score in found]
 
     def matched(self, expression: str, ids: Sequence[int]) -> dict[int, list[str]]:
-        """The words of each of `ids` that match `expression`, as written in the row (at most MATCHED_SHOWN)."""
+        """The words of each of `ids` that match `expression`, as first written in the row, each once whatever its
+        case (at most MATCHED_SHOWN)."""
         if not ids:
             return {}
         marks = f"'{HIGHLIGHT_OPEN}', '{HIGHLIGHT_CLOSE}'"
@@ -270,9 +271,12 @@ class SegmentWords:
             ).fetchall()
         result = {}
         for item_id, text, name in found:
-            spans = MARKED.findall(text or "") + MARKED.findall(name or "")
-            result[int(item_id)] = list(dict.fromkeys(" ".join(s.split()) for s in spans if s.strip()))[
-                :MATCHED_SHOWN]
+            spans = (" ".join(span.split()) for span in MARKED.findall(text or "") + MARKED.findall(name or ""))
+            first_of_each = {}  # a word once, as first written, whatever its case
+            for span in spans:
+                if span:
+                    first_of_each.setdefault(span.casefold(), span)
+            result[int(item_id)] = list(first_of_each.values())[:MATCHED_SHOWN]
         return result
 
     def close(self) -> None:
