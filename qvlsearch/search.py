@@ -405,7 +405,9 @@ class SearchIndex:
         segments = [segment for segment in self.snapshot.segments if segment.words is not None and segment.live]
         fetch = max(4 * wanted, 64)
         while True:  # widened until `wanted` hits pass the filters (deleted rows fail them), or none are left
-            per_segment = [segment.words.search(expression, fetch) for segment in segments]
+            # side by side, as the vectors are searched: SQLite lets go of Python's lock while it works
+            per_segment = list(segment_threads().map(lambda segment, fetch=fetch: segment.words.search(
+                expression, fetch), segments))
             hits = sorted(((item_id, score, segment) for segment, found in zip(segments, per_segment, strict=True)
                            for item_id, score in found if keep(item_id)), key=lambda hit: -hit[1])[:wanted]
             if len(hits) >= wanted or all(len(found) < fetch for found in per_segment):
