@@ -136,7 +136,7 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     assert refused.returncode == 2 and refused.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
     nothing = cli(*base, "--min-score", "2")
     assert nothing.returncode == 1 and nothing.stdout == ""
-    stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", stdin="a cat\n")
+    stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", "--mode", "semantic", stdin="a cat\n")
     assert [json.loads(x)["path"] for x in stdin.stdout.splitlines()] == [r["path"] for r in array[:2]]
 
 
