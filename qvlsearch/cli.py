@@ -508,17 +508,23 @@ def emit(records: list[dict], fmt: str, null: bool = False, fs_paths: list[str] 
         names = fs_paths if fs_paths is not None else [r["path"] for r in records]
         write_stdout(b"".join(os.fsencode(name) + (b"\0" if null else b"\n") for name in dict.fromkeys(names)))
     elif fmt == "tsv":
-        from .moments import place
 
-        placed = any(place(r) for r in records)
-        rows = ([r["rank"], fmt_score(r.get("score"))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
+        from .tables import where
+
+        placed = any(where(r) for r in records)
+        rows = ([r["rank"], fmt_score(shown_score(r))] + ([fmt_score(r.get("rerank_score"))] if "rerank_score" in r
                 else []) + ([r["date"]] if "date" in r else []) + [r.get("kind", ""), r["path"]]
-                + ([place(r)] if placed else []) for r in records)
+                + ([where(r)] if placed else []) for r in records)
         write_stdout("".join("\t".join(str(f) for f in fields) + "\n" for fields in rows))
     else:
         from .tables import print_results
 
         print_results(records)
+
+
+def shown_score(record: dict) -> float | None:
+    """The score a table shows: the embedding's, else (words mode) the words' BM25."""
+    return record.get("score") if record.get("score") is not None else record.get("words_score")
 
 
 def fmt_score(value: float | None) -> str:
@@ -546,6 +552,9 @@ def search(
         help="Only files whose GPS position is within KM of LAT,LON, e.g. 48.8584,2.2945,5.")] = None,
     camera: Annotated[str | None, typer.Option(help="Only files whose camera name contains this text.")] = None,
     sort: Annotated[str, typer.Option(help="score, or date: the same hits, newest first.")] = "score",
+    mode: Annotated[str, typer.Option(
+        help="hybrid: meaning and words, fused; semantic: meaning only; words: words only (BM25, no model). "
+             'Quote "a phrase" to match it as one.')] = "hybrid",
     rerank: Annotated[bool, typer.Option("--rerank", help="Re-score the best candidates with the reranker.")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
     reranker: RerankerOption = None,
@@ -565,9 +574,11 @@ def search(
 ) -> None:
     """Find the files that best match a text, image or video query (exit 1 when nothing matched)."""
     from .search import check_filters, with_dates
+    from .words import check_mode
 
     fmt = output_format(as_json, as_jsonl, paths, null)
     check_filters(kind=kind, under=under, after=after, before=before, near=near, camera=camera, sort=sort)
+    check_mode(mode)
     check_device(device)  # a bad filter or device fails before any index is read or model loaded
     if contact_sheet is not None:
         from .contact_sheet import check_sheet_path
@@ -585,7 +596,7 @@ def search(
         raise typer.BadParameter("give a query: TEXT, '-', --image, --video or --queries FILE")
     target = index_dir or default_index_dir()
     options = dict(k=top_k, kind=kind, under=under, min_score=min_score, rerank=rerank, rerank_top=rerank_top,
-                   instruction=instruction, after=after, before=before, near=near, camera=camera, sort=sort)
+                   instruction=instruction, after=after, before=before, near=near, camera=camera, sort=sort, mode=mode)
     server = None
     if not (no_server or contact_sheet):
         server = find_server(target, model=model, reranker=(reranker or DEFAULT_RERANKER) if rerank else None,
@@ -663,7 +674,8 @@ class Searcher:
 
         device = None if self.device == "auto" else self.device
         index = open_index(self.target, device=device, reranker_model=self.reranker,
-                           preload=preloads(self.target, self.model, self.options["rerank"], self.reranker))
+                           preload=preloads(self.target, self.model, self.options["rerank"], self.reranker,
+                                            self.options["mode"]))
         if len(index) == 0:
             self.empty()
         if self.model and model_setting(self.model) != index.manifest["model"]:
@@ -693,7 +705,8 @@ def read_queries(path: Path) -> list[str]:
         raise InputError(f"cannot read --queries file {path}: {reason}") from None
 
 
-def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None) -> list[str]:
+def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None, mode: str = "hybrid"
+             ) -> list[str]:
     """The models to load while the index is read: none when the search cannot go on anyway.
 
     A model that cannot be loaded fails here, at once, before torch is imported.
@@ -708,10 +721,12 @@ def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None
         return []  # open_index reports it
     if not manifest.get("counts", {}).get("ok") or (model and model_setting(model) != manifest["model"]):
         return []
-    require_model(manifest["model"])
+    embedder = [] if mode == "words" else ["embedder"]  # words need no model
+    if embedder:
+        require_model(manifest["model"])
     if rerank:
         require_model(reranker or DEFAULT_RERANKER)
-    return ["embedder", "reranker"] if rerank else ["embedder"]
+    return [*embedder, "reranker"] if rerank else embedder
 
 
 @app.command()
@@ -911,8 +926,8 @@ def eval_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Measure search quality on your own labelled queries: recall@1/5/10, nDCG@10, MRR and latency for each
-    dim and quantization, from the stored vectors (files are not embedded again); --rerank adds the reranked
-    figures."""
+    dim and quantization and each search mode (semantic, words, hybrid), from the stored vectors (files are not
+    embedded again); --rerank adds the reranked figures."""
     from .evaluate import evaluate, parse_settings, read_qrels, read_queries
     from .search import open_index
 
@@ -938,7 +953,7 @@ def eval_command(
         write_stdout(json.dumps(report.to_json()) + "\n")
     else:
         records = [s.to_json() for s in report.settings]
-        names = ["dim", "quantize", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
+        names = ["dim", "quantize", "mode", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
             "latency_ms"]
         rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
         if sys.stdout.isatty():

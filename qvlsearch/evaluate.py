@@ -4,7 +4,9 @@ For each (dim, quantize) setting, an in-memory flat FAISS index is built from th
 float16 vectors (documents are not embedded again) and every query, embedded once at full width
 and cut, is searched as `qvlsearch search` searches; reported: recall@1/5/10, nDCG@10, MRR@10 and
 the mean search time per query, and with reranking the same after the reranker re-orders the
-best max(k, rerank_top) candidates (as `qvlsearch search --rerank` does).
+best max(k, rerank_top) candidates (as `qvlsearch search --rerank` does). Each setting is reported
+in the three search modes side by side: semantic (the vectors), words (the words index, the same
+at every setting) and hybrid (the two fused by reciprocal rank, as `search --mode hybrid` does).
 
 Files are judged, not rows: a file with several rows (a PDF's pages, a video's moments) is found at
 the rank of its best row, and counts once; the ranking is the files in the order of their best rows.
@@ -35,6 +37,7 @@ from .indexer import MIN_DIM
 from .quantize import binary_encode
 from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
 from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
+from .words import query_expression, reciprocal_rank_fusion
 
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
 QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
@@ -58,10 +61,11 @@ class Setting:
     quantize: str
     rerank_top: int | None
     metrics: dict[str, float]
-    latency_ms: float  # mean vector search time per query (no query embedding, no reranking)
+    latency_ms: float  # mean search time per query (no query embedding, no reranking)
+    mode: str = "semantic"  # semantic, words or hybrid
 
     def to_json(self) -> dict[str, Any]:
-        return {"dim": self.dim, "quantize": self.quantize, "rerank_top": self.rerank_top,
+        return {"dim": self.dim, "quantize": self.quantize, "mode": self.mode, "rerank_top": self.rerank_top,
                 **{k: round(v, 4) for k, v in self.metrics.items()}, "latency_ms": round(self.latency_ms, 3)}
 
 
@@ -176,10 +180,14 @@ def metrics(ranked: Sequence[Hashable], relevant: dict[Hashable, int], k: int) -
 
 
 def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str, int]], *, k: int = 10,
-             settings: Iterable[tuple[int, str]] = (), rerank: bool = False, rerank_top: int = 50) -> Report:
-    """Figures for each (dim, quantize) setting over the queries that have a relevant file in the index."""
+             settings: Iterable[tuple[int, str]] = (), rerank: bool = False, rerank_top: int = 50,
+             modes: Sequence[str] = ("semantic", "words", "hybrid")) -> Report:
+    """Figures for each (dim, quantize) setting and search mode over the queries that have a relevant file in the
+    index (an index without words yet: semantic only)."""
     if k < 1 or rerank_top < 1:
         raise EvalInputError(f"-k and --rerank-top must be at least 1, got {k} and {rerank_top}")
+    if not any(segment.words is not None for segment in index.snapshot.segments):
+        modes = [mode for mode in modes if mode == "semantic"]
     ok = index.items["status"].to_numpy(zero_copy_only=False) == "ok"
     ids = index.ids[ok]
     file_of = dict(zip(ids.tolist(), index.items["path"].filter(ok).to_pylist(), strict=True))  # row id -> file
@@ -206,18 +214,25 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
     depth = max(k, 10, rerank_top if rerank else 0)
     rerank_cache: dict[tuple[str, int], float | None] = {}
     rerank_seconds, reranked_docs = 0.0, 0
+    word_rows, words_latency = word_rankings(index, scored, file_of, depth) if set(modes) - {"semantic"} else ({}, 0)
     for dim, quantize in settings:
         searcher = Searcher(documents, ids, dim, quantize)
         searcher.search(vectors_of[scored[0].id], depth)  # untimed: FAISS's first call sets up threads
-        rows, seconds = {}, 0.0
+        semantic_rows, seconds = {}, 0.0
         for q in scored:
             started = time.perf_counter()
-            rows[q.id] = rows_for_files(partial(searcher.search, vectors_of[q.id]), file_of, depth)
+            semantic_rows[q.id] = rows_for_files(partial(searcher.search, vectors_of[q.id]), file_of, depth)
             seconds += time.perf_counter() - started
-        latency = 1000 * seconds / len(scored)
-        ranked = {q_id: files_of(found, file_of) for q_id, found in rows.items()}
-        report.settings.append(Setting(dim, quantize, None, mean_metrics(ranked, relevant, k), latency))
-        if rerank:
+        semantic_latency = 1000 * seconds / len(scored)
+        for mode in modes:
+            rows = (semantic_rows if mode == "semantic" else word_rows if mode == "words" else
+                    {q.id: [i for i, _ in reciprocal_rank_fusion([semantic_rows[q.id], word_rows[q.id]])]
+                     for q in scored})
+            latency = {"semantic": semantic_latency, "words": words_latency}.get(mode, semantic_latency + words_latency)
+            ranked = {q_id: files_of(found, file_of) for q_id, found in rows.items()}
+            report.settings.append(Setting(dim, quantize, None, mean_metrics(ranked, relevant, k), latency, mode))
+            if not rerank:
+                continue
             for q in scored:
                 candidates = rows[q.id][:max(k, rerank_top)]  # what `search -k K --rerank-top R` reranks
                 fresh = [i for i in candidates if (q.id, i) not in rerank_cache]
@@ -231,10 +246,24 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
                 ranked[q.id] = files_of(sorted(candidates, key=lambda i, q=q: (rerank_cache[(q.id, i)] is None,
                                                                                -(rerank_cache[(q.id, i)] or 0.0))),
                                         file_of)
-            report.settings.append(Setting(dim, quantize, rerank_top, mean_metrics(ranked, relevant, k), latency))
+            report.settings.append(Setting(dim, quantize, rerank_top, mean_metrics(ranked, relevant, k), latency,
+                                           mode))
     if reranked_docs:
         report.rerank_ms = 1000 * rerank_seconds / reranked_docs * max(k, rerank_top)
     return report
+
+
+def word_rankings(index: SearchIndex, queries: list[Query], file_of: dict[int, str], depth: int
+                  ) -> tuple[dict[str, list[int]], float]:
+    """Each query's best rows by its words (none for a query without text), and the mean time a query."""
+    ranked, started = {}, time.perf_counter()
+    for q in queries:
+        text = q.item.get("text")
+        expression = query_expression(text) if isinstance(text, str) else None
+        ranked[q.id] = [] if expression is None else rows_for_files(
+            lambda n, expression=expression: [r.id for r in index.word_results(expression, n, file_of.__contains__)],
+            file_of, depth)
+    return ranked, 1000 * (time.perf_counter() - started) / max(len(queries), 1)
 
 
 def rows_for_files(search: Callable[[int], list[int]], file_of: dict[int, str], files: int) -> list[int]:

@@ -5,8 +5,11 @@ of a video. Only what changed is done again, file by file: files with the same s
 are not opened, a moved or copied file reuses its stored vectors by content hash, and deleted
 files leave the index with all their rows. The sniff step also reads each file's date taken, GPS
 position and camera (`metadata.read_metadata`); an index written before those columns existed
-gets them on its next run, without the model. Work is committed every `commit_every` files or
-`commit_seconds` seconds; a file's rows are always committed together.
+gets them on its next run, without the model. So too the words of each unit (`words.read_words`: a text
+file's content, a PDF page's text layer, descriptions), which go to the full-text index beside the vectors;
+an index written before words were indexed gets them on its next run, without the model. Work is
+committed every `commit_every` files or `commit_seconds` seconds; a file's rows are always committed
+together.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windo
 from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import WorkerCrashed, prefetch
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
+from .words import read_words
 
 METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
 REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
@@ -125,6 +129,12 @@ class Sniffed:
     error: str | None
     warning: str | None = None
     metadata: dict = field(default_factory=dict)  # taken_at, lat, lon, camera
+    words: dict = field(default_factory=dict)  # the file's words by place: None (the whole file) or a page number
+
+
+def unit_words(words: dict[int | None, str], fields: dict[str, Any]) -> str | None:
+    """The words of the unit at `fields` (a page, the whole file; a video's moments have none of their own)."""
+    return None if fields.get("start_s") is not None else words.get(fields.get("page"))
 
 
 @dataclass
@@ -180,10 +190,16 @@ def plan_units(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit],
     return units, None
 
 
-def inspect(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit], str | None, dict[str, Any]]:
-    """What opening a file tells (a decoder parses it): its units, a warning, and its metadata."""
+def inspect(path: str, kind: str, options: IndexOptions
+            ) -> tuple[list[Unit], str | None, dict[str, Any], dict[int | None, str]]:
+    """What opening a file tells (a decoder parses it): its units, a warning, its metadata and its words."""
     units, warning = plan_units(path, kind, options)
-    return units, warning, read_metadata(path, kind)
+    return units, warning, read_metadata(path, kind), read_words(path, kind, pages=len(units))
+
+
+def metadata_and_words(path: str, kind: str, pages: int) -> dict[str, Any]:
+    """A file's metadata fields and, under "words", its words by place (see `inspect`)."""
+    return {**read_metadata(path, kind), "words": read_words(path, kind, pages)}
 
 
 def sniff(found: Found, options: IndexOptions, decoders: Decoders | None = None) -> Sniffed:
@@ -194,11 +210,11 @@ def sniff(found: Found, options: IndexOptions, decoders: Decoders | None = None)
         kind = sniff_kind(found.path)
         digest = content_hash(found.path)
         if decoders is not None:
-            units, warning, metadata = decoders.run(decoding_kind(found.path, kind), inspect, found.path, kind,
-                                                    options)
+            units, warning, metadata, words = decoders.run(decoding_kind(found.path, kind), inspect, found.path,
+                                                           kind, options)
         else:
-            units, warning, metadata = inspect(found.path, kind, options)
-        return Sniffed(found, kind, digest, units, None, warning, metadata)
+            units, warning, metadata, words = inspect(found.path, kind, options)
+        return Sniffed(found, kind, digest, units, None, warning, metadata, words)
     except KindError as exc:
         return Sniffed(found, None, None, [], str(exc))
     except MediaError as exc:
@@ -618,7 +634,8 @@ class Indexer:
                     job.rows.append((row, None))
                 else:
                     row = self.row(job.sniffed.found, **{**job.sniffed.metadata, **result.facts, **unit.fields},
-                                   status="ok", content_hash=job.sniffed.content_hash)
+                                   status="ok", content_hash=job.sniffed.content_hash,
+                                   words=unit_words(job.sniffed.words, unit.fields))
                     job.rows.append((row, result.vector))
                 job.left -= 1
                 if job.left == 0:
@@ -630,6 +647,42 @@ class Indexer:
         if store.manifest.get("metadata_version") != METADATA_VERSION:  # unchanged files, and files elsewhere
             self.add_metadata(store, [row for row in store.rows.values() if row["status"] == "ok" and (
                 row["path_bytes"] in unchanged or row["path_bytes"] not in seen)])
+        self.add_words(store)
+
+    def read_if_unchanged(self, unit_rows: list[dict], read: Callable[..., Any], *args: Any) -> Any:
+        """`read(path, kind, *args)` of the file of `unit_rows` (in a decoder process for its kind), or None when
+        it changed since it was indexed (the run that embeds it again reads it) or cannot be read."""
+        path, row = os.fsdecode(unit_rows[0]["path_bytes"]), unit_rows[0]
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+            return None
+        try:
+            return self.decoders.run(row["kind"], read, path, row["kind"], *args)
+        except WorkerCrashed:
+            return None
+
+    def add_words(self, store: Store) -> None:
+        """Give each segment written before words were indexed its words database: every unchanged file's words
+        are read again (no model), a changed or gone file's rows get only their names (the run that embeds it
+        again reads its words; its old rows go)."""
+        workers = self.options.workers or min(8, os.cpu_count() or 1)
+        for segment in [s for s in store.manifest["segments"] if not s.get("words")]:
+            rows = [r for r in store.segment_rows(segment["name"]) if r["status"] == "ok"]
+            by_file = list(rows_by_file(rows).values())
+            texts: dict[int, str] = {}
+
+            def words_of(i: int, unit_rows: list[dict]) -> tuple[list[dict], dict | None]:
+                pages = max((r["page"] or 0) for r in unit_rows)
+                return unit_rows, self.read_if_unchanged(unit_rows, read_words, pages)
+
+            for unit_rows, words in prefetch(words_of, by_file, workers=workers, ahead=64):
+                for row in unit_rows:
+                    if words and (text := unit_words(words, row)):
+                        texts[row["id"]] = text
+            store.add_words(segment["name"], texts)
 
     def add_metadata(self, store: Store, rows: list[dict]) -> None:
         """Give an index written before the metadata columns existed those columns: each unchanged file's
@@ -637,14 +690,8 @@ class Indexer:
         the run that embeds it again."""
 
         def read_if_unchanged(unit_rows: list[dict]) -> dict | None:
-            path, row = os.fsdecode(unit_rows[0]["path_bytes"]), unit_rows[0]
-            try:
-                stat = os.stat(path)
-            except OSError:
-                return None
-            if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
-                return None
-            return read_metadata(path, row["kind"])
+            pages = max((r["page"] or 0) for r in unit_rows)
+            return self.read_if_unchanged(unit_rows, metadata_and_words, pages)
 
         workers = self.options.workers or min(8, os.cpu_count() or 1)
         by_file = list(rows_by_file(rows).values())
@@ -655,8 +702,9 @@ class Indexer:
                 continue
             vectors = [store.vector(row["id"]) for row in unit_rows]
             store.remove([row["id"] for row in unit_rows])
+            words = metadata.pop("words")
             for row, vector in zip(unit_rows, vectors, strict=True):  # the rows again, fresh metadata, same vectors
-                store.put({**row, **metadata, "id": store.new_id()}, vector)
+                store.put({**row, **metadata, "id": store.new_id(), "words": unit_words(words, row)}, vector)
             done += 1
             if done % self.options.commit_every == 0:  # committed as it goes: the vectors are not all held at once
                 store.commit()
@@ -727,8 +775,9 @@ class Indexer:
               gone: dict[bytes, list[dict]]) -> None:
         """A moved, copied or merely touched file: its rows and stored vectors again, no model."""
         moved = gone.pop(source[0]["path_bytes"], None) is not None  # the old path's rows go, vectors move along
-        rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}, **s.metadata),
-                 store.vector(row["id"]) if row["status"] == "ok" else None) for row in source]
+        rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}, **s.metadata,
+                          words=unit_words(s.words, row)), store.vector(row["id"]) if row["status"] == "ok" else None)
+                for row in source]
         store.remove([r["id"] for r in old] + ([r["id"] for r in source] if moved else []))
         for row, vector in rows:  # ids are never reused: these are the vectors of this content
             store.put(row, vector)

@@ -1,4 +1,5 @@
-"""Two-stage retrieval over an index: the embedder finds candidates with FAISS, the
+"""Two-stage retrieval over an index: the embedder finds candidates with FAISS and the words
+index (SQLite FTS5, BM25) finds them by their words, the two fused by reciprocal rank; the
 reranker (optional) re-scores the best of them.
 
     index = qvlsearch.open_index("~/.local/share/qvlsearch/index")
@@ -26,6 +27,7 @@ from .fs import KindError, file_item
 from .moments import MOMENT_FRAMES
 from .pages import PdfPage
 from .store import Snapshot, StoreError, commit_key, normalized, read_manifest
+from .words import check_mode, query_expression, reciprocal_rank_fusion
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
@@ -57,10 +59,13 @@ class SearchResult:
     lon: float | None = None
     camera: str | None = None
     modified_at: dt.datetime | None = None  # the file's mtime, for --sort date when taken_at is unknown; not in JSON
+    matched: list[str] | None = None  # found by its words: those that matched, as the file writes them
+    words_score: float | None = None  # found by its words: their BM25 score (higher is better)
 
     def to_json(self) -> dict[str, Any]:
-        """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id, then
-        duration_s, taken_at (ISO 8601, UTC), lat, lon and camera, each only when known."""
+        """The stable --json/--jsonl record: rank, path, kind, score (null in words mode), rerank_score (when
+        reranked), id, then duration_s, page, start_s/end_s, taken_at (ISO 8601, UTC), lat, lon, camera, and
+        matched and words_score (for a hit found by its words), each only when known."""
         record = {"rank": self.rank, "path": self.path, "kind": self.kind, "score": rounded(self.score)}
         if self.reranked:
             record["rerank_score"] = rounded(self.rerank_score)
@@ -77,6 +82,8 @@ class SearchResult:
             record["lat"], record["lon"] = round(self.lat, 6), round(self.lon, 6)
         if self.camera is not None:
             record["camera"] = self.camera
+        if self.matched is not None:
+            record["matched"], record["words_score"] = self.matched, rounded(self.words_score)
         return record
 
     @property
@@ -342,30 +349,34 @@ class SearchIndex:
                under: str | os.PathLike | None = None, min_score: float | None = None, rerank: bool = False,
                rerank_top: int = 50, reranker: str | None = None, instruction: str | None = None,
                after: str | dt.date | None = None, before: str | dt.date | None = None,
-               near: str | Sequence[float] | None = None, camera: str | None = None, sort: str = "score"
-               ) -> list[SearchResult]:
+               near: str | Sequence[float] | None = None, camera: str | None = None, sort: str = "score",
+               mode: str = "hybrid") -> list[SearchResult]:
         """The `k` best files for `query`; filters apply before the cut, so `k` hits come back when there are `k`.
 
-        `after`/`before`: ISO dates or datetimes, on the date taken or else the file's mtime (`after` keeps
-        that instant and later, `before` what is earlier); `near`: (lat, lon, km) or "LAT,LON,KM"; `camera`:
-        text found in the camera name, any case. `sort="date"` gives the same hits newest first.
+        `mode`: "semantic" (the embedding's nearest), "words" (the query text's words, BM25; no model) or
+        "hybrid" (both, fused by reciprocal rank; a query without text is semantic). `after`/`before`: ISO
+        dates or datetimes, on the date taken or else the file's mtime (`after` keeps that instant and later,
+        `before` what is earlier); `near`: (lat, lon, km) or "LAT,LON,KM"; `camera`: text found in the camera
+        name, any case. `sort="date"` gives the same hits newest first.
         """
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
         check_sort(sort)
+        check_mode(mode)
         query = query_item(query)
+        expression = query_expression(query["text"]) if mode != "semantic" and isinstance(query.get("text"),
+                                                                                           str) else None
+        if mode == "words":
+            check_words_query(query, expression, min_score, self.path, self.snapshot.segments)
         keep = self.filter(kind, under, after=after, before=before, near=near, camera=camera)
         if len(self) == 0:
             return []
-        vector, wanted = self.query_vector(query, instruction), max(k, rerank_top if rerank else k)
-        fetch = wanted
-        while True:  # adjacent moments merge into one hit: fetch more until `wanted` hits remain
-            hits = self.nearest(vector, fetch, keep, min_score)
-            results = merge_moments([self.result(rank, item_id, score) for rank, (item_id, score) in
-                                     enumerate(hits, 1)])
-            if len(results) >= wanted or len(hits) < fetch:
-                break
-            fetch *= 2
+        wanted = max(k, rerank_top if rerank else k)
+        vector = self.query_vector(query, instruction) if mode != "words" else None
+        semantic = self.semantic_results(vector, wanted, keep, min_score) if vector is not None else []
+        found = self.word_results(expression, wanted, keep) if expression is not None else []
+        results = semantic if expression is None else found if vector is None else self.fused(
+            semantic, found, vector, wanted, min_score)
         results = results[:wanted]
         if rerank and results:
             results = self.rerank_results(query, results, reranker)
@@ -374,6 +385,64 @@ class SearchIndex:
             results.sort(key=lambda r: r.date.timestamp() if r.date else float("-inf"), reverse=True)
             for rank, r in enumerate(results, 1):
                 r.rank = rank
+        return results
+
+    def semantic_results(self, vector: np.ndarray, wanted: int, keep: Callable[[int], bool],
+                         min_score: float | None) -> list[SearchResult]:
+        """The `wanted` nearest hits by the embedding (a video's adjacent moments that match alike are one hit)."""
+        fetch = wanted
+        while True:  # adjacent moments merge into one hit: fetch more until `wanted` hits remain
+            hits = self.nearest(vector, fetch, keep, min_score)
+            results = merge_moments([self.result(rank, item_id, score) for rank, (item_id, score) in
+                                     enumerate(hits, 1)])
+            if len(results) >= wanted or len(hits) < fetch:
+                return results[:wanted]
+            fetch *= 2
+
+    def word_results(self, expression: str, wanted: int, keep: Callable[[int], bool]) -> list[SearchResult]:
+        """The `wanted` best hits by their words (BM25 over each segment, the filters applied), each with the words
+        it matched."""
+        segments = [segment for segment in self.snapshot.segments if segment.words is not None and segment.live]
+        fetch = max(4 * wanted, 64)
+        while True:  # widened until `wanted` hits pass the filters (deleted rows fail them), or none are left
+            # side by side, as the vectors are searched: SQLite lets go of Python's lock while it works
+            per_segment = list(segment_threads().map(lambda segment, fetch=fetch: segment.words.search(
+                expression, fetch), segments))
+            hits = sorted(((item_id, score, segment) for segment, found in zip(segments, per_segment, strict=True)
+                           for item_id, score in found if keep(item_id)), key=lambda hit: -hit[1])[:wanted]
+            if len(hits) >= wanted or all(len(found) < fetch for found in per_segment):
+                break
+            fetch *= 4
+        matched: dict[int, list[str]] = {}
+        for segment in {id(segment): segment for _, _, segment in hits}.values():
+            matched.update(segment.words.matched(expression, [i for i, _, s in hits if s is segment]))
+        results = []
+        for rank, (item_id, score, _) in enumerate(hits, 1):
+            result = self.result(rank, item_id, None)
+            result.matched, result.words_score = matched.get(item_id, []), score
+            results.append(result)
+        return results
+
+    def fused(self, semantic: list[SearchResult], found: list[SearchResult], vector: np.ndarray, wanted: int,
+              min_score: float | None) -> list[SearchResult]:
+        """Semantic and word hits fused by reciprocal rank; a hit found only by its words gets its embedding
+        score too (from its stored vector), and `min_score` applies to it as to the others."""
+        by_id = {r.id: r for r in semantic}
+        for r in found:
+            if r.id in by_id:
+                by_id[r.id].matched, by_id[r.id].words_score = r.matched, r.words_score
+        only_words = [r for r in found if r.id not in by_id]
+        if only_words:
+            stored = self.stored_vectors.get(np.array([r.id for r in only_words]))
+            scores = normalized(stored, self.manifest["dim"]) @ np.asarray(vector, dtype=np.float32)[0]
+            for r, score in zip(only_words, scores, strict=True):
+                r.score = float(score)
+                if min_score is None or r.score >= min_score:
+                    by_id[r.id] = r
+        order = reciprocal_rank_fusion([[r.id for r in semantic], [r.id for r in found if r.id in by_id]])
+        results = [by_id[item_id] for item_id, _ in order[:wanted]]
+        for rank, r in enumerate(results, 1):
+            r.rank = rank
         return results
 
     def filter(self, kind: str | Iterable[str] | None, under: str | os.PathLike | None, *,
@@ -505,6 +574,19 @@ class SearchIndex:
             self._loading.pop("reranker", None)
         scores = self.reranker.rerank(query, [document_item(r) for r in results], on_error="skip")
         return ranked_by_rerank(results, scores)
+
+
+def check_words_query(query: Mapping, expression: str | None, min_score: float | None, path: Path,
+                      segments: Sequence[Any]) -> None:
+    """A words-mode search needs words to look for, an index that has words, and no embedding score."""
+    if expression is None:
+        raise InputError("--mode words needs query text with a word in it (images and videos have none); "
+                         "use --mode semantic or hybrid")
+    if min_score is not None:
+        raise InputError("--min-score is an embedding score; it does not go with --mode words")
+    if segments and all(segment.words is None for segment in segments):
+        raise StoreError(f"the index at {path} has no words yet (it was made before words were indexed); run "
+                         "`qvlsearch index` on its folders once to add them (nothing is embedded again)")
 
 
 def under_prefix(under: str | os.PathLike) -> bytes:

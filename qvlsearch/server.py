@@ -394,6 +394,7 @@ class SearchRequest(BaseModel):
     near: str | None = None
     camera: str | None = None
     sort: str = "score"
+    mode: str = "hybrid"
 
 
 def named(requested: str | None, served: str, what: str) -> None:
@@ -605,7 +606,7 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
                                 min_score=request.min_score, rerank=request.rerank,
                                 rerank_top=request.rerank_top, instruction=request.instruction,
                                 after=request.after, before=request.before, near=request.near,
-                                camera=request.camera, sort=request.sort)
+                                camera=request.camera, sort=request.sort, mode=request.mode)
 
     @app.post("/v1/search")
     def search(request: SearchRequest) -> list[dict[str, Any]]:

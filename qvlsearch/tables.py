@@ -86,9 +86,7 @@ def block_table(columns: Sequence[Column], widths: list[int], rows: Sequence[Seq
 
 def print_results(records: Sequence[Mapping[str, Any]]) -> None:
     """Search or rerank hits: rank, score, rerank score (when reranked), date (when records carry one: `--sort
-    date`), kind, path, and where in the file."""
-    from .moments import place
-
+    date`), kind, path, and where in the file (and the words matched)."""
     reranked, dated = any("rerank_score" in r for r in records), any("date" in r for r in records)
     columns = [Column("#", right=True, key=True), Column("score", right=True)]
     columns += [Column("rerank", right=True)] if reranked else []
@@ -96,10 +94,19 @@ def print_results(records: Sequence[Mapping[str, Any]]) -> None:
     columns += [Column("kind"), Column("path", path=True), Column("where", right=True)]
     rows = []
     for r in records:
-        where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
-        rows.append([str(r["rank"]), score(r.get("score")), *([score(r.get("rerank_score"))] if reranked else []),
-                     *([r.get("date") or ""] if dated else []), r.get("kind", ""), r["path"], where])
+        shown = r.get("score") if r.get("score") is not None else r.get("words_score")  # words mode: BM25
+        rows.append([str(r["rank"]), score(shown), *([score(r.get("rerank_score"))] if reranked else []),
+                     *([r.get("date") or ""] if dated else []), r.get("kind", ""), r["path"],
+                     where(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")])
     print_table(columns, rows)
+
+
+def where(record: Mapping[str, Any]) -> str:
+    """Where in its file a hit is, and for one found by its words, which: 'matched: 4711, p. 2'."""
+    from .moments import place
+
+    parts = ([f"matched: {', '.join(record['matched'])}"] if record.get("matched") else []) + [place(record)]
+    return ", ".join(part for part in parts if part)
 
 
 def score(value: float | None) -> str:
@@ -116,6 +123,6 @@ def print_dupes(rows: Sequence[Sequence[str]]) -> None:
 
 
 def print_eval(names: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Eval figures, one setting a row; the setting (dim, quantize, rerank_top) is repeated in each block."""
-    settings = ("dim", "quantize", "rerank_top")
-    print_table([Column(n, right=n != "quantize", key=n in settings) for n in names], rows)
+    """Eval figures, one setting a row; the setting (dim, quantize, mode, rerank_top) is repeated in each block."""
+    settings = ("dim", "quantize", "mode", "rerank_top")
+    print_table([Column(n, right=n not in ("quantize", "mode"), key=n in settings) for n in names], rows)

@@ -120,6 +120,33 @@ def make_color_video(path: str | PathLike[str], rgb: tuple[int, int, int], secon
     return path
 
 
+def make_text_pdf(path: str | PathLike[str], pages: list[list[str]]) -> Path:
+    """A PDF whose pages hold these lines as real text (a text layer in the standard Helvetica font), written
+    as PDF syntax with a correct cross-reference table. Lines are ASCII."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = len(pages)
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>",
+               f"<< /Type /Pages /Kids [{' '.join(f'{4 + 2 * i} 0 R' for i in range(count))}] /Count {count} >>",
+               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for i, lines in enumerate(pages):
+        shown = " ".join(f"({line}) Tj 0 -18 Td" for line in lines)  # no backslashes or parentheses
+        stream = f"BT /F1 14 Tf 72 720 Td {shown} ET"
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+                       f"/Contents {5 + 2 * i} 0 R >>")
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode("ascii")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode("ascii")
+    out += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode("ascii")
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode("ascii")
+    path.write_bytes(bytes(out))
+    return path
+
+
 def make_photo(
     path: str | PathLike[str],
     *,
@@ -130,6 +157,7 @@ def make_photo(
     source: str | PathLike[str] | None = None,
     size: tuple[int, int] = (64, 48),
     quality: int = 90,
+    description: str | None = None,
 ) -> Path:
     """Write a JPEG with EXIF as a camera writes it: DateTimeOriginal ('2021:07:14 10:30:00') and its offset,
     GPS as degrees/minutes/seconds with N/S and E/W, Make and Model. `source`: an image to copy (resized)."""
@@ -141,6 +169,8 @@ def make_photo(
     exif = Image.Exif()
     if camera:
         exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = camera
+    if description:
+        exif[ExifTags.Base.ImageDescription] = description
     if taken:
         exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = taken
     if offset:

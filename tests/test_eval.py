@@ -72,7 +72,8 @@ def test_metrics_of_one_ranking_by_hand():
 def test_known_answers_score_one_at_full_width_and_missing_files_are_reported(index, labelled):
     queries, qrels = read_queries(labelled / "queries.jsonl"), read_qrels(labelled / "qrels.tsv")
     full = index.manifest["full_dim"]
-    report = evaluate(index, queries, qrels, settings=parse_settings("32,full", "none,int8,binary", index.manifest))
+    report = evaluate(index, queries, qrels, settings=parse_settings("32,full", "none,int8,binary", index.manifest),
+                      modes=["semantic"])
     assert report.queries == 10 and report.evaluated == 9 and report.judgements == 12
     assert report.missing_files == [str(labelled / "photos" / "deleted.jpg"), str(labelled / "photos" / "gone.jpg")]
     assert report.unknown_queries == ["nobody"]
@@ -87,8 +88,10 @@ def test_known_answers_score_one_at_full_width_and_missing_files_are_reported(in
     # a setting's figures do not depend on the settings before it (answers ranked below the top matter here)
     cats = {q.id: {str(labelled / "photos" / "black kitty.jpeg"): 1, str(labelled / "notes" / "cats.txt"): 1}
             for q in queries}
-    after_32 = evaluate(index, queries, cats, settings=[(32, "none"), (full, "none")]).settings[1]
-    assert after_32.metrics == evaluate(index, queries, cats, settings=[(full, "none")]).settings[0].metrics
+    after_32 = evaluate(index, queries, cats, settings=[(32, "none"), (full, "none")]).settings[3:]
+    alone = evaluate(index, queries, cats, settings=[(full, "none")]).settings
+    assert [s.mode for s in alone] == ["semantic", "words", "hybrid"]  # the three modes side by side
+    assert [s.metrics for s in after_32] == [s.metrics for s in alone]
 
 
 def figures_from_search(index, queries, qrels, **options) -> dict[str, float]:
@@ -127,9 +130,10 @@ def test_a_file_with_several_rows_is_found_by_any_of_them(tmp_path, checkpoints,
     # with the PDF and a photo relevant, the figures are those of the search's hits taken file by file
     both = {"page1": {str(root / "doc.pdf"): 1, str(root / IMAGES[2]): 1}}
     for rerank in (False, True):
-        report = evaluate(index, [query], both, settings=[(full, "none")], rerank=rerank, rerank_top=4)
+        report = evaluate(index, [query], both, settings=[(full, "none")], rerank=rerank, rerank_top=4,
+                          modes=["semantic"])
         assert report.settings[-1].metrics == pytest.approx(figures_from_search(
-            index, [query], both, **({"rerank": True, "rerank_top": 4} if rerank else {})))
+            index, [query], both, mode="semantic", **({"rerank": True, "rerank_top": 4} if rerank else {})))
     assert report.settings[0].metrics["recall@5"] == 1.0  # 4 files: both are in the top 5 files
 
 
@@ -138,11 +142,13 @@ def test_figures_match_what_search_finds_with_and_without_reranking(index, label
     # other answers than the query's own file, so that the ranking below the top matters
     qrels = {q.id: {str(labelled / "photos" / "cat.jpg"): 1, str(labelled / "photos" / "black kitty.jpeg"): 2,
                     str(labelled / "notes" / "cats.txt"): 1} for q in queries}
-    report = evaluate(index, queries, qrels, settings=[(index.manifest["dim"], "none")], rerank=True, rerank_top=6)
+    report = evaluate(index, queries, qrels, settings=[(index.manifest["dim"], "none")], rerank=True, rerank_top=6,
+                      modes=["semantic"])
     plain, reranked = report.settings
     assert plain.rerank_top is None and reranked.rerank_top == 6
-    assert plain.metrics == pytest.approx(figures_from_search(index, queries, qrels))
-    assert reranked.metrics == pytest.approx(figures_from_search(index, queries, qrels, rerank=True, rerank_top=6))
+    assert plain.metrics == pytest.approx(figures_from_search(index, queries, qrels, mode="semantic"))
+    assert reranked.metrics == pytest.approx(figures_from_search(index, queries, qrels, mode="semantic", rerank=True,
+                                                                 rerank_top=6))
     assert report.rerank_ms > 0
 
 
@@ -157,13 +163,14 @@ def test_cli_table_json_and_malformed_input(index, labelled, tmp_path):
     tsv = cli(*base)
     assert tsv.returncode == 0, tsv.stderr
     lines = [line.split("\t") for line in tsv.stdout.splitlines()]
-    assert lines[0] == ["dim", "quantize", "rerank_top", "recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10",
-                        "latency_ms"]
-    assert [row[:3] for row in lines[1:]] == [["64", "none", "-"], ["64", "binary", "-"], ["32", "none", "-"],
-                                              ["32", "binary", "-"]]
+    assert lines[0] == ["dim", "quantize", "mode", "rerank_top", "recall@1", "recall@5", "recall@10", "ndcg@10",
+                        "mrr@10", "latency_ms"]
+    assert [row[:4] for row in lines[1:]] == [[dim, quantize, mode, "-"] for dim in ("64", "32")
+                                              for quantize in ("none", "binary")
+                                              for mode in ("semantic", "words", "hybrid")]
     assert "2 files named in" in tsv.stderr and "9 of 10 queries evaluated" in tsv.stderr
     report = json.loads(cli(*base, "--json").stdout)
-    assert report["evaluated"] == 9 and len(report["missing_files"]) == 2 and len(report["settings"]) == 4
+    assert report["evaluated"] == 9 and len(report["missing_files"]) == 2 and len(report["settings"]) == 12
 
     bad_queries = tmp_path / "queries.jsonl"
     bad_queries.write_text('{"id": "q1", "text": "cat"}\n{"text": "no id"}\n')
@@ -197,6 +204,7 @@ def test_the_table_fits_the_terminal_with_whole_headers(index, labelled):
         headers = [h for block in blocks for h in block[0].split()]
         assert [h for h in names if h in headers] == names and set(headers) <= set(names), out
         for block in blocks:
-            assert block[0].split()[:3] == ["dim", "quantize", "rerank_top"] and len(block) == 5, out
-            assert [row.split()[:2] for row in block[1:]] == [["64", "none"], ["64", "binary"], ["32", "none"],
-                                                              ["32", "binary"]]
+            assert block[0].split()[:4] == ["dim", "quantize", "mode", "rerank_top"] and len(block) == 13, out
+            assert [row.split()[:3] for row in block[1:]] == [[dim, quantize, mode] for dim in ("64", "32")
+                                                              for quantize in ("none", "binary")
+                                                              for mode in ("semantic", "words", "hybrid")]

@@ -56,6 +56,9 @@ def assert_consistent(index_dir: Path, view: bool = True) -> Store:
     assert snapshot.items.num_rows == manifest["counts"]["items"]
     for segment, entry in zip(snapshot.segments, manifest.get("segments", [{"index": "legacy"}]), strict=True):
         assert segment.index.ntotal == len(segment.ok_ids) == len(segment.vectors)
+        if segment.words is not None:  # the words of exactly its ok rows
+            rows = segment.words.db.execute("SELECT rowid FROM words").fetchall()
+            assert sorted(i for (i,) in rows) == sorted(segment.ok_ids.tolist())
         if entry["index"] == "Flat" and segment.index.ntotal:
             expected = np.asarray(segment.vectors, dtype=np.float32)[:, :manifest["dim"]]
             expected /= np.linalg.norm(expected, axis=1, keepdims=True)

@@ -46,7 +46,7 @@ def cli(*args: str, stdin: str | None = None, **kwargs) -> subprocess.CompletedP
 
 
 def test_text_query_returns_k_results_best_first(index):
-    results = index.search("a black cat", k=7)
+    results = index.search("a black cat", k=7, mode="semantic")  # hybrid ranks by fused rank, not by score
     assert [r.rank for r in results] == list(range(1, 8))
     assert all(isinstance(r, SearchResult) for r in results)
     scores = [r.score for r in results]
@@ -117,7 +117,7 @@ def in_process(*args: str, stdin: str | None = None):
 
 
 def test_cli_formats_and_exit_codes(index_dir, checkpoints):
-    base = ["search", "a cat", "--index", str(index_dir), "-k", "4"]
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "4", "--mode", "semantic"]  # no hit by its words
     cli = in_process
     tsv = cli(*base)
     assert tsv.returncode == 0 and len(tsv.stdout.splitlines()) == 4
@@ -136,7 +136,7 @@ def test_cli_formats_and_exit_codes(index_dir, checkpoints):
     assert refused.returncode == 2 and refused.stderr == "qvlsearch: choose one of --json, --jsonl and --paths\n"
     nothing = cli(*base, "--min-score", "2")
     assert nothing.returncode == 1 and nothing.stdout == ""
-    stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", stdin="a cat\n")
+    stdin = cli("search", "-", "--index", str(index_dir), "-k", "2", "--jsonl", "--mode", "semantic", stdin="a cat\n")
     assert [json.loads(x)["path"] for x in stdin.stdout.splitlines()] == [r["path"] for r in array[:2]]
 
 
@@ -287,7 +287,7 @@ def test_rerank_takes_a_video_query_as_search_does(checkpoints):
 
 def test_the_table_fits_the_terminal_and_a_pipe_gets_whole_paths(index_dir):
     """At 80 and 60 columns each path is whole or shortened from the left, never broken across lines."""
-    base = ["search", "a cat", "--index", str(index_dir), "-k", "8"]
+    base = ["search", "a cat", "--index", str(index_dir), "-k", "8", "--mode", "semantic"]
     paths = [r["path"] for r in json.loads(in_process(*base, "--json").stdout)]
     for columns in (80, 60):
         code, out = on_terminal(*base, columns=columns, env=ENV)
@@ -316,8 +316,8 @@ def test_an_index_whose_faiss_file_holds_ids_still_searches(index_dir, embedder,
     settings = {**{k: snapshot.manifest[k] for k in ("model", "dim", "index_type")}, "quantize": quantize}
     write_schema1_index(old, settings, snapshot.manifest["full_dim"], rows, vectors, id_map=True)
 
-    expected = SearchIndex(index_dir, embedder=embedder).search("a black cat", k=5)
-    found = SearchIndex(old, embedder=embedder).search("a black cat", k=5)
+    expected = SearchIndex(index_dir, embedder=embedder).search("a black cat", k=5, mode="semantic")
+    found = SearchIndex(old, embedder=embedder).search("a black cat", k=5, mode="semantic")  # it has no words
     assert [(r.id, r.path) for r in found] == [(r.id, r.path) for r in expected]
     assert [r.score for r in found] == pytest.approx([r.score for r in expected], abs=1e-6)
 

@@ -160,6 +160,10 @@ def test_search_and_rerank_answer_as_the_cli_does(server, index_dir, checkpoints
     assert status == 200 and as_printed(records) == json.loads(local.stdout)
     named = [base64.b64decode(r["path_bytes"]) for r in records if "path_bytes" in r]
     assert named == [bytes(root_of(index_dir)) + b"/" + CAFE]  # the one name that is not UTF-8, as bytes
+    status, records = server.post("/v1/search", {"query": "COFFEE tea", "mode": "words"})  # words: no model
+    assert status == 200 and [(r["matched"], r["score"]) for r in records] == [(["coffee", "tea"], None)]
+    status, answer = server.post("/v1/search", {"query": "a cat", "mode": "fuzzy"})
+    assert status == 400 and "mode must be one of hybrid, semantic, words" in answer["error"]["message"]
     # the tab-separated form, filters, and a query image
     base = ("search", "--image", str(root_of(index_dir) / "cat.jpg"), "--index", str(index_dir), "--kind", "image")
     assert cli(*base).stdout == cli(*base, "--no-server").stdout != ""

@@ -306,7 +306,8 @@ def test_sigkill_during_commits_and_merges_leaves_the_last_generation(tmp_path, 
     snapshot = assert_consistent(path)
     assert len(snapshot.manifest["segments"]) == 1
     names = {p.name for p in (path / "segments").iterdir()}
-    assert names == {f"{snapshot.manifest['segments'][0]['name']}.{ext}" for ext in ("parquet", "npy", "faiss")}
+    assert names == {f"{snapshot.manifest['segments'][0]['name']}.{ext}"
+                     for ext in ("parquet", "npy", "faiss", "words")}
 
 
 def test_a_full_disk_is_one_line_and_the_index_stays_at_its_last_commit(tmp_path, checkpoints, monkeypatch, capsys):

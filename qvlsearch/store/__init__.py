@@ -6,6 +6,7 @@ Layout of an index folder (schema 2):
     segments/seg-<n>.parquet    a segment's item rows (one row per file)
     segments/seg-<n>.npy        the full-width float16 vectors of its ok rows, in row order
     segments/seg-<n>.faiss      a FAISS index over them (row i = the i-th ok row)
+    segments/seg-<n>.words      the ok rows' words (SQLite FTS5, rowid = item id; see qvlsearch.words)
     segments/del-<gen>.parquet  ids deleted by generation <gen> (tombstones)
     segments/trained-<gen>.faiss  IVF lists shared by large segments (ivf, ivfpq)
     items/, deleted/            links to the live item tables and tombstone files, for outside tools

@@ -24,8 +24,8 @@ from ..errors import QvlsearchError
 
 SCHEMA_VERSION = 2
 SEGMENTS, ITEMS_VIEW, DELETED_VIEW = "segments", "items", "deleted"
-# Files in segments/: a segment's rows, vectors and FAISS index; a generation's tombstones; a trained index.
-STORE_FILE = re.compile(r"seg-\d{6}\.(parquet|npy|faiss)|del-\d{6}\.parquet|trained-\d{6}\.faiss")
+# Files in segments/: a segment's rows, vectors, FAISS index and words; a generation's tombstones; a trained index.
+STORE_FILE = re.compile(r"seg-\d{6}\.(parquet|npy|faiss|words)|del-\d{6}\.parquet|trained-\d{6}\.faiss")
 OWN_TOP_LEVEL = {"manifest.json", "lock", "lock.pid", "server.json", "watch.json", SEGMENTS, ITEMS_VIEW, DELETED_VIEW}
 
 ITEM_SCHEMA = pa.schema([

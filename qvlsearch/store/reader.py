@@ -2,8 +2,8 @@
 
 A reader reads the manifest, then its segments. Files a commit supersedes stay for a grace period,
 and a reader that still finds one gone (a very slow open) reads the new manifest and starts again.
-Once open, a snapshot holds its files (item tables open, vectors and FAISS indexes mapped), so that
-it reads its generation whole however long it lives, whatever merges delete meanwhile.
+Once open, a snapshot holds its files (item tables and words databases open, vectors and FAISS indexes
+mapped), so that it reads its generation whole however long it lives, whatever merges delete meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..words import SegmentWords
 from .files import ITEM_SCHEMA, SEGMENTS, StoreError, commit_key, read_manifest
 from .segments import ok_positions, open_items, read_deleted, read_faiss, read_items, read_vectors
 
@@ -33,6 +34,7 @@ class OpenSegment:
     index: Any  # the FAISS index, or None when not asked for
     deleted_rows: np.ndarray  # FAISS rows whose items are deleted
     answers_ids: bool = False  # FAISS answers with item ids, not rows (a schema-1 index with an IDMap2)
+    words: SegmentWords | None = None  # its words database; None for a segment from before words were indexed
 
     @property
     def live(self) -> int:
@@ -87,8 +89,9 @@ class Snapshot:
             deleted_rows = (np.flatnonzero(np.isin(ok_ids, self.deleted)) if segment["deleted"]
                             else np.zeros(0, np.int64))
             index = read_segment_index(stem.with_suffix(".faiss"), m["quantize"]) if with_index else None
+            words = SegmentWords(stem.with_suffix(".words")) if with_index and segment.get("words") else None
             self.segments.append(OpenSegment(segment["name"], ok_ids, read_vectors(stem.with_suffix(".npy")), index,
-                                             deleted_rows))
+                                             deleted_rows, words=words))
             tables.append(table)
         self.items = self.live(tables, wanted).select(columns)
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..words import words_rows
 from .files import ITEM_SCHEMA, SEGMENTS, StoreError, write_atomically
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
@@ -139,12 +140,14 @@ def npy_rows(path: Path) -> int:
 
 
 def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarray, manifest: dict[str, Any],
-                  factory: str, trained: Any = None, vectors_written: bool = False) -> dict[str, Any]:
-    """Write a segment's three files, each atomically and read back before it is renamed into place; returns its
+                  factory: str, trained: Any = None, vectors_written: bool = False,
+                  words: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write a segment's files, each atomically and read back before it is renamed into place; returns its
     manifest entry.
 
     `vectors` (float16, full width) are the ok rows' vectors in table order; with `vectors_written` they are
-    already the segment's .npy file, memory-mapped (a merge writes them there first).
+    already the segment's .npy file, memory-mapped (a merge writes them there first). `words(tmp_path)` writes
+    its words database (one row per ok row); without it the segment has none (its sources had none).
     """
     folder = index_dir / SEGMENTS
     folder.mkdir(exist_ok=True)
@@ -155,8 +158,16 @@ def write_segment(index_dir: Path, name: str, table: pa.Table, vectors: np.ndarr
     index = build_faiss(vectors, manifest["dim"], manifest["quantize"], factory, trained)
     write_atomically(folder / f"{name}.faiss", lambda tmp: write_faiss(index, tmp), faiss_rows(manifest["quantize"]),
                      len(vectors))
+    if words is not None:
+        write_atomically(folder / f"{name}.words", words, words_rows, len(vectors))
     return {"name": name, "rows": table.num_rows, "ok": len(vectors), "deleted": 0, "index": factory,
-            "bytes": sum((folder / f"{name}.{ext}").stat().st_size for ext in ("parquet", "npy", "faiss"))}
+            "bytes": sum((folder / f"{name}.{ext}").stat().st_size for ext in segment_files(words is not None)),
+            "words": words is not None}
+
+
+def segment_files(words: bool) -> tuple[str, ...]:
+    """The extensions of a segment's files."""
+    return ("parquet", "npy", "faiss", "words") if words else ("parquet", "npy", "faiss")
 
 
 def save_npy(path: Path, vectors: np.ndarray) -> None:

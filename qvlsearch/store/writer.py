@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..words import copy_words, indexed_text, name_words, words_rows, write_words
 from .files import (
     DELETED_SCHEMA,
     DELETED_VIEW,
@@ -51,6 +52,7 @@ from .segments import (
     read_items,
     read_vectors,
     save_npy_parts,
+    segment_files,
     write_faiss,
     write_segment,
 )
@@ -76,6 +78,8 @@ class Store:
         self.first_new_id = manifest["next_id"]
         self.pending_rows: dict[int, dict[str, Any]] = {}
         self.pending_vectors: dict[int, np.ndarray] = {}
+        self.pending_words: dict[int, str] = {}  # the text words of pending rows (their names come from their paths)
+        self.words_known = True  # False while pending rows come without their words (a schema-1 upgrade's)
         self.pending_deletes: set[int] = set()  # committed ids to tombstone at the next commit
         self.deleted_now: set[int] = set()  # tombstoned by this writer: merges keep their rows, a reuse may read them
         self.deleted = np.zeros(0, dtype=np.int64)  # every committed tombstone, sorted
@@ -130,8 +134,10 @@ class Store:
             if row["id"] in vectors:
                 store.pending_vectors[row["id"]] = vectors[row["id"]]
         store.dirty = True
+        store.words_known = False  # its segment gets no words: the next `index` run reads them (`add_words`)
         if write:
             store.commit()
+        store.words_known = True
         return store
 
     @property
@@ -205,6 +211,11 @@ class Store:
             self.segment_ids[name] = (ids, ids[ok_positions(table)])
         return self.segment_ids[name]
 
+    def segment_rows(self, name: str) -> list[dict[str, Any]]:
+        """A committed segment's live rows, as Python dicts."""
+        rows = read_items(self.path / SEGMENTS / f"{name}.parquet").to_pylist()
+        return [row for row in rows if row["id"] not in self.pending_deletes and self.is_committed(row["id"])]
+
     def vector(self, item_id: int) -> np.ndarray | None:
         """The stored float16 vector of `item_id`, also of one deleted by this writer; None if there is none."""
         if item_id in self.pending_vectors:
@@ -236,8 +247,11 @@ class Store:
         """Add a row (an `ok` row with its full-width vector); returns the id it is stored under.
 
         Stored rows never change: a row put under any id but a fresh one from `new_id()` replaces the
-        live row of that id (if any) under a new id, and the old id is tombstoned.
+        live row of that id (if any) under a new id, and the old id is tombstoned. A row's `words` (its text,
+        its text layer, its description) go to its segment's words database, not to the item table.
         """
+        row = dict(row)
+        words = row.pop("words", None)
         if row["id"] in self.issued:
             self.issued.discard(row["id"])
         else:
@@ -247,6 +261,8 @@ class Store:
         self.pending_rows[row["id"]] = row
         if vector is not None:
             self.pending_vectors[row["id"]] = np.asarray(vector, dtype=np.float16)
+        if words:
+            self.pending_words[row["id"]] = words
         if self._rows is not None:
             self._rows[row["id"]] = row
         self.dirty = True
@@ -258,6 +274,7 @@ class Store:
             if item_id in self.pending_rows:
                 self.pending_rows.pop(item_id)
                 self.pending_vectors.pop(item_id, None)
+                self.pending_words.pop(item_id, None)
             elif self.is_live(item_id):
                 self.pending_deletes.add(item_id)
                 self.deleted_now.add(item_id)
@@ -311,7 +328,7 @@ class Store:
             raise self.write_error(exc) from None
         self.manifest, self.deleted = manifest, deleted
         self._committed = None if committed_after is None else (committed_after["id"].to_numpy(), committed_after)
-        self.pending_rows, self.pending_vectors, self.pending_deletes = {}, {}, set()
+        self.pending_rows, self.pending_vectors, self.pending_deletes, self.pending_words = {}, {}, set(), {}
         self.dirty = False
         self.tidy()
 
@@ -322,7 +339,10 @@ class Store:
             ok = new_rows["id"].filter(pc.equal(new_rows["status"], "ok")).to_pylist()
             vectors = (np.stack([self.pending_vectors[i] for i in ok]) if ok
                        else np.zeros((0, manifest["full_dim"]), dtype=np.float16))
-            manifest["segments"].append(self.write_new_segment(manifest, new_rows, vectors))
+            texts = self.pending_words
+            manifest["segments"].append(self.write_new_segment(
+                manifest, new_rows, vectors,
+                words=(lambda tmp: write_words(tmp, segment_words(new_rows, texts))) if self.words_known else None))
         deleted = self.deleted
         if self.pending_deletes:
             ids = np.array(sorted(self.pending_deletes), dtype=np.int64)
@@ -338,12 +358,28 @@ class Store:
         return deleted
 
     def write_new_segment(self, manifest: dict[str, Any], table: pa.Table, vectors: np.ndarray,
-                          vectors_written: bool = False, name: str | None = None) -> dict[str, Any]:
+                          vectors_written: bool = False, name: str | None = None,
+                          words: Callable[[Path], None] | None = None) -> dict[str, Any]:
         name = name or self.next_segment_name(manifest)
         trained = self.trained_index(manifest, vectors)
         factory = (manifest["trained"]["factory"] if trained is not None
                    else faiss_factory(manifest["index_type"], manifest["quantize"], len(vectors)))
-        return write_segment(self.path, name, table, vectors, manifest, factory, trained, vectors_written)
+        return write_segment(self.path, name, table, vectors, manifest, factory, trained, vectors_written, words)
+
+    def add_words(self, name: str, texts: dict[int, str]) -> None:
+        """Give a segment written before words were indexed its words database (names from its rows' paths,
+        `texts` by id); the next commit lists it. Nothing else of the segment changes."""
+        segment = next(s for s in self.manifest["segments"] if s["name"] == name)
+        table = read_items(self.path / SEGMENTS / f"{name}.parquet", ["id", "path", "root", "status", "page",
+                                                                      "start_s"])
+        try:
+            write_atomically(self.path / SEGMENTS / f"{name}.words",
+                             lambda tmp: write_words(tmp, segment_words(table, texts)), words_rows, segment["ok"])
+        except OSError as exc:
+            raise self.write_error(exc) from None
+        segment["words"] = True
+        segment["bytes"] = segment.get("bytes", 0) + (self.path / SEGMENTS / f"{name}.words").stat().st_size
+        self.dirty = True
 
     @staticmethod
     def next_segment_name(manifest: dict[str, Any]) -> str:
@@ -406,12 +442,13 @@ class Store:
         """Replace `merging` by one segment of their rows less those in `purge` (`deleted`: every tombstone);
         vectors stream from file to file."""
         drop = pa.array(purge)
-        tables, keep_ok = [], []
+        tables, keep_ok, words_sources = [], [], []
         for segment in merging:
             table = read_items(self.path / SEGMENTS / f"{segment['name']}.parquet")
             keep = pc.invert(pc.is_in(table["id"], value_set=drop)).to_numpy(zero_copy_only=False)
             keep_ok.append(keep[ok_positions(table)])
             tables.append(table.filter(pa.array(keep)))
+            words_sources.append((self.path / SEGMENTS / f"{segment['name']}.words", table["id"].to_numpy()[~keep]))
         name = self.next_segment_name(manifest)
         final = self.path / SEGMENTS / f"{name}.npy"
         shape = (int(sum(k.sum() for k in keep_ok)), manifest["full_dim"])
@@ -423,8 +460,10 @@ class Store:
                     yield source[start:start + 65536][keep[start:start + 65536]]
 
         write_atomically(final, lambda tmp: save_npy_parts(tmp, shape, kept_vectors()), npy_rows, shape[0])
+        # a segment from before words were indexed has none: the merged one has none either, until `add_words`
+        words = ((lambda tmp: copy_words(tmp, words_sources)) if all(s.get("words") for s in merging) else None)
         entry = self.write_new_segment(manifest, pa.concat_tables(tables), read_vectors(final),
-                                       vectors_written=True, name=name)
+                                       vectors_written=True, name=name, words=words)
         entry["deleted"] = int(pc.sum(pc.is_in(pa.concat_tables(tables)["id"],
                                                value_set=pa.array(deleted))).as_py() or 0) if len(deleted) else 0
         names = {s["name"] for s in merging}
@@ -556,10 +595,18 @@ def is_file_row(row: dict[str, Any]) -> bool:
     return row.get("start_s") is None and row.get("page") in (None, 1)
 
 
+def segment_words(table: pa.Table, texts: dict[int, str]) -> list[tuple[int, str, str]]:
+    """The words rows of a segment's ok rows (`table`: its item rows): id, name words (for the row that stands for
+    its file), text words (from `texts`, by id)."""
+    ok = table.take(pa.array(ok_positions(table))).select(["id", "path", "root", "page", "start_s"]).to_pylist()
+    return [(row["id"], name_words(row["path"], row["root"]) if is_file_row(row) else "",
+             indexed_text(texts.get(row["id"]))) for row in ok]
+
+
 def live_files(manifest: dict[str, Any]) -> set[str]:
     """The files a manifest refers to, relative to the index folder."""
     files = {f"{SEGMENTS}/{s['name']}.{ext}" for s in manifest.get("segments", [])
-             for ext in ("parquet", "npy", "faiss")}
+             for ext in segment_files(bool(s.get("words")))}
     files |= {f"{SEGMENTS}/{name}" for name in manifest.get("deletes", [])}
     if manifest.get("trained"):
         files.add(f"{SEGMENTS}/{manifest['trained']['file']}")
