@@ -30,7 +30,8 @@ from .store import Snapshot, StoreError, commit_key, normalized, read_manifest
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
 RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status", "page", "start_s", "end_s"]
-METADATA_COLUMNS = ["taken_at", "mtime_ns", "lat", "lon", "camera"]  # read on first use, not at open
+METADATA_COLUMNS = ["taken_at", "mtime_ns", "lat", "lon", "camera",  # read on first use, not at open
+                    "live_video", "raw_file", "description", "keywords"]
 SORTS = ("score", "date")
 EARTH_RADIUS_KM = 6371.0088
 NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -57,10 +58,15 @@ class SearchResult:
     lon: float | None = None
     camera: str | None = None
     modified_at: dt.datetime | None = None  # the file's mtime, for --sort date when taken_at is unknown; not in JSON
+    live_video: str | None = None  # a Live Photo's motion part
+    raw_file: str | None = None  # the RAW beside this JPEG
+    description: str | None = None  # from a sidecar
+    keywords: list[str] | None = None  # from an XMP sidecar
 
     def to_json(self) -> dict[str, Any]:
         """The stable --json/--jsonl record: rank, path, kind, score, rerank_score (when reranked), id, then
-        duration_s, taken_at (ISO 8601, UTC), lat, lon and camera, each only when known."""
+        duration_s, taken_at (ISO 8601, UTC), lat, lon, camera, live_video, raw_file, description and keywords,
+        each only when known."""
         record = {"rank": self.rank, "path": self.path, "kind": self.kind, "score": rounded(self.score)}
         if self.reranked:
             record["rerank_score"] = rounded(self.rerank_score)
@@ -77,6 +83,9 @@ class SearchResult:
             record["lat"], record["lon"] = round(self.lat, 6), round(self.lon, 6)
         if self.camera is not None:
             record["camera"] = self.camera
+        for name in ("live_video", "raw_file", "description", "keywords"):
+            if getattr(self, name):
+                record[name] = getattr(self, name)
         return record
 
     @property
@@ -496,7 +505,9 @@ class SearchIndex:
         return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
                             duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]), page=row["page"],
                             start_s=row["start_s"], end_s=row["end_s"], taken_at=meta["taken_at"], lat=meta["lat"],
-                            lon=meta["lon"], camera=meta["camera"], modified_at=modified)
+                            lon=meta["lon"], camera=meta["camera"], modified_at=modified,
+                            live_video=meta["live_video"], raw_file=meta["raw_file"],
+                            description=meta["description"], keywords=meta["keywords"])
 
     def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
         """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""

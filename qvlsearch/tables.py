@@ -7,6 +7,7 @@ table's key columns repeated (as pandas prints a wide frame). Output to a pipe i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,10 +97,17 @@ def print_results(records: Sequence[Mapping[str, Any]]) -> None:
     columns += [Column("kind"), Column("path", path=True), Column("where", right=True)]
     rows = []
     for r in records:
-        where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")
+        where = place(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "") or beside(r)
         rows.append([str(r["rank"]), score(r.get("score")), *([score(r.get("rerank_score"))] if reranked else []),
                      *([r.get("date") or ""] if dated else []), r.get("kind", ""), r["path"], where])
     print_table(columns, rows)
+
+
+def beside(record: Mapping[str, Any]) -> str:
+    """A photo's companions by name: 'live IMG_1.MOV', 'raw IMG_1.DNG'."""
+    parts = [f"{label} {os.path.basename(record[name])}" for label, name in (("live", "live_video"),
+                                                                              ("raw", "raw_file")) if record.get(name)]
+    return ", ".join(parts)
 
 
 def score(value: float | None) -> str:
