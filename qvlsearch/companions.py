@@ -85,7 +85,7 @@ def arrange(found: Iterable[Found], is_pair: Callable[[Found, Found], bool] | No
     sidecars: dict[str, dict[str, Found]] = {}  # folder -> name -> sidecar
     for f in found:
         folder, name = os.path.split(f.path)
-        if f.error is None and is_sidecar_name(name):
+        if is_sidecar_name(name) and not f.unlisted_folder:  # an unreadable one: a warning when its photo is read
             sidecars.setdefault(folder, {})[name] = f
         elif f.error is None:
             families.setdefault((folder, os.path.splitext(name)[0].casefold()), []).append(f)
@@ -108,7 +108,7 @@ def arrange(found: Iterable[Found], is_pair: Callable[[Found, Found], bool] | No
     arranged = Arranged([])
     for f in found:
         folder, name = os.path.split(f.path)
-        if f.path in companions or (f.error is None and is_sidecar_name(name)):
+        if f.path in companions or (is_sidecar_name(name) and not f.unlisted_folder):
             continue
         arranged.items.append(f)
         if f.error is not None:

@@ -555,10 +555,11 @@ class Indexer:
         self.summary.total = len(found)
         paths = [os.fsencode(f.path) for f in found]
         seen, found_paths = set(paths), pa.array(paths, pa.binary())
+        items = {id(f) for f in found}
+        same = walked_same[np.fromiter((id(f) in items for f in walked), bool, len(walked))]
         in_roots = path_filter(roots, roots)  # a file root is its path, a folder root all below it, a gone one either
         unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
         gone_paths = [path for path in files.missing(found_paths) if in_roots(path) and not unlisted(path)]
-        same = files.same_stat(found, found_paths)
         changed = [(f, path) for f, path, unchanged in zip(found, paths, same, strict=True)
                    if f.error or not unchanged]
         stored_beside = files.beside(found_paths)

@@ -19,13 +19,16 @@ from conftest import PHOTOS
 from make_media import make_photo
 from PIL import ExifTags, Image
 from test_index import vectors_by_path
+from typer.testing import CliRunner
 
+from qvlsearch.cli import app
 from qvlsearch.companions import makernote_identifier
 from qvlsearch.dupes import find_duplicates
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 from qvlsearch.sidecars import SidecarError, read_sidecar, sidecar_names, xmp_degrees
 from qvlsearch.store.reader import Snapshot
+from qvlsearch.tables import print_results
 
 UTC = dt.timezone.utc
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -152,7 +155,7 @@ def rows_by_name(index_dir: Path) -> dict[str, list[dict]]:
     return rows
 
 
-def test_a_live_photo_is_one_item_that_names_its_video(indexed, library):
+def test_a_live_photo_is_one_item_that_names_its_video(indexed, library, capsys):
     path, summary, index = indexed
     rows = rows_by_name(path)
     assert "IMG_0001.MOV" not in rows  # no row of its own: no hit, no moments
@@ -160,6 +163,9 @@ def test_a_live_photo_is_one_item_that_names_its_video(indexed, library):
     hits = {Path(r.path).name: r for r in index.search("a cat", k=100)}
     assert "IMG_0001.MOV" not in hits
     assert hits["IMG_0001.JPG"].to_json()["live_video"] == str(library / "IMG_0001.MOV")
+    print_results([hits["IMG_0001.JPG"].to_json(), hits["IMG_0002.jpg"].to_json()])
+    table = capsys.readouterr().out.splitlines()
+    assert "live IMG_0001.MOV" in table[1] and "live" not in table[2]
 
 
 def test_a_still_and_a_video_of_other_captures_are_two_items(indexed):
@@ -216,11 +222,11 @@ def test_a_burst_is_similar_and_a_reencoded_copy_is_near(indexed, library):
            "--threshold", str(TINY_THRESHOLD)]
     listed = subprocess.run([*cli, "--paths"], capture_output=True, text=True, env=ENV, check=True)
     assert listed.stdout.splitlines() == [str(library / "burst" / "burst_1 copy.jpg")]  # the copy only
-    both = subprocess.run([*cli, "--paths", "--similar"], capture_output=True, text=True, env=ENV, check=True)
+    both = CliRunner().invoke(app, [*cli[3:], "--paths", "--similar"])  # in this process: no torch import again
     similar = next(g for g in groups if g.type == "similar")
     assert sorted(both.stdout.splitlines()) == sorted([listed.stdout.strip(), *(m.path for m in similar.members[1:])])
-    records = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, env=ENV).stdout)
-    assert sorted(g["type"] for g in records) == ["near", "similar"]
+    records = json.loads(CliRunner().invoke(app, [*cli[3:], "--json"]).stdout)
+    assert [(g["type"], len(g["members"])) for g in records] == [("near", 2), ("similar", 3)]
 
 
 def test_a_changed_sidecar_or_companion_updates_the_metadata_without_the_model(tmp_path, checkpoints, embedder):
