@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .fs import Found, display_path, suffix_kind
-from .sidecars import SidecarError, is_sidecar_name, parse_xmp, sidecar_names
+from .sidecars import TAKEOUT_NAME_LIMIT, SidecarError, is_sidecar_name, parse_xmp, sidecar_names
 
 STILL_SUFFIXES = frozenset({".jpg", ".jpeg", ".heic", ".heif"})
 MOTION_SUFFIXES = frozenset({".mov", ".mp4"})
@@ -32,6 +33,8 @@ CONTENT_ID_TAG = "com.apple.quicktime.content.identifier"  # the QuickTime metad
 APPLE_MAKERNOTE = b"Apple iOS\x00"  # then a version (2 bytes), the byte order (2) and an IFD
 APPLE_CONTENT_ID = 0x0011  # the MakerNote tag of the content identifier (ASCII)
 EXIF_MAKERNOTE = 0x927C
+NUMBERED = re.compile(r"\(\d+\)$")  # IMG_1234(1): a copy's number
+CUT_FAMILY = TAKEOUT_NAME_LIMIT - len(".json") - len(".jpeg")  # a stem this long may be a Takeout name cut short
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +140,19 @@ def related_paths(paths: Sequence[str]) -> list[str]:
                 names = [entry.name for entry in listing]
         except OSError:
             continue
-        related += [os.path.join(folder, n) for n in sorted(names) if n != name and (
-            stem_family(n).startswith(family) or family.startswith(stem_family(n)))]
+        related += [os.path.join(folder, n) for n in sorted(names) if n != name and same_family(stem_family(n), family)]
     return list(dict.fromkeys(related))
 
 
 def stem_family(name: str) -> str:
-    """A name's part before its first dot, without an "-edited": what its parts and sidecars share."""
-    return name.split(".")[0].casefold().removesuffix("-edited")
+    """A name's part before its first dot, without an "-edited" or "(1)": what its parts and sidecars share."""
+    return NUMBERED.sub("", name.split(".")[0].casefold()).removesuffix("-edited")
+
+
+def same_family(a: str, b: str) -> bool:
+    """Two stem families alike, or one a name that Takeout cut short of the other."""
+    short, long = sorted((a, b), key=len)
+    return a == b or (len(short) >= CUT_FAMILY and long.startswith(short))
 
 
 def same_capture(still: Found, video: Found) -> bool:

@@ -7,22 +7,19 @@ import datetime as dt
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 from conftest import PHOTOS
-from make_media import make_photo
-from PIL import ExifTags, Image
+from make_media import apple_makernote, make_burst, make_live_video, make_photo, make_still
+from PIL import Image
 from test_index import vectors_by_path
 from typer.testing import CliRunner
 
 from qvlsearch.cli import app
-from qvlsearch.companions import makernote_identifier
+from qvlsearch.companions import makernote_identifier, related_paths
 from qvlsearch.dupes import find_duplicates
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
@@ -50,55 +47,6 @@ BOMB = """<?xml version="1.0"?>
  <!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">
  <!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;">]>
 <x:xmpmeta xmlns:x="adobe:ns:meta/">&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;</x:xmpmeta>"""
-APPLE_XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-             '<rdf:Description xmlns:apple-fi="http://ns.apple.com/faceinfo/1.0/" '
-             'apple-fi:ContentIdentifier="{}"/></rdf:RDF></x:xmpmeta>')
-
-
-def apple_makernote(identifier: str) -> bytes:
-    """An Apple MakerNote as an iPhone writes it, holding only the content identifier (tag 0x11, ASCII)."""
-    text = identifier.encode() + b"\x00"
-    value_at = 14 + 2 + 12 + 4  # after the header, the entry count, one entry and the next-IFD offset
-    return (b"Apple iOS\x00" + b"\x00\x01" + b"MM" + struct.pack(">H", 1)
-            + struct.pack(">HHII", 0x11, 2, len(text), value_at) + b"\x00" * 4 + text)
-
-
-def make_still(path: Path, source: str, *, makernote_id: str | None = None, xmp_id: str | None = None) -> Path:
-    """A phone's still: a JPEG with the Live Photo content identifier in its MakerNote or XMP."""
-    exif = Image.Exif()
-    if makernote_id:
-        exif.get_ifd(ExifTags.IFD.Exif)[0x927C] = apple_makernote(makernote_id)
-    extra = {"xmp": APPLE_XMP.format(xmp_id).encode()} if xmp_id else {}
-    Image.open(PHOTOS / source).convert("RGB").resize((96, 72)).save(path, exif=exif, quality=90, **extra)
-    return path
-
-
-def make_live_video(path: Path, identifier: str | None, seconds: int = 3) -> Path:
-    """A Live Photo's motion part: a short QuickTime movie with Apple's content identifier tag."""
-    with av.open(str(path), "w", format="mov", options={"movflags": "use_metadata_tags"}) as container:
-        if identifier:
-            container.metadata["com.apple.quicktime.content.identifier"] = identifier
-        stream = container.add_stream("mpeg4", rate=2)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(seconds * 2):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
-def make_burst(folder: Path) -> None:
-    """Three frames of a burst, one second apart (the camera moved a little), and a re-encoded, resized copy
-    of the first with the same date taken."""
-    image = Image.open(PHOTOS / "cake.jpg").convert("RGB").resize((320, 240))
-    for i in range(3):
-        exif = Image.Exif()
-        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = f"2023:08:01 12:00:0{i}"
-        image.crop((2 * i, i, 300 + 2 * i, 225 + i)).save(folder / f"burst_{i + 1}.jpg", exif=exif, quality=92)
-    first = Image.open(folder / "burst_1.jpg")
-    first.resize((240, 180)).save(folder / "burst_1 copy.jpg", exif=first.getexif(), quality=70)
-
-
 def write_xmp(path: Path, taken: str) -> Path:
     path.write_text(XMP_TEMPLATE.format(taken=taken))
     return path
@@ -109,9 +57,9 @@ def library(tmp_path_factory) -> Path:
     """A phone's export: Live Photos (a pair, and a still and video whose identifiers differ), a RAW+JPEG pair,
     Takeout JSON in its name forms, an XMP sidecar, an XML bomb, and a burst beside a copy."""
     root = tmp_path_factory.mktemp("phone")
-    make_still(root / "IMG_0001.JPG", "cat.jpg", makernote_id="5C4B-LIVE")
+    make_still(root / "IMG_0001.JPG", PHOTOS / "cat.jpg", makernote_id="5C4B-LIVE")
     make_live_video(root / "IMG_0001.MOV", "5C4B-LIVE")
-    make_still(root / "IMG_0002.jpg", "bee.jpg", xmp_id="AAAA-1111")
+    make_still(root / "IMG_0002.jpg", PHOTOS / "bee.jpg", xmp_id="AAAA-1111")
     make_live_video(root / "IMG_0002.mov", "BBBB-2222")  # another capture's video: two items
     make_photo(root / "DSC_0003.JPG", taken="2022:02:02 10:00:00", source=PHOTOS / "books.jpg")
     (root / "DSC_0003.dng").write_bytes(b"II*\x00" + bytes(256))  # the RAW: named beside the JPEG, never read
@@ -136,7 +84,7 @@ def library(tmp_path_factory) -> Path:
     shutil.copy(PHOTOS / "books.jpg", root / "bomb.jpg")
     (root / "bomb.jpg.xmp").write_text(BOMB)
     (root / "burst").mkdir()
-    make_burst(root / "burst")
+    make_burst(root / "burst", PHOTOS / "cake.jpg")
     return root
 
 
@@ -232,7 +180,7 @@ def test_a_burst_is_similar_and_a_reencoded_copy_is_near(indexed, library):
 def test_a_changed_sidecar_or_companion_updates_the_metadata_without_the_model(tmp_path, checkpoints, embedder):
     root = tmp_path / "phone"
     root.mkdir()
-    make_still(root / "IMG_0007.jpg", "cat.jpg", makernote_id="77")
+    make_still(root / "IMG_0007.jpg", PHOTOS / "cat.jpg", makernote_id="77")
     make_live_video(root / "IMG_0007.mov", "77")
     shutil.copy(PHOTOS / "camera lens.jpg", root / "lightroom.jpg")
     xmp = write_xmp(root / "lightroom.jpg.xmp", "2020-06-01T20:30:00")
@@ -297,3 +245,13 @@ def test_apple_makernote_identifier():
     assert makernote_identifier(apple_makernote("5C4B-LIVE")) == "5C4B-LIVE"
     assert makernote_identifier(apple_makernote("5C4B-LIVE")[:20]) is None  # cut short
     assert makernote_identifier(b"Nikon\x00\x02") is None
+
+
+def test_a_changed_part_brings_the_others_along(tmp_path):
+    """What a watcher's change to one file of a Live Photo, a RAW+JPEG pair or a sidecar makes the indexer look at."""
+    for name in ("IMG_1.JPG", "IMG_1.MOV", "IMG_1.JPG.json", "IMG_1.CR2.xmp", "IMG_10.JPG", "other.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    expected = [str(tmp_path / n) for n in ("IMG_1.MOV", "IMG_1.CR2.xmp", "IMG_1.JPG", "IMG_1.JPG.json")]
+    assert related_paths([str(tmp_path / "IMG_1.MOV")]) == expected
+    assert related_paths([str(tmp_path / "gone.json")]) == [str(tmp_path / "gone.json")]  # a part deleted: itself
+    assert related_paths([str(tmp_path)]) == [str(tmp_path)]  # a folder is walked whole anyway
