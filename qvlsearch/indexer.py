@@ -551,7 +551,7 @@ class Indexer:
         walked_same = files.same_stat(walked, pa.array([os.fsencode(f.path) for f in walked], pa.binary()))
         unchanged_at = {f.path: bool(same) for f, same in zip(walked, walked_same, strict=True)}
         self.arranged = arrange(walked, partial(self.is_live_photo, files, unchanged_at))
-        found = self.arranged.items
+        found, self.arranged.items = self.arranged.items, []  # what lies beside them stays, for the run
         self.summary.total = len(found)
         paths = [os.fsencode(f.path) for f in found]
         seen, found_paths = set(paths), pa.array(paths, pa.binary())
