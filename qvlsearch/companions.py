@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fs import Found, display_path, suffix_kind
-from .sidecars import TAKEOUT_NAME_LIMIT, SidecarError, is_sidecar_name, parse_xmp, sidecar_names
+from .sidecars import TAKEOUT_NAME_LIMIT, SidecarError, SidecarFolder, is_sidecar_name, parse_xmp, sidecar_names
 
 STILL_SUFFIXES = frozenset({".jpg", ".jpeg", ".heic", ".heif"})
 MOTION_SUFFIXES = frozenset({".mov", ".mp4"})
@@ -57,6 +57,7 @@ class Beside:
 
 
 NOTHING_BESIDE = Beside()
+NOTHING_FIELDS = (None,) * len(BESIDE_FIELDS)
 
 
 @dataclass
@@ -68,6 +69,11 @@ class Arranged:
 
     def of(self, path: str) -> Beside:
         return self.beside.get(path, NOTHING_BESIDE)
+
+    def fields_of(self, path: str) -> tuple:
+        """The `BESIDE_FIELDS` values of an item, as its stored row should hold them."""
+        beside = self.beside.get(path)
+        return tuple(beside.fields().values()) if beside else NOTHING_FIELDS
 
 
 def is_beside_name(name: str) -> bool:
@@ -86,9 +92,10 @@ def arrange(found: Iterable[Found], is_pair: Callable[[Found, Found], bool] | No
     found = list(found)
     families: dict[tuple[str, str], list[Found]] = {}  # (folder, stem) -> the files
     sidecars: dict[str, dict[str, Found]] = {}  # folder -> name -> sidecar
-    for f in found:
-        folder, name = os.path.split(f.path)
-        if is_sidecar_name(name) and not f.unlisted_folder:  # an unreadable one: a warning when its photo is read
+    places = [os.path.split(f.path) for f in found]  # (folder, name)
+    is_sidecar = [is_sidecar_name(name) and not f.unlisted_folder for f, (_, name) in zip(found, places, strict=True)]
+    for f, (folder, name), sidecar in zip(found, places, is_sidecar, strict=True):
+        if sidecar:  # one that cannot be read: a warning when its photo's metadata is read
             sidecars.setdefault(folder, {})[name] = f
         elif f.error is None:
             families.setdefault((folder, os.path.splitext(name)[0].casefold()), []).append(f)
@@ -108,21 +115,19 @@ def arrange(found: Iterable[Found], is_pair: Callable[[Found, Found], bool] | No
         for still, raw_file in zip(stills, raws, strict=False):  # the JPEG is embedded, the RAW named beside it
             raw[still.path] = raw_file
     companions = {f.path for f in (*live.values(), *raw.values())}
+    folders = {folder: SidecarFolder.of(names) for folder, names in sidecars.items()}
     arranged = Arranged([])
-    for f in found:
-        folder, name = os.path.split(f.path)
-        if f.path in companions or (is_sidecar_name(name) and not f.unlisted_folder):
+    for f, (folder, name), sidecar in zip(found, places, is_sidecar, strict=True):
+        if sidecar or f.path in companions:
             continue
         arranged.items.append(f)
         if f.error is not None:
             continue
-        own = sidecars.get(folder, {})
-        raw_file = raw.get(f.path)
-        names = sidecar_names(name, own, [os.path.basename(raw_file.path)] if raw_file else []) if own and (
+        own, raw_file, live_video = sidecars.get(folder), raw.get(f.path), live.get(f.path)
+        names = sidecar_names(name, folders[folder], [os.path.basename(raw_file.path)] if raw_file else []) if own and (
             suffix_kind(name) in ("image", "video") or suffix(name) in RAW_SUFFIXES) else []
-        beside = Beside(live.get(f.path), raw_file, tuple(own[n] for n in names))
-        if beside != NOTHING_BESIDE:
-            arranged.beside[f.path] = beside
+        if names or raw_file or live_video:
+            arranged.beside[f.path] = Beside(live_video, raw_file, tuple(own[n] for n in names))
     return arranged
 
 

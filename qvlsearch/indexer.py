@@ -565,7 +565,7 @@ class Indexer:
         stored_beside = files.beside(found_paths)
         refresh = {path for f, path, same_stat, stored in zip(found, paths, same, stored_beside, strict=True)
                    if same_stat and not f.error and path not in files.failing
-                   and tuple(self.arranged.of(f.path).fields().values()) != stored}
+                   and self.arranged.fields_of(f.path) != stored}
         old = files.rows_of([*gone_paths, *(path for _, path in changed), *(files.failing & seen), *refresh])
         changes = Changes(gone={path: old[path] for path in gone_paths}, seen=seen)
         for f, path, same_stat in zip(found, paths, same, strict=True):

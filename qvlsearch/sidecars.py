@@ -18,7 +18,8 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .metadata import plausible
@@ -48,11 +49,25 @@ def is_sidecar_name(name: str) -> bool:
     return name.lower().endswith(SIDECAR_SUFFIXES)
 
 
-def sidecar_names(name: str, folder_names: Collection[str], companions: Sequence[str] = ()) -> list[str]:
-    """The sidecars of the file `name` among `folder_names` (the sidecar names in its folder), XMP first:
-    its own XMP, then its `companions`' (a RAW beside a JPEG), then its Takeout JSON. Names match whatever
-    their case."""
-    by_folded = {n.casefold(): n for n in folder_names}
+@dataclass(frozen=True)
+class SidecarFolder:
+    """The sidecars in a folder, as `sidecar_names` looks them up: by casefolded name, and the lengths of the
+    JSON names' stems (longest first), so that a photo's name is cut only where a JSON could match."""
+
+    by_folded: dict[str, str]
+    json_lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> SidecarFolder:
+        by_folded = {n.casefold(): n for n in names}
+        lengths = {len(n) - len(".json") for n in by_folded if n.endswith(".json")}
+        return cls(by_folded, tuple(sorted(lengths, reverse=True)))
+
+
+def sidecar_names(name: str, folder: SidecarFolder, companions: Sequence[str] = ()) -> list[str]:
+    """The sidecars of the file `name` among those in its folder, XMP first: its own XMP, then its
+    `companions`' (a RAW beside a JPEG), then its Takeout JSON. Names match whatever their case."""
+    by_folded = folder.by_folded
     found: list[str] = []
     for owner in (name, *companions):
         stem = os.path.splitext(owner)[0]
@@ -60,28 +75,27 @@ def sidecar_names(name: str, folder_names: Collection[str], companions: Sequence
             real = by_folded.get(candidate.casefold())
             if real and real not in found:
                 found.append(real)
-    takeout = takeout_name(name, by_folded)
-    if takeout is None:
+    takeout = takeout_name(name, folder) if folder.json_lengths else None
+    if takeout is None and folder.json_lengths:
         stem, suffix = os.path.splitext(name)
         if stem.casefold().endswith(EDITED):  # an edited copy: the original's JSON
-            takeout = takeout_name(stem[:-len(EDITED)] + suffix, by_folded)
+            takeout = takeout_name(stem[:-len(EDITED)] + suffix, folder)
     return found + ([takeout] if takeout else [])
 
 
-def takeout_name(name: str, by_folded: dict[str, str]) -> str | None:
+def takeout_name(name: str, folder: SidecarFolder) -> str | None:
     """The Takeout JSON of `name` among the folder's sidecars (casefolded name -> name), or None: the full
     name's, the supplemental form's, or one cut short (its stem a prefix of either, keeping at least the
     photo's stem, or cut at Takeout's limit)."""
-    numbered = NUMBERED.match(os.path.splitext(name)[0])
-    if numbered:  # IMG_1234(1).jpg -> IMG_1234.jpg(1).json
-        original = numbered[1] + os.path.splitext(name)[1]
-        real = by_folded.get(f"{original}{numbered[2]}.json".casefold())
-        if real:
-            return real
+    by_folded = folder.by_folded
+    stem, suffix = os.path.splitext(name)
+    numbered = NUMBERED.match(stem)
+    if numbered and (real := by_folded.get(f"{numbered[1]}{suffix}{numbered[2]}.json".casefold())):
+        return real  # IMG_1234(1).jpg -> IMG_1234.jpg(1).json
     full = (name + SUPPLEMENTAL).casefold()
-    shortest = min(len(os.path.splitext(name)[0]), TAKEOUT_NAME_LIMIT - len(".json"))
-    for end in range(len(full), shortest - 1, -1):  # the longest match first: the exact name before a cut one
-        if real := by_folded.get(full[:end] + ".json"):
+    shortest = min(len(stem), TAKEOUT_NAME_LIMIT - len(".json"))
+    for end in folder.json_lengths:  # the longest match first: the exact name before a cut one
+        if shortest <= end <= len(full) and (real := by_folded.get(full[:end] + ".json")):
             return real
     return None
 

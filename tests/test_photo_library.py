@@ -23,7 +23,7 @@ from qvlsearch.companions import makernote_identifier, related_paths
 from qvlsearch.dupes import find_duplicates
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
-from qvlsearch.sidecars import SidecarError, read_sidecar, sidecar_names, xmp_degrees
+from qvlsearch.sidecars import SidecarError, SidecarFolder, read_sidecar, sidecar_names, xmp_degrees
 from qvlsearch.store.reader import Snapshot
 from qvlsearch.tables import print_results
 
@@ -217,8 +217,8 @@ def test_a_changed_sidecar_or_companion_updates_the_metadata_without_the_model(t
 
 
 def test_sidecar_names_in_every_form():
-    folder = ["IMG_1234.jp.json", "IMG_5.JPG.XMP", "IMG_5.CR2.xmp", "PXL_9.jpg.supplemental-metad.json",
-              "IMG_7.jpg(1).json", "DSC_1.json", "DSC_10.jpg.json"]
+    folder = SidecarFolder.of(["IMG_1234.jp.json", "IMG_5.JPG.XMP", "IMG_5.CR2.xmp", "IMG_7.jpg(1).json",
+                               "PXL_9.jpg.supplemental-metad.json", "DSC_1.json", "DSC_10.jpg.json"])
     assert sidecar_names("IMG_1234.jpg", folder) == ["IMG_1234.jp.json"]
     assert sidecar_names("IMG_1234-edited.jpg", folder) == ["IMG_1234.jp.json"]
     assert sidecar_names("IMG_5.jpg", folder, ["IMG_5.CR2"]) == ["IMG_5.JPG.XMP", "IMG_5.CR2.xmp"]
