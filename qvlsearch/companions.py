@@ -142,7 +142,7 @@ def related_paths(paths: Sequence[str]) -> list[str]:
         family = stem_family(name)
         try:
             with os.scandir(folder) as listing:
-                names = [entry.name for entry in listing]
+                names = [entry.name for entry in listing if not entry.is_dir()]  # a folder "IMG_1" is no part
         except OSError:
             continue
         related += [os.path.join(folder, n) for n in sorted(names) if n != name and same_family(stem_family(n), family)]

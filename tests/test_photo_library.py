@@ -251,6 +251,7 @@ def test_a_changed_part_brings_the_others_along(tmp_path):
     """What a watcher's change to one file of a Live Photo, a RAW+JPEG pair or a sidecar makes the indexer look at."""
     for name in ("IMG_1.JPG", "IMG_1.MOV", "IMG_1.JPG.json", "IMG_1.CR2.xmp", "IMG_10.JPG", "other.jpg"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "IMG_1").mkdir()  # a folder of that name is no part of it
     expected = [str(tmp_path / n) for n in ("IMG_1.MOV", "IMG_1.CR2.xmp", "IMG_1.JPG", "IMG_1.JPG.json")]
     assert related_paths([str(tmp_path / "IMG_1.MOV")]) == expected
     assert related_paths([str(tmp_path / "gone.json")]) == [str(tmp_path / "gone.json")]  # a part deleted: itself
