@@ -870,13 +870,17 @@ def dupes(
     as_json: JsonFlag = False,
     as_jsonl: JsonlFlag = False,
     paths: Annotated[bool, typer.Option(
-        "--paths", help="Only the paths of all but the suggested keeper of each group, one per line (not with "
-                        "--json or --jsonl).")] = False,
+        "--paths", help="Only the paths of all but the suggested keeper of each exact and near group, one per "
+                        "line (not with --json or --jsonl).")] = False,
+    similar: Annotated[bool, typer.Option(
+        "--similar", help="With --paths, also all but the best shot of each similar group (bursts, series).")
+    ] = False,
     null: NullFlag = False,
 ) -> None:
-    """Print groups of duplicate files from the stored vectors, without the model: exact (same content) and
-    near (cosine >= --threshold), each with a suggested keeper (the largest, then the oldest). Nothing is
-    deleted or moved; `--paths -0 | xargs -0 ...` acts on the others. Exit 1 when there are none."""
+    """Print groups of duplicate files from the stored vectors, without the model: exact (same content),
+    near (cosine >= --threshold, taken at the same instant or undated: copies) and similar (alike, but taken
+    at different instants: bursts, series), each with a suggested keeper (the largest, then the oldest).
+    Nothing is deleted or moved; `--paths -0 | xargs -0 ...` acts on the copies. Exit 1 when there are none."""
     from .dupes import DEFAULT_THRESHOLD, find_duplicates
     from .search import check_filters, open_index
 
@@ -888,7 +892,8 @@ def dupes(
     if fmt in ("json", "jsonl"):
         emit(records, fmt)
     elif fmt == "paths":
-        emit([m for g in records for m in g["members"] if not m["keep"]], fmt, null)
+        emit([m for g, group in zip(records, groups, strict=True) if group.copies or similar
+              for m in g["members"] if not m["keep"]], fmt, null)
     else:
         rows = [(str(g["group"]), g["type"], "keep" if m["keep"] else "", f"{m['similarity']:.4f}", str(m["size"]),
                  dupe_extent(m), (m["taken_at"] or m["modified_at"] or "")[:19], m["path"])

@@ -14,6 +14,12 @@ pages as the index's --max-pages) is a duplicate only of a byte-identical copy (
 In each group the suggested keeper is the largest file (pixels, then bytes), then the oldest (date
 taken, else mtime).
 
+Alike is not the same: burst frames and a series of shots of one scene are as close as a re-encoded
+copy, but each was taken at its own instant. Files alike by their vectors are split by their EXIF date
+taken: those taken at the same instant (or with no date; such a file joins the shot it is most like)
+are copies, an `exact` or `near` group; the shots apart, each by its keeper, form a `similar` group,
+which suggests keeping them all (`qvlsearch dupes --paths` leaves them out unless `--similar`).
+
     groups = find_duplicates(open_index("~/.local/share/qvlsearch/index"), threshold=0.95)
 """
 
@@ -32,6 +38,7 @@ from .pages import MAX_PAGES
 from .store import is_file_row
 
 DEFAULT_THRESHOLD = 0.95
+GROUP_TYPES = ("exact", "near", "similar")
 PREFIX_DIM = 256  # candidates are searched on this many leading values of each vector
 PREFIX_MARGIN = 0.05  # ... down to this much below the threshold
 FLAT_BELOW = 20_000  # fewer vectors: the candidate search is exhaustive; more: an IVF index
@@ -78,7 +85,8 @@ class Member:
 
 @dataclass
 class Group:
-    """Files with the same content ("exact") or nearly the same ("near"); the keeper first."""
+    """Files with the same content ("exact"), copies of one picture ("near"), or different shots alike
+    ("similar": a burst, a series; nothing to remove); the keeper (the best shot) first."""
 
     type: str
     kind: str
@@ -88,6 +96,11 @@ class Group:
     def keeper(self) -> Member:
         return self.members[0]
 
+    @property
+    def copies(self) -> bool:
+        """Whether the members are copies of one picture, all but the keeper suggested for removal."""
+        return self.type != "similar"
+
     def to_json(self, number: int) -> dict[str, Any]:
         return {"group": number, "type": self.type, "kind": self.kind, "keep": self.keeper.path,
                 "members": [m.to_json() for m in self.members]}
@@ -96,7 +109,7 @@ class Group:
 def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, *, kind: str | Iterable[str] | None = None,
                     under: str | os.PathLike | None = None) -> list[Group]:
     """Groups of duplicates among an index's ok files (optionally of some kinds, under a folder):
-    exact groups first, then near ones, each ordered by its keeper's path."""
+    exact groups first, then near ones, then similar ones, each ordered by its keeper's path."""
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be a cosine similarity between -1 and 1, got {threshold}")
     keep = index.filter(kind, under)
@@ -118,16 +131,46 @@ def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, *, kind: s
               if comparable(rows[a], rows[b]) and documents.alike(rows[a], rows[b], threshold)]
     groups = []
     for positions in components(links):
-        ordered = sorted(((p, member(rows[p])) for p in positions), key=lambda pm: pm[1].keeper_order())
-        keeper = ordered[0][0]
-        for p, m in ordered:
-            whole = documents.page_similarity(rows[p], rows[keeper]) if rows[p]["kind"] == "pdf" else None
-            m.similarity = float(vectors[p] @ vectors[keeper]) if whole is None else whole
-        members = [m for _, m in ordered]
-        members[0].keep = True
-        same = len({m.content_hash for m in members}) == 1 and members[0].content_hash is not None
-        groups.append(Group("exact" if same else "near", members[0].kind, members))
-    return sorted(groups, key=lambda g: (g.type != "exact", g.keeper.path))
+        apart = shots(positions, rows, vectors)
+        keepers = []
+        for shot in apart:
+            members = group_members(shot, rows, vectors, documents)
+            keepers.append(next(p for p in shot if rows[p]["id"] == members[0].id))
+            if len(members) > 1:
+                same = len({m.content_hash for m in members}) == 1 and members[0].content_hash is not None
+                groups.append(Group("exact" if same else "near", members[0].kind, members))
+        if len(apart) > 1:
+            members = group_members(keepers, rows, vectors, documents)
+            groups.append(Group("similar", members[0].kind, members))
+    return sorted(groups, key=lambda g: (GROUP_TYPES.index(g.type), g.keeper.path))
+
+
+def shots(positions: list[int], rows: list[dict], vectors: np.ndarray) -> list[list[int]]:
+    """The files of a group of alike ones, by the instant each was taken: one list a date taken; a file with
+    no date joins the shot of the dated file it is most like (all one shot when fewer than two dates)."""
+    by_time: dict[dt.datetime, list[int]] = {}
+    for p in positions:
+        if rows[p]["taken_at"] is not None:
+            by_time.setdefault(rows[p]["taken_at"], []).append(p)
+    if len(by_time) < 2:
+        return [positions]
+    dated = [p for shot in by_time.values() for p in shot]
+    for p in positions:
+        if rows[p]["taken_at"] is None:
+            closest = dated[int(np.argmax(vectors[dated] @ vectors[p]))]
+            by_time[rows[closest]["taken_at"]].append(p)
+    return [sorted(shot) for shot in by_time.values()]
+
+
+def group_members(positions: list[int], rows: list[dict], vectors: np.ndarray, documents: Documents) -> list[Member]:
+    """The files at `positions`, the suggested keeper first (marked), each with its similarity to it."""
+    ordered = sorted(((p, member(rows[p])) for p in positions), key=lambda pm: pm[1].keeper_order())
+    keeper = ordered[0][0]
+    for p, m in ordered:
+        whole = documents.page_similarity(rows[p], rows[keeper]) if rows[p]["kind"] == "pdf" else None
+        m.similarity = float(vectors[p] @ vectors[keeper]) if whole is None else whole
+    ordered[0][1].keep = True
+    return [m for _, m in ordered]
 
 
 class Documents:

@@ -12,7 +12,7 @@ import errno
 import fnmatch
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +73,11 @@ def walk(
     include_hidden: bool = False,
     follow_symlinks: bool = False,
     exclude: Sequence[str] = (),
+    beside: Callable[[str], bool] | None = None,
 ) -> Iterator[Found]:
     """Every candidate file under the roots, in a stable sorted order, streamed (never a full list in memory).
+    With `beside`, also the files whose names it accepts though they are no media (RAWs and sidecars that
+    belong to a photo: see companions.py).
 
     Raises FileNotFoundError at once, before anything is walked, when a root does not exist. Hidden names are
     skipped below each root; `exclude` globs, matched against the path relative to its root and against the bare
@@ -85,10 +88,12 @@ def walk(
     for top in tops:
         if not os.path.lexists(top):
             raise FileNotFoundError(f"{display_path(top)}: no such file or folder")
-    return _walk(tops, include_hidden, follow_symlinks, [pattern.rstrip("/") for pattern in exclude])
+    wanted = (lambda name: bool(suffix_kind(name) or beside(name))) if beside else suffix_kind
+    return _walk(tops, include_hidden, follow_symlinks, [pattern.rstrip("/") for pattern in exclude], wanted)
 
 
-def _walk(tops: list[str], include_hidden: bool, follow_symlinks: bool, exclude: list[str]) -> Iterator[Found]:
+def _walk(tops: list[str], include_hidden: bool, follow_symlinks: bool, exclude: list[str],
+          wanted: Callable[[str], Any]) -> Iterator[Found]:
     seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder entered
     for top in tops:
         try:
@@ -98,10 +103,10 @@ def _walk(tops: list[str], include_hidden: bool, follow_symlinks: bool, exclude:
             continue
         name = os.path.basename(top)
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk_folder(top, st, seen, include_hidden, follow_symlinks, exclude)
+            yield from _walk_folder(top, st, seen, include_hidden, follow_symlinks, exclude, wanted)
         elif _excluded(name, name, exclude):
             continue
-        elif suffix_kind(name) and stat.S_ISREG(st.st_mode):
+        elif wanted(name) and stat.S_ISREG(st.st_mode):
             yield _found_file(top, top, st)
         else:
             yield Found(top, top, 0, 0, "not an image, video, PDF or text file")
@@ -114,6 +119,7 @@ def _walk_folder(
     include_hidden: bool,
     follow_symlinks: bool,
     exclude: list[str],
+    wanted: Callable[[str], Any],
 ) -> Iterator[Found]:
     """Depth first, entries in name order, with an explicit stack of the folders on the current path."""
     stack: list[tuple[tuple[int, int], str, Iterator[os.DirEntry[str]]]] = []  # (dev, ino), relative path, entries
@@ -143,9 +149,9 @@ def _walk_folder(
             continue
         if exclude and _excluded(os.path.join(prefix, entry.name), entry.name, exclude):
             continue
-        kind = suffix_kind(entry.name)
+        kind = wanted(entry.name)
         try:
-            if kind is None and not entry.is_dir():
+            if not kind and not entry.is_dir():
                 continue
             st = entry.stat()
         except OSError as err:

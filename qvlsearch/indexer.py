@@ -7,9 +7,12 @@ files leave the index with all their rows. The sniff step also reads each file's
 position and camera (`metadata.read_metadata`); an index written before those columns existed
 gets them on its next run, without the model. So too the words of each unit (`words.read_words`: a text
 file's content, a PDF page's text layer, descriptions), which go to the full-text index beside the vectors;
-an index written before words were indexed gets them on its next run, without the model. Work is
-committed every `commit_every` files or `commit_seconds` seconds; a file's rows are always committed
-together.
+an index written before words were indexed gets them on its next run, without the model. A Live Photo's
+video and the RAW of a RAW+JPEG pair are named in their still's row and are no items of their own;
+sidecars (Takeout JSON, XMP) fill the date, place, description and keywords a file does not carry
+(companions.py, sidecars.py). When only what lies beside a file changed (a sidecar edited, a Live Photo's
+video deleted), its rows get the new metadata and keep their vectors. Work is committed every
+`commit_every` files or `commit_seconds` seconds; a file's rows are always committed together.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
+from .companions import BESIDE_FIELDS, Arranged, arrange, is_beside_name, related_paths, same_capture
 from .decoders import MEDIA_KINDS, Decoders, crash_reason, decoding_kind
 from .errors import MediaError, SettingError, check_setting
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
@@ -40,6 +44,7 @@ from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import WorkerCrashed, prefetch
+from .sidecars import SIDECAR_FIELDS, fill, read_sidecars
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 from .words import read_words
 
@@ -132,9 +137,14 @@ class Sniffed:
     words: dict = field(default_factory=dict)  # the file's words by place: None (the whole file) or a page number
 
 
-def unit_words(words: dict[int | None, str], fields: dict[str, Any]) -> str | None:
-    """The words of the unit at `fields` (a page, the whole file; a video's moments have none of their own)."""
-    return None if fields.get("start_s") is not None else words.get(fields.get("page"))
+def unit_words(words: dict[int | None, str], fields: dict[str, Any], metadata: dict[str, Any]) -> str | None:
+    """The words of the unit at `fields` (a page, the whole file; a video's moments have none of their own), and
+    for the row that stands for its file, the description and keywords its sidecars give (`metadata`)."""
+    if fields.get("start_s") is not None:
+        return None
+    beside = [metadata.get("description") or "", *(metadata.get("keywords") or [])] if fields.get("page") in (
+        None, 1) else []
+    return "\n".join(text for text in (words.get(fields.get("page")), *beside) if text) or None
 
 
 @dataclass
@@ -156,6 +166,7 @@ class Changes:
     seen: set[bytes]
     todo: list[tuple[Found, list[dict[str, Any]]]] = field(default_factory=list)
     unchanged: set[bytes] = field(default_factory=set)  # unchanged files without an error row
+    refresh: list[tuple[Found, list[dict[str, Any]]]] = field(default_factory=list)  # unchanged, but not beside them
 
 
 def content_hash(path: str) -> str:
@@ -258,6 +269,18 @@ class StoredFiles:
         self.paths = table["path_bytes"]
         failing = pc.equal(table["status"], "error")
         self.failing = set(self.paths.filter(failing).to_pylist())  # files with an error row
+        paired = table["live_video"].is_valid()
+        self.live_videos = dict(zip(self.paths.filter(paired).to_pylist(),  # still -> its Live Photo video, as stored
+                                    table["live_video"].filter(paired).to_pylist(), strict=True))
+
+    def beside(self, paths: pa.Array) -> list[tuple]:
+        """For each of `paths` (encoded), what its stored first row says lies beside it (`BESIDE_FIELDS`), or
+        Nones when the index lacks it."""
+        at = pc.index_in(paths, value_set=self.paths)
+        if not len(self.table):
+            return [(None,) * len(BESIDE_FIELDS)] * len(paths)
+        columns = [self.table[name].take(at).to_pylist() for name in BESIDE_FIELDS]
+        return list(zip(*columns, strict=True))
 
     def same_stat(self, found: list[Found], paths: pa.Array) -> np.ndarray:
         """For each found file (`paths`: theirs, encoded), whether the index has it with this size and mtime,
@@ -479,6 +502,7 @@ class Indexer:
         self.model_runs = 0  # items sent to the model in this run
         self.done = 0  # files dealt with so far, for the progress bar
         self.last_commit, self.since_commit = time.monotonic(), 0
+        self.arranged = Arranged([])  # the walked files sorted into items and what lies beside them (`compare`)
 
     def run(self, roots: Sequence[str | os.PathLike]) -> Summary:
         started = time.monotonic()
@@ -547,23 +571,36 @@ class Indexer:
         A root that no longer exists (a watcher's changed path) takes the stored files at it or below it along;
         with `owners` (the folders a watcher watches, when `roots` are changed paths below them) each file's row
         names the owner it lies below as its root."""
-        found = list(walk([r for r in roots if os.path.lexists(r)], include_hidden=self.options.include_hidden,
-                          follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude))
+        roots = related_paths(roots)  # a file root (a watcher's change) brings its Live Photo part, RAW, sidecars
+        walked = list(walk([r for r in roots if os.path.lexists(r)], include_hidden=self.options.include_hidden,
+                           follow_symlinks=self.options.follow_symlinks, exclude=self.options.exclude,
+                           beside=is_beside_name))
         if owners:
-            found = [replace(f, root=owner_of(f.path, owners)) for f in found]
+            walked = [replace(f, root=owner_of(f.path, owners)) for f in walked]
+        walked_same = files.same_stat(walked, pa.array([os.fsencode(f.path) for f in walked], pa.binary()))
+        unchanged_at = {f.path: bool(same) for f, same in zip(walked, walked_same, strict=True)}
+        self.arranged = arrange(walked, partial(self.is_live_photo, files, unchanged_at))
+        found, self.arranged.items = self.arranged.items, []  # what lies beside them stays, for the run
         self.summary.total = len(found)
         paths = [os.fsencode(f.path) for f in found]
         seen, found_paths = set(paths), pa.array(paths, pa.binary())
+        items = {id(f) for f in found}
+        same = walked_same[np.fromiter((id(f) in items for f in walked), bool, len(walked))]
         in_roots = path_filter(roots, roots)  # a file root is its path, a folder root all below it, a gone one either
         unlisted = path_filter((), [f.path for f in found if f.unlisted_folder])  # its files are unknown, not gone
         gone_paths = [path for path in files.missing(found_paths) if in_roots(path) and not unlisted(path)]
-        same = files.same_stat(found, found_paths)
         changed = [(f, path) for f, path, unchanged in zip(found, paths, same, strict=True)
                    if f.error or not unchanged]
-        old = files.rows_of([*gone_paths, *(path for _, path in changed), *(files.failing & seen)])
+        stored_beside = files.beside(found_paths)
+        refresh = {path for f, path, same_stat, stored in zip(found, paths, same, stored_beside, strict=True)
+                   if same_stat and not f.error and path not in files.failing
+                   and self.arranged.fields_of(f.path) != stored}
+        old = files.rows_of([*gone_paths, *(path for _, path in changed), *(files.failing & seen), *refresh])
         changes = Changes(gone={path: old[path] for path in gone_paths}, seen=seen)
         for f, path, same_stat in zip(found, paths, same, strict=True):
-            if same_stat and not f.error:
+            if path in refresh:
+                changes.refresh.append((f, old[path]))
+            elif same_stat and not f.error:
                 errors = [(place(r), r["error"]) for r in old.get(path, []) if r["status"] == "error"]
                 if errors:  # still failing: reported again, not retried
                     self.summary.failed += 1
@@ -579,6 +616,18 @@ class Indexer:
                 changes.todo.append((f, old.get(path, [])))
         return changes
 
+    def is_live_photo(self, files: StoredFiles, unchanged_at: dict[str, bool], still: Found, video: Found) -> bool:
+        """Whether a still and a video with the same stem are one Live Photo; the files are read only when the
+        index cannot tell: an unchanged still paired with this video, or an unchanged still and video indexed
+        apart, stay as they were."""
+        if unchanged_at.get(still.path):
+            stored = files.live_videos.get(os.fsencode(still.path))
+            if stored == display_path(video.path):
+                return True
+            if stored is None and unchanged_at.get(video.path):
+                return False
+        return same_capture(still, video)
+
     def update(self, store: Store, roots: list[str], owners: Sequence[str] = ()) -> None:
         files = StoredFiles(store.live_table())
         changes = self.compare(store, files, roots, owners)
@@ -587,9 +636,10 @@ class Indexer:
         gone_at_start = frozenset(gone)
         if self.dry_run:  # what would be embedded or dropped; moves show as added + removed
             self.summary.added = sum(not rows for _, rows in todo)
-            self.summary.updated = len(todo) - self.summary.added
+            self.summary.updated = len(todo) - self.summary.added + len(changes.refresh)
             self.summary.removed = len(gone)
             return
+        self.refresh_beside(store, changes.refresh)
 
         jobs: dict[int, tuple[FileJob, Unit]] = {}
         # The Embedder pulls `needs_model` in its own thread, so what it finds for the store
@@ -598,8 +648,8 @@ class Indexer:
 
         def needs_model() -> Iterator[dict]:
             """The units of sniffed files that no stored vectors serve, as Embedder items (the rest: `deferred`)."""
-            sniffed = prefetch(lambda i, job: (sniff(job[0], self.options, self.decoders), job[1]), todo,
-                               workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
+            sniffed = prefetch(lambda i, job: (self.with_beside(sniff(job[0], self.options, self.decoders)), job[1]),
+                               todo, workers=self.options.workers or min(8, os.cpu_count() or 1), ahead=64)
             live_by_hash: dict[str, bytes] | None = None  # made at the first file that needs it
             for s, rows in sniffed:
                 if s.error:
@@ -635,7 +685,7 @@ class Indexer:
                 else:
                     row = self.row(job.sniffed.found, **{**job.sniffed.metadata, **result.facts, **unit.fields},
                                    status="ok", content_hash=job.sniffed.content_hash,
-                                   words=unit_words(job.sniffed.words, unit.fields))
+                                   words=unit_words(job.sniffed.words, unit.fields, job.sniffed.metadata))
                     job.rows.append((row, result.vector))
                 job.left -= 1
                 if job.left == 0:
@@ -660,7 +710,7 @@ class Indexer:
         if (stat.st_size, stat.st_mtime_ns) != (row["size"], row["mtime_ns"]):
             return None
         try:
-            return self.decoders.run(row["kind"], read, path, row["kind"], *args)
+            return self.decoders.run(decoding_kind(path, row["kind"]), read, path, row["kind"], *args)
         except WorkerCrashed:
             return None
 
@@ -680,7 +730,7 @@ class Indexer:
 
             for unit_rows, words in prefetch(words_of, by_file, workers=workers, ahead=64):
                 for row in unit_rows:
-                    if words and (text := unit_words(words, row)):
+                    if words and (text := unit_words(words, row, row)):
                         texts[row["id"]] = text
             store.add_words(segment["name"], texts)
 
@@ -688,28 +738,66 @@ class Indexer:
         """Give an index written before the metadata columns existed those columns: each unchanged file's
         metadata is read again, its vectors kept (no model). A file changed since it was indexed is left to
         the run that embeds it again."""
-
-        def read_if_unchanged(unit_rows: list[dict]) -> dict | None:
-            pages = max((r["page"] or 0) for r in unit_rows)
-            return self.read_if_unchanged(unit_rows, metadata_and_words, pages)
-
         workers = self.options.workers or min(8, os.cpu_count() or 1)
         by_file = list(rows_by_file(rows).values())
         done = 0
-        for unit_rows, metadata in prefetch(lambda i, unit_rows: (unit_rows, read_if_unchanged(unit_rows)), by_file,
-                                            workers=workers, ahead=64):
-            if metadata is None:
+        for unit_rows, read in prefetch(lambda i, unit_rows: (unit_rows, self.read_again(unit_rows)), by_file,
+                                        workers=workers, ahead=64):
+            if read is None:
                 continue
-            vectors = [store.vector(row["id"]) for row in unit_rows]
-            store.remove([row["id"] for row in unit_rows])
-            words = metadata.pop("words")
-            for row, vector in zip(unit_rows, vectors, strict=True):  # the rows again, fresh metadata, same vectors
-                store.put({**row, **metadata, "id": store.new_id(), "words": unit_words(words, row)}, vector)
+            metadata, words, _ = read  # a sidecar's warning is the next run's to give
+            self.rewrite(store, unit_rows, metadata, words)
             done += 1
             if done % self.options.commit_every == 0:  # committed as it goes: the vectors are not all held at once
                 store.commit()
         store.manifest["metadata_version"] = METADATA_VERSION
         store.dirty = True
+
+    def refresh_beside(self, store: Store, refresh: list[tuple[Found, list[dict[str, Any]]]]) -> None:
+        """Unchanged files whose sidecars or companions changed: their metadata again, their vectors kept."""
+        workers = self.options.workers or min(8, os.cpu_count() or 1)
+        for (f, rows), read in prefetch(lambda i, job: (job, self.read_again(job[1])), refresh, workers=workers,
+                                        ahead=64):
+            if read is not None:  # else it changed meanwhile: the next run embeds it again
+                metadata, words, warnings = read
+                self.rewrite(store, rows, metadata, words)
+                self.summary.updated += 1
+                self.summary.warnings += [(display_path(f.path), w) for w in warnings]
+            self.advance()
+
+    def read_again(self, unit_rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict, list[str]] | None:
+        """An unchanged file's metadata (with what lies beside it), words by place and sidecar warnings, read
+        again without the model; None when it changed since it was indexed or cannot be read."""
+        pages = max((r["page"] or 0) for r in unit_rows)
+        own = self.read_if_unchanged(unit_rows, metadata_and_words, pages)
+        if own is None:
+            return None
+        words = own.pop("words")
+        metadata, warnings = self.beside_metadata(os.fsdecode(unit_rows[0]["path_bytes"]), own)
+        return metadata, words, warnings
+
+    @staticmethod
+    def rewrite(store: Store, unit_rows: list[dict[str, Any]], metadata: dict[str, Any],
+                words: dict[int | None, str]) -> None:
+        """A file's rows again under new ids, with fresh metadata and words and the same vectors (rows are never
+        changed)."""
+        vectors = [store.vector(row["id"]) for row in unit_rows]
+        store.remove([row["id"] for row in unit_rows])
+        for row, vector in zip(unit_rows, vectors, strict=True):
+            store.put({**row, **metadata, "id": store.new_id(), "words": unit_words(words, row, metadata)}, vector)
+
+    def beside_metadata(self, path: str, own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`own` (the file's metadata) filled in from the sidecars beside `path`, with its companions' names."""
+        beside = self.arranged.of(path)
+        found, warnings = read_sidecars(s.path for s in beside.sidecars)
+        return {**dict.fromkeys(SIDECAR_FIELDS), **fill(own, found), **beside.fields()}, warnings
+
+    def with_beside(self, s: Sniffed) -> Sniffed:
+        """A sniffed file's metadata with what lies beside it (see `beside_metadata`)."""
+        if s.error is None:
+            s.metadata, warnings = self.beside_metadata(s.found.path, s.metadata)
+            s.warning = "; ".join(w for w in (s.warning, *warnings) if w) or None
+        return s
 
     def get_embedder(self):
         o = self.options
@@ -742,7 +830,7 @@ class Indexer:
                 "root": display_path(f.root), "size": f.size, "mtime_ns": f.mtime_ns, "content_hash": None,
                 "width": None, "height": None, "duration_s": None, "frames": None, "tokens": None, "error": None,
                 "indexed_at": now(), "page": None, "start_s": None, "end_s": None, **dict.fromkeys(FIELDS),
-                **values}
+                **dict.fromkeys(SIDECAR_FIELDS), **dict.fromkeys(BESIDE_FIELDS), **values}
 
     def record_error(self, store: Store, f: Found, old: list[dict], kind: str | None, error: str) -> None:
         """The whole file failed: its old rows go, one error row stands for it."""
@@ -776,11 +864,13 @@ class Indexer:
         """A moved, copied or merely touched file: its rows and stored vectors again, no model."""
         moved = gone.pop(source[0]["path_bytes"], None) is not None  # the old path's rows go, vectors move along
         rows = [(self.row(s.found, **{k: v for k, v in row.items() if k in REUSED}, **s.metadata,
-                          words=unit_words(s.words, row)), store.vector(row["id"]) if row["status"] == "ok" else None)
-                for row in source]
+                          words=unit_words(s.words, row, s.metadata)),
+                 store.vector(row["id"]) if row["status"] == "ok" else None) for row in source]
         store.remove([r["id"] for r in old] + ([r["id"] for r in source] if moved else []))
         for row, vector in rows:  # ids are never reused: these are the vectors of this content
             store.put(row, vector)
+        if s.warning:
+            self.summary.warnings.append((display_path(s.found.path), s.warning))
         if moved:
             self.summary.moved += 1
         elif not old:

@@ -32,7 +32,8 @@ from .words import check_mode, query_expression, reciprocal_rank_fusion
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
 RESULT_COLUMNS = ["id", "path", "path_bytes", "kind", "duration_s", "status", "page", "start_s", "end_s"]
-METADATA_COLUMNS = ["taken_at", "mtime_ns", "lat", "lon", "camera"]  # read on first use, not at open
+METADATA_COLUMNS = ["taken_at", "mtime_ns", "lat", "lon", "camera",  # read on first use, not at open
+                    "live_video", "raw_file", "description", "keywords"]
 SORTS = ("score", "date")
 EARTH_RADIUS_KM = 6371.0088
 NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -61,11 +62,16 @@ class SearchResult:
     modified_at: dt.datetime | None = None  # the file's mtime, for --sort date when taken_at is unknown; not in JSON
     matched: list[str] | None = None  # found by its words: those that matched, as the file writes them
     words_score: float | None = None  # found by its words: their BM25 score (higher is better)
+    live_video: str | None = None  # a Live Photo's motion part
+    raw_file: str | None = None  # the RAW beside this JPEG
+    description: str | None = None  # from a sidecar
+    keywords: list[str] | None = None  # from an XMP sidecar
 
     def to_json(self) -> dict[str, Any]:
         """The stable --json/--jsonl record: rank, path, kind, score (null in words mode), rerank_score (when
-        reranked), id, then duration_s, page, start_s/end_s, taken_at (ISO 8601, UTC), lat, lon, camera, and
-        matched and words_score (for a hit found by its words), each only when known."""
+        reranked), id, then duration_s, page, start_s/end_s, taken_at (ISO 8601, UTC), lat, lon, camera,
+        live_video, raw_file, description and keywords, and matched and words_score (for a hit found by its
+        words), each only when known."""
         record = {"rank": self.rank, "path": self.path, "kind": self.kind, "score": rounded(self.score)}
         if self.reranked:
             record["rerank_score"] = rounded(self.rerank_score)
@@ -82,6 +88,9 @@ class SearchResult:
             record["lat"], record["lon"] = round(self.lat, 6), round(self.lon, 6)
         if self.camera is not None:
             record["camera"] = self.camera
+        for name in ("live_video", "raw_file", "description", "keywords"):
+            if getattr(self, name):
+                record[name] = getattr(self, name)
         if self.matched is not None:
             record["matched"], record["words_score"] = self.matched, rounded(self.words_score)
         return record
@@ -565,7 +574,9 @@ class SearchIndex:
         return SearchResult(rank=rank, id=item_id, path=row["path"], kind=row["kind"], score=score,
                             duration_s=row["duration_s"], fs_path=os.fsdecode(row["path_bytes"]), page=row["page"],
                             start_s=row["start_s"], end_s=row["end_s"], taken_at=meta["taken_at"], lat=meta["lat"],
-                            lon=meta["lon"], camera=meta["camera"], modified_at=modified)
+                            lon=meta["lon"], camera=meta["camera"], modified_at=modified,
+                            live_video=meta["live_video"], raw_file=meta["raw_file"],
+                            description=meta["description"], keywords=meta["keywords"])
 
     def rerank_results(self, query: Mapping, results: list[SearchResult], model: str | None) -> list[SearchResult]:
         """Order candidates by reranker score; a candidate that cannot be read goes last, unscored."""

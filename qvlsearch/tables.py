@@ -7,6 +7,7 @@ table's key columns repeated (as pandas prints a wide frame). Output to a pipe i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ def print_results(records: Sequence[Mapping[str, Any]]) -> None:
         shown = r.get("score") if r.get("score") is not None else r.get("words_score")  # words mode: BM25
         rows.append([str(r["rank"]), score(shown), *([score(r.get("rerank_score"))] if reranked else []),
                      *([r.get("date") or ""] if dated else []), r.get("kind", ""), r["path"],
-                     where(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "")])
+                     where(r) or (f"{r['duration_s']:.1f}s" if r.get("duration_s") else "") or beside(r)])
     print_table(columns, rows)
 
 
@@ -107,6 +108,13 @@ def where(record: Mapping[str, Any]) -> str:
 
     parts = ([f"matched: {', '.join(record['matched'])}"] if record.get("matched") else []) + [place(record)]
     return ", ".join(part for part in parts if part)
+
+
+def beside(record: Mapping[str, Any]) -> str:
+    """A photo's companions by name: 'live IMG_1.MOV', 'raw IMG_1.DNG'."""
+    parts = [f"{label} {os.path.basename(record[name])}" for label, name in (("live", "live_video"),
+                                                                              ("raw", "raw_file")) if record.get(name)]
+    return ", ".join(parts)
 
 
 def score(value: float | None) -> str:

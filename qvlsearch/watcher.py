@@ -24,6 +24,7 @@ from typing import Any
 
 from watchfiles import Change
 
+from .companions import is_beside_name
 from .fs import ignored, suffix_kind, walk
 from .indexer import Indexer, Summary, lock_index, owner_of
 from .store import StoreError, check_index_folder
@@ -292,11 +293,12 @@ class Watcher:
                                                             exclude=o.exclude):
                 continue
             sig = signature(path)
-            if sig is None or (not sig[2] and suffix_kind(path)):
+            if sig is None or (not sig[2] and (suffix_kind(path) or is_beside_name(os.path.basename(path)))):
                 self.pending[path] = (sig, now)
             elif sig[2] and change == Change.added and (o.follow_symlinks or not os.path.islink(path)):
                 # a folder came (made, moved or copied in): its files; a folder merely changed has its files' events
-                for f in walk([path], include_hidden=o.include_hidden, follow_symlinks=o.follow_symlinks):
+                for f in walk([path], include_hidden=o.include_hidden, follow_symlinks=o.follow_symlinks,
+                              beside=is_beside_name):
                     if not ignored(f.path, root, include_hidden=o.include_hidden, exclude=o.exclude):
                         self.pending[f.path] = (signature(f.path), now)
                 if not self.options.poll:

@@ -1,5 +1,6 @@
 """Small media files written on the fly by tests (a helper module, not a test module)."""
 
+import struct
 from os import PathLike
 from pathlib import Path
 
@@ -222,3 +223,59 @@ def make_encrypted_pdf(path: str | PathLike[str]) -> Path:
             b"/ID [<" + b"33" * 16 + b"> <" + b"33" * 16 + b">]\n")
     path.write_bytes(data[:at] + data[at:].replace(b"<<", b"<<\n" + lock, 1))
     return path
+
+
+APPLE_XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+             '<rdf:Description xmlns:apple-fi="http://ns.apple.com/faceinfo/1.0/" '
+             'apple-fi:ContentIdentifier="{}"/></rdf:RDF></x:xmpmeta>')
+
+
+def apple_makernote(identifier: str) -> bytes:
+    """An Apple MakerNote as an iPhone writes it, holding only the content identifier (tag 0x11, ASCII)."""
+    text = identifier.encode() + b"\x00"
+    value_at = 14 + 2 + 12 + 4  # after the header, the entry count, one entry and the next-IFD offset
+    return (b"Apple iOS\x00" + b"\x00\x01" + b"MM" + struct.pack(">H", 1)
+            + struct.pack(">HHII", 0x11, 2, len(text), value_at) + b"\x00" * 4 + text)
+
+
+def make_still(path: Path, source: str | PathLike[str], *, makernote_id: str | None = None,
+               xmp_id: str | None = None) -> Path:
+    """A phone's still: a JPEG with the Live Photo content identifier in its MakerNote or XMP."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    if makernote_id:
+        exif.get_ifd(ExifTags.IFD.Exif)[0x927C] = apple_makernote(makernote_id)
+    extra = {"xmp": APPLE_XMP.format(xmp_id).encode()} if xmp_id else {}
+    Image.open(source).convert("RGB").resize((96, 72)).save(path, exif=exif, quality=90, **extra)
+    return path
+
+
+def make_live_video(path: Path, identifier: str | None, seconds: int = 3) -> Path:
+    """A Live Photo's motion part: a short QuickTime movie with Apple's content identifier tag."""
+    import av
+
+    with av.open(str(path), "w", format="mov", options={"movflags": "use_metadata_tags"}) as container:
+        if identifier:
+            container.metadata["com.apple.quicktime.content.identifier"] = identifier
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(seconds * 2):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def make_burst(folder: Path, source: str | PathLike[str]) -> None:
+    """Three frames of a burst, one second apart (the camera moved a little), and a re-encoded, resized copy
+    of the first with the same date taken."""
+    from PIL import ExifTags
+
+    image = Image.open(source).convert("RGB").resize((320, 240))
+    for i in range(3):
+        exif = Image.Exif()
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = f"2023:08:01 12:00:0{i}"
+        image.crop((2 * i, i, 300 + 2 * i, 225 + i)).save(folder / f"burst_{i + 1}.jpg", exif=exif, quality=92)
+    first = Image.open(folder / "burst_1.jpg")
+    first.resize((240, 180)).save(folder / "burst_1 copy.jpg", exif=first.getexif(), quality=70)

@@ -52,6 +52,13 @@ ITEM_SCHEMA = pa.schema([
     ("lat", pa.float64()),
     ("lon", pa.float64()),
     ("camera", pa.string()),
+    # what lies beside the file (companions.py, sidecars.py); an index written before reads them as nulls, and
+    # the next run fills them in for the files it walks, from the sidecars and companions it finds
+    ("live_video", pa.string()),  # a Live Photo still's motion part (its path); the video is no item of its own
+    ("raw_file", pa.string()),  # the RAW beside the JPEG of a RAW+JPEG pair (its path)
+    ("description", pa.string()),  # from a sidecar (Takeout JSON, XMP dc:description)
+    ("keywords", pa.list_(pa.string())),  # from an XMP sidecar's dc:subject
+    ("sidecar_stamp", pa.string()),  # the sidecars' names, sizes and mtimes: a change updates the metadata
 ])
 DELETED_SCHEMA = pa.schema([("id", pa.int64())])
 SETTINGS_KEYS = ("model", "model_revision", "dim", "quantize", "index_type", "instruction",
