@@ -117,5 +117,5 @@ def print_dupes(rows: Sequence[Sequence[str]]) -> None:
 
 def print_eval(names: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Eval figures, one setting a row; the setting (dim, quantize, rerank_top) is repeated in each block."""
-    settings = ("dim", "quantize", "rerank_top")
-    print_table([Column(n, right=n != "quantize", key=n in settings) for n in names], rows)
+    settings = ("dim", "quantize", "rerank_top", "max_pixels", "fps", "max_frames", "index_setting")
+    print_table([Column(n, right=n not in ("quantize", "index_setting"), key=n in settings) for n in names], rows)
