@@ -25,10 +25,11 @@ KINDS = ("image", "video", "moment", "pdf", "text")
 ITEM_NAMES = {"image": ("photo", "photos"), "video": ("video", "videos"), "moment": ("moment", "moments"),
               "pdf": ("PDF page", "PDF pages"), "text": ("text", "texts")}
 LONG_SECONDS = 3600.0  # an estimate past this on a CPU names the levers
-# Measured in benchmarks/bench_cost.py (2b preset, 2-core AMD EPYC without native bf16): a text query's
-# bfloat16 time over its float32 time. Recorded in benchmarks/README.md.
-BF16_SLOWDOWN = 7.0
-BF16_SOURCE = "benchmarks/README.md, 'What it costs'"
+# bfloat16 over float32 on a CPU without native bf16: the 2b preset on the 2-core AMD EPYC build machine took
+# 345 s against 41.9 s for a 1024×768 photo and 9.8 s against 1.4 s for a text query (issue 26, recorded in
+# benchmarks/README.md, "What it costs"): the lesser factor is the one told.
+BF16_SLOWDOWN = 7
+BF16_SOURCE = "2b preset, 2-core AMD EPYC; benchmarks/README.md"
 
 
 def unit_kind(fields: dict[str, Any]) -> str:
@@ -201,10 +202,10 @@ def native_bf16(flags: Sequence[str] | frozenset[str] | None = None) -> bool | N
     return None if flags is None else any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def bf16_warning() -> str | None:
-    """The one line for a bfloat16 model on this CPU, where bfloat16 is emulated; None where it is native or
-    unknown."""
-    if native_bf16() is not False:
+def bf16_warning(flags: Sequence[str] | frozenset[str] | None = None) -> str | None:
+    """The one line for a bfloat16 model on this CPU (or one with these `flags`), where bfloat16 is emulated;
+    None where it is native or unknown."""
+    if native_bf16(flags) is not False:
         return None
-    return (f"bfloat16 on this CPU (no AMX or AVX-512 BF16) is emulated: measured {BF16_SLOWDOWN:g}× slower than "
+    return (f"bfloat16 on this CPU (no AMX or AVX-512 BF16) is emulated: measured {BF16_SLOWDOWN}× slower than "
             f"float32 on such a CPU ({BF16_SOURCE}); float32, the default on CPUs, is faster here")
