@@ -140,24 +140,34 @@ def duration_text(seconds: float) -> str:
     return f"{minutes} min {seconds % 60} s" if minutes else f"{seconds} s"
 
 
-def levers_line(meter: CostMeter, device_type: str | None) -> str | None:
-    """On a CPU, when the whole run is expected to take long: what makes it shorter, and how to see what that
-    costs in quality on one's own files. None otherwise."""
+LOWER_MAX_PIXELS = (401408, 200704)  # each about half the time of a 1024×768 photo at the setting before
+
+
+def levers_line(meter: CostMeter, device_type: str | None, max_pixels: int = 1843200) -> str | None:
+    """On a CPU, when the whole run is expected to take long: what makes it shorter (a GPU, a lower --max-pixels
+    than `max_pixels`, no moments), and how to see what that costs in quality on one's own files. None
+    otherwise."""
     left = meter.seconds_left()
     if device_type != "cpu" or left is None or sum(meter.seconds.values()) + left < LONG_SECONDS:
         return None
-    moments = ", --moment-seconds 0 (no moments)" if meter.planned.get("moment") else ""
-    return ("long on a CPU: a GPU, --max-pixels 401408 (about half the time a photo)" + moments + " make it "
-            "shorter; measure what a setting costs in quality with `qvlsearch eval QUERIES --qrels QRELS "
-            "--max-pixels 1843200,401408,200704`")
+    lower = [p for p in LOWER_MAX_PIXELS if p < max_pixels]
+    levers = ["a GPU"]
+    if lower and (meter.planned.get("image") or meter.planned.get("pdf")):
+        levers.append(f"--max-pixels {lower[0]} (about half the time a photo)")
+    if meter.planned.get("moment"):
+        levers.append("--moment-seconds 0 (no moments)")
+    settings = ",".join(str(p) for p in [max_pixels, *(lower or [max_pixels // 2])])
+    return (f"long on a CPU: {', '.join(levers)} would make it shorter; measure what a setting costs in quality "
+            f"on your files with `qvlsearch eval QUERIES --qrels QRELS --max-pixels {settings}`")
 
 
 class Estimate:
     """What the indexer tells on the way: the plan, each kind's first rate with the expected total, and the
     levers once; `say` takes each line."""
 
-    def __init__(self, say: Callable[[str], None] | None = None):
+    def __init__(self, say: Callable[[str], None] | None = None, max_pixels: int = 1843200):
         self.say = say or (lambda line: None)
+        self.max_pixels = max_pixels
         self.meter = CostMeter()
         self.levers_told = False
 
@@ -173,7 +183,7 @@ class Estimate:
             self.tell_levers(device_type)
 
     def tell_levers(self, device_type: str | None) -> None:
-        line = None if self.levers_told else levers_line(self.meter, device_type)
+        line = None if self.levers_told else levers_line(self.meter, device_type, self.max_pixels)
         if line:
             self.levers_told = True
             self.say(line)

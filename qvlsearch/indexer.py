@@ -481,7 +481,7 @@ class Indexer:
     def begin(self) -> None:
         """A new run's counts (a watcher makes one run of each batch, with the same model and store)."""
         self.summary = Summary()
-        self.estimate = Estimate(self.say)
+        self.estimate = Estimate(self.say, self.options.max_pixels)
         self.model_runs = 0  # items sent to the model in this run
         self.done = 0  # files dealt with so far, for the progress bar
         self.last_commit, self.since_commit = time.monotonic(), 0

@@ -112,6 +112,8 @@ def test_the_time_left_and_the_levers_on_a_cpu():
     assert meter.unmeasured() == ["pdf"] and "not counting PDF pages" in meter.estimate_line()
     assert "expected 11 h 40 min in all" in meter.estimate_line() and duration_text(75) == "1 min 15 s"
     assert "--max-pixels 401408" in levers_line(meter, "cpu") and "qvlsearch eval" in levers_line(meter, "cpu")
+    assert "--max-pixels 200704 (" in levers_line(meter, "cpu", max_pixels=401408)
+    assert "--max-pixels" not in levers_line(meter, "cpu", max_pixels=200704).split(";")[0]
     assert levers_line(meter, "cuda") is None
     meter.seconds = {"image": 2.0}
     assert levers_line(meter, "cpu") is None  # 17 minutes: not long
