@@ -259,7 +259,11 @@ def index(
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of files or folders to skip (repeatable).")] = None,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     follow_symlinks: Annotated[bool, typer.Option(help="Enter symlinked folders.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Only report what would change.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="Only report what would change, and what it would cost: the work by kind, and seconds per item "
+             "measured on a sample (--sample). Writes nothing.")] = False,
+    sample: Annotated[int, typer.Option(
+        min=0, help="With --dry-run: embed the first N items of each kind to measure their cost (0: no model).")] = 2,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any file failed.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another writer instead of exiting.")] = False,
     commit_every: Annotated[int, typer.Option(help="Commit at least every N files.")] = 256,
@@ -315,8 +319,13 @@ def index(
     show_bar = sys.stderr.isatty() and not (quiet or as_json)
     if not show_bar:
         logging.getLogger("qvlsearch.load").setLevel(logging.NOTSET)  # as --verbose says
-    with progress_bar(show_bar) as progress:
-        summary = Indexer(target, options, wait=wait, dry_run=dry_run, progress=progress).run(paths)
+    tell_cost = show_bar or (dry_run and not quiet)  # the estimate: on a terminal, and as a dry run's report
+    with progress_bar(show_bar) as bar:
+        indexer = Indexer(target, options, wait=wait, dry_run=dry_run, progress=bar and bar.update,
+                          say=say if tell_cost else None, sample=sample if dry_run else 0)
+        if bar:
+            bar.meter = indexer.estimate.meter
+        summary = indexer.run(paths)
     print_summary(summary, target, "would index" if dry_run else "indexed", quiet=quiet, as_json=as_json)
     if strict and summary.failed:
         raise typer.Exit(EXIT_FAILED)
@@ -337,29 +346,40 @@ def print_summary(summary, target: Path, what: str, *, quiet: bool, as_json: boo
             f"{summary.unchanged} unchanged, {summary.failed} failed ({target})", err=True)
 
 
+def say(line: str) -> None:
+    """A line for the person at the terminal, on stderr (above the progress bar while one shows)."""
+    print(f"qvlsearch: {line}", file=sys.stderr, flush=True)
+
+
 class progress_bar:
-    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+    """A rich progress bar on stderr when it is a terminal (files done, their rate, failures and the time left
+    at the rates measured by kind, from `meter`); None otherwise."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.task = enabled, None, None
+        self.enabled, self.bar, self.task, self.meter = enabled, None, None, None
 
     def __enter__(self):
         if not self.enabled:
             return None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} files/s, {task.fields[failed]} failed"),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                            TextColumn("{task.fields[rate]}, {task.fields[failed]} failed{task.fields[left]}"),
+                            console=Console(stderr=True), transient=True)
         self.bar.start()
-        self.task = self.bar.add_task("index", total=None, rate="-", failed=0)
+        self.task = self.bar.add_task("index", total=None, rate="-", failed=0, left="")
         self.started = time.monotonic()
-        return self.update
+        return self
 
     def update(self, done: int, total: int, failed: int) -> None:
-        rate = f"{done / max(time.monotonic() - self.started, 1e-6):.1f}"
-        self.bar.update(self.task, completed=done, total=total, rate=rate, failed=failed)
+        from .estimate import duration_text
+
+        per_second = done / max(time.monotonic() - self.started, 1e-6)
+        rate = f"{per_second:.1f} files/s" if per_second >= 1 else f"{per_second:.2g} files/s"
+        left = self.meter.seconds_left() if self.meter is not None else None
+        self.bar.update(self.task, completed=done, total=total, rate=rate, failed=failed,
+                        left="" if left is None else f", {duration_text(left)} left")
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
@@ -927,21 +947,29 @@ def eval_command(
     rerank: Annotated[bool, typer.Option("--rerank", help="Also the figures after reranking.")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker sees.")] = 50,
     reranker: RerankerOption = None,
+    max_pixels: Annotated[str | None, typer.Option(
+        help="Photo and page resolutions to compare, e.g. 1843200,401408,200704: the labelled files are embedded "
+             "again at each (cached), and the seconds per item shown.")] = None,
+    fps: Annotated[str | None, typer.Option(help="Video frame rates to compare, as --max-pixels.")] = None,
+    max_frames: Annotated[str | None, typer.Option(help="Most frames per video to compare, as --max-pixels.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Measure search quality on your own labelled queries: recall@1/5/10, nDCG@10, MRR and latency for each
     dim and quantization and each search mode (semantic, words, hybrid), from the stored vectors (files are not
-    embedded again); --rerank adds the reranked figures."""
-    from .evaluate import evaluate, parse_settings, read_qrels, read_queries
+    embedded again); --rerank adds the reranked figures. --max-pixels, --fps and --max-frames compare media
+    settings instead: what a lower resolution costs in quality and saves in seconds per item, beside the index's
+    own setting."""
+    from .evaluate import evaluate, parse_media_settings, parse_settings, read_qrels, read_queries
     from .search import open_index
 
     target = index_dir or default_index_dir()
     query_list, judgements = read_queries(queries), read_qrels(qrels)
     index = open_index(target, device=None if device == "auto" else device, reranker_model=reranker)
     settings = parse_settings(dims, quantize, index.manifest)
+    media_settings = parse_media_settings(max_pixels, fps, max_frames, index.manifest)
     report = evaluate(index, query_list, judgements, k=top_k, settings=settings, rerank=rerank,
-                      rerank_top=rerank_top)
+                      rerank_top=rerank_top, media_settings=media_settings)
     if report.missing_files:
         shown = ", ".join(report.missing_files[:3]) + (", ..." if len(report.missing_files) > 3 else "")
         typer.echo(f"qvlsearch: {len(report.missing_files)} files named in {qrels} are not in the index "
@@ -951,23 +979,33 @@ def eval_command(
                    + ", ".join(report.unknown_queries[:5]), err=True)
     for query_id, error in report.failed_queries:
         typer.echo(f"qvlsearch: query {query_id}: {error}", err=True)
+    for path, error in report.failed_items:
+        typer.echo(f"qvlsearch: {path}: {error}", err=True)
     typer.echo(f"qvlsearch: {report.evaluated} of {report.queries} queries evaluated (the others have no relevant "
                f"file in the index or failed); query embedding {report.embed_ms:.1f} ms"
                + (f", reranking {report.rerank_ms:.0f} ms a query" if report.rerank_ms is not None else ""), err=True)
     if as_json:
         write_stdout(json.dumps(report.to_json()) + "\n")
+    elif media_settings:
+        records = [s.to_json() for s in report.media_settings]
+        print_eval_rows(["max_pixels", "fps", "max_frames", "index_setting"], records, "seconds_per_item")
     else:
-        records = [s.to_json() for s in report.settings]
-        names = ["dim", "quantize", "mode", "rerank_top"] + [n for n in (records[0] if records else {}) if "@" in n] + [
-            "latency_ms"]
-        rows = [names] + [["-" if r[n] is None else str(r[n]) for n in names] for r in records]
-        if sys.stdout.isatty():
-            from .tables import print_eval
-
-            print_eval(names, rows[1:])
-        else:
-            write_stdout("".join("\t".join(row) + "\n" for row in rows))
+        print_eval_rows(["dim", "quantize", "mode", "rerank_top"], [s.to_json() for s in report.settings],
+                        "latency_ms")
     raise typer.Exit(EXIT_OK if report.evaluated else EXIT_FAILED)
+
+
+def print_eval_rows(setting: list[str], records: list[dict], cost: str) -> None:
+    """Eval's rows: the setting's columns, the figures, and what it costs; a table on a terminal, else TSV."""
+    names = setting + [n for n in (records[0] if records else {}) if "@" in n] + [cost]
+    rows = [names] + [["-" if r[n] is None else str(r[n]).lower() if isinstance(r[n], bool) else str(r[n])
+                       for n in names] for r in records]
+    if sys.stdout.isatty():
+        from .tables import print_eval
+
+        print_eval(names, rows[1:])
+    else:
+        write_stdout("".join("\t".join(row) + "\n" for row in rows))
 
 
 def usage_message(exc: typer.TyperException) -> str:

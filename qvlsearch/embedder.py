@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
 import unicodedata
@@ -38,6 +40,7 @@ class Embedding:
     vector: np.ndarray | None
     error: QvlsearchError | None = None
     facts: dict[str, Any] = field(default_factory=dict)  # tokens, width, height, frames, duration_s
+    batch_size: int = 1  # the items of the forward pass it came from (which share its time)
 
 
 def with_final_punctuation(instruction: str) -> str:
@@ -170,6 +173,14 @@ class Embedder(QwenModel):
                                         decode_jpeg_on_device, None if processes else decoders)
         self.processes = processes
 
+    def with_options(self, options: VisionOptions) -> Embedder:
+        """This model with other media settings (resolution, frames), sharing its weights: `eval` compares them."""
+        other = copy.copy(self)
+        other.options = options
+        other.item_encoder = dataclasses.replace(self.item_encoder, options=options)
+        other.__dict__.pop("worker_processes", None)  # its own, started on first use
+        return other
+
     def encode(self, index: int, item: Any) -> Encoded | Failed:
         """One item to model inputs (runs in a worker); errors become `Failed`."""
         return self.item_encoder(index, item)
@@ -203,7 +214,8 @@ class Embedder(QwenModel):
                     yield Embedding(batch.index, None, batch.error)
                     continue
                 vectors = self.vectors(batch, dim=dim, normalize=normalize)
-                yield from (Embedding(e.index, v, facts=e.facts) for e, v in zip(batch.items, vectors, strict=True))
+                yield from (Embedding(e.index, v, facts=e.facts, batch_size=len(batch.items))
+                            for e, v in zip(batch.items, vectors, strict=True))
 
     def vectors(self, batch: Batch, *, dim: int | None, normalize: bool) -> np.ndarray:
         pooled = self.forward_last_hidden(batch).float()

@@ -11,6 +11,13 @@ at every setting) and hybrid (the two fused by reciprocal rank, as `search --mod
 Files are judged, not rows: a file with several rows (a PDF's pages, a video's moments) is found at
 the rank of its best row, and counts once; the ranking is the files in the order of their best rows.
 
+With media settings (`--max-pixels`, `--fps`, `--max-frames`), the labelled files (those the qrels name
+that the index holds) are embedded again at each setting, and only they: the other files keep the
+index's vectors, so each row shows what that setting would change in this library's rankings, beside
+the seconds it takes per item (a photo, a PDF page, a video or one of its moments). The vectors are
+cached per model, setting and file (size and mtime) in the index's cache/eval/ folder: a second run
+embeds nothing again.
+
 Queries are JSON lines: {"id": "q1", "text": "a cat on a sofa"} (also "image", "video",
 "instruction"). Qrels are BEIR-style TSV: query-id, corpus-id, score, one judgement a line (a
 header line is allowed); corpus-id is a file path, absolute or relative to the qrels file's
@@ -19,7 +26,10 @@ folder; score > 0 is relevant, and its value is the gain in nDCG.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -31,14 +41,16 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QvlsearchError
+from .errors import QvlsearchError, SettingError
 from .fs import display_path
 from .indexer import MIN_DIM
+from .limits import VisionOptions
 from .quantize import binary_encode
 from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
 from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
 from .words import query_expression, reciprocal_rank_fusion
 
+log = logging.getLogger("qvlsearch")
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
 QRELS_EXAMPLE = "q1<TAB>photos/cat.jpg<TAB>1"
 
@@ -70,6 +82,26 @@ class Setting:
 
 
 @dataclass
+class MediaSetting:
+    """The figures at one media setting: search at the index's dim and quantization, with the labelled files
+    embedded at this setting (the index's own: its stored vectors)."""
+
+    options: VisionOptions
+    own: bool  # the index's own setting
+    metrics: dict[str, float]
+    seconds_per_item: float | None  # mean embedding time of a labelled item at this setting (None: none embedded)
+    embedded: int  # items embedded in this run (the rest came from the cache)
+    cached: int
+
+    def to_json(self) -> dict[str, Any]:
+        o = self.options
+        return {"max_pixels": o.max_pixels, "fps": o.fps, "max_frames": o.max_frames, "index_setting": self.own,
+                **{k: round(v, 4) for k, v in self.metrics.items()},
+                "seconds_per_item": None if self.seconds_per_item is None else round(self.seconds_per_item, 3),
+                "embedded": self.embedded, "cached": self.cached}
+
+
+@dataclass
 class Report:
     settings: list[Setting]
     queries: int  # in the queries file
@@ -80,6 +112,8 @@ class Report:
     failed_queries: list[tuple[str, str]] = field(default_factory=list)  # (id, error)
     embed_ms: float = 0.0  # mean query embedding time
     rerank_ms: float | None = None  # mean reranker time for one query's max(k, rerank_top) candidates
+    media_settings: list[MediaSetting] = field(default_factory=list)
+    failed_items: list[tuple[str, str]] = field(default_factory=list)  # (file, error) at a media setting
 
     def to_json(self) -> dict[str, Any]:
         return {"queries": self.queries, "evaluated": self.evaluated, "judgements": self.judgements,
@@ -87,7 +121,9 @@ class Report:
                 "failed_queries": [{"id": i, "error": e} for i, e in self.failed_queries],
                 "query_embedding_ms": round(self.embed_ms, 3),
                 "rerank_ms": None if self.rerank_ms is None else round(self.rerank_ms, 3),
-                "settings": [s.to_json() for s in self.settings]}
+                "settings": [s.to_json() for s in self.settings],
+                "media_settings": [s.to_json() for s in self.media_settings],
+                "failed_items": [{"path": p, "error": e} for p, e in self.failed_items]}
 
 
 def read_queries(path: Path) -> list[Query]:
@@ -166,6 +202,37 @@ def parse_settings(dims: str | Sequence[int | str] | None, quantize: str | Seque
     return [(d, q) for d in dict.fromkeys(dim_list) for q in dict.fromkeys(quantizations)]
 
 
+def parse_media_settings(max_pixels: str | None, fps: str | None, max_frames: str | None,
+                         manifest: dict[str, Any]) -> list[VisionOptions]:
+    """The index's own media setting, then each combination of the values given ('1843200,401408' for
+    --max-pixels; the index's value where an option is not given); an empty list when none is given."""
+    if max_pixels is None and fps is None and max_frames is None:
+        return []
+
+    def values(option: str, given: str | None, kind: type) -> list:
+        if given is None:
+            return [manifest[option.replace("-", "_")]]
+        try:
+            return [kind(v.strip()) for v in given.split(",")]
+        except ValueError:
+            raise EvalInputError(f"--{option}: {given!r} is not a list of numbers; give e.g. "
+                                 f"{'1843200,401408,200704' if option == 'max-pixels' else '0.5,1'}") from None
+
+    own = VisionOptions(manifest["min_pixels"], manifest["max_pixels"], manifest["total_pixels"], manifest["fps"],
+                        manifest["max_frames"])
+    settings = [own]
+    for pixels in values("max-pixels", max_pixels, int):
+        for rate in values("fps", fps, float):
+            for frames in values("max-frames", max_frames, int):
+                try:
+                    option = VisionOptions(min(own.min_pixels, pixels), pixels, own.total_pixels, rate, frames)
+                except SettingError as exc:
+                    raise EvalInputError(str(exc)) from None
+                if option not in settings:
+                    settings.append(option)
+    return settings
+
+
 def metrics(ranked: Sequence[Hashable], relevant: dict[Hashable, int], k: int) -> dict[str, float]:
     """recall@1, @5, @10 (and @k), nDCG@k (linear gains) and MRR@k of one ranked list of distinct files."""
     hits = [relevant.get(item, 0) for item in ranked[:k]]
@@ -181,9 +248,11 @@ def metrics(ranked: Sequence[Hashable], relevant: dict[Hashable, int], k: int) -
 
 def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str, int]], *, k: int = 10,
              settings: Iterable[tuple[int, str]] = (), rerank: bool = False, rerank_top: int = 50,
-             modes: Sequence[str] = ("semantic", "words", "hybrid")) -> Report:
+             modes: Sequence[str] = ("semantic", "words", "hybrid"), media_settings: Sequence[VisionOptions] = ()
+             ) -> Report:
     """Figures for each (dim, quantize) setting and search mode over the queries that have a relevant file in the
-    index (an index without words yet: semantic only)."""
+    index (an index without words yet: semantic only), and for each media setting (the first: the index's own;
+    see `parse_media_settings`)."""
     if k < 1 or rerank_top < 1:
         raise EvalInputError(f"-k and --rerank-top must be at least 1, got {k} and {rerank_top}")
     if not any(segment.words is not None for segment in index.snapshot.segments):
@@ -216,14 +285,8 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
     rerank_seconds, reranked_docs = 0.0, 0
     word_rows, words_latency = word_rankings(index, scored, file_of, depth) if set(modes) - {"semantic"} else ({}, 0)
     for dim, quantize in settings:
-        searcher = Searcher(documents, ids, dim, quantize)
-        searcher.search(vectors_of[scored[0].id], depth)  # untimed: FAISS's first call sets up threads
-        semantic_rows, seconds = {}, 0.0
-        for q in scored:
-            started = time.perf_counter()
-            semantic_rows[q.id] = rows_for_files(partial(searcher.search, vectors_of[q.id]), file_of, depth)
-            seconds += time.perf_counter() - started
-        semantic_latency = 1000 * seconds / len(scored)
+        semantic_rows, semantic_latency = search_all(Searcher(documents, ids, dim, quantize), scored, vectors_of,
+                                                     file_of, depth)
         for mode in modes:
             rows = (semantic_rows if mode == "semantic" else word_rows if mode == "words" else
                     {q.id: [i for i, _ in reciprocal_rank_fusion([semantic_rows[q.id], word_rows[q.id]])]
@@ -250,6 +313,11 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
                                            mode))
     if reranked_docs:
         report.rerank_ms = 1000 * rerank_seconds / reranked_docs * max(k, rerank_top)
+    if media_settings:
+        labelled = {path for judged in qrels.values() for path in judged if path in indexed}
+        compare_media(index, report, media_settings, documents, ids, file_of, labelled,
+                      partial(search_all, scored=scored, vectors_of=vectors_of, file_of=file_of, depth=depth),
+                      relevant, k)
     return report
 
 
@@ -264,6 +332,103 @@ def word_rankings(index: SearchIndex, queries: list[Query], file_of: dict[int, s
             lambda n, expression=expression: [r.id for r in index.word_results(expression, n, file_of.__contains__)],
             file_of, depth)
     return ranked, 1000 * (time.perf_counter() - started) / max(len(queries), 1)
+
+
+def search_all(searcher: Searcher, scored: list[Query], vectors_of: dict[str, np.ndarray], file_of: dict[int, str],
+               depth: int) -> tuple[dict[str, list[int]], float]:
+    """Each query's best rows (as many as hold `depth` files) and the mean search time in ms."""
+    searcher.search(vectors_of[scored[0].id], depth)  # untimed: FAISS's first call sets up threads
+    rows, seconds = {}, 0.0
+    for q in scored:
+        started = time.perf_counter()
+        rows[q.id] = rows_for_files(partial(searcher.search, vectors_of[q.id]), file_of, depth)
+        seconds += time.perf_counter() - started
+    return rows, 1000 * seconds / len(scored)
+
+
+def compare_media(index: SearchIndex, report: Report, media_settings: list[VisionOptions], documents: np.ndarray,
+                  ids: np.ndarray, file_of: dict[int, str], labelled: set[str],
+                  search: Callable[[Searcher], tuple[dict[str, list[int]], float]],
+                  relevant: dict[str, dict[str, int]], k: int) -> None:
+    """A MediaSetting for each of `media_settings`: the labelled files' rows embedded again at it (or read from
+    the cache), put in place of their stored vectors, and every query searched at the index's dim and
+    quantization."""
+    m = index.manifest
+    position = {item_id: n for n, item_id in enumerate(ids.tolist())}
+    rows_of: dict[str, list[int]] = {}
+    for item_id, path in file_of.items():
+        if path in labelled:
+            rows_of.setdefault(path, []).append(item_id)
+    cache = EvalCache(Path(index.path) / "cache" / "eval")
+    for options in media_settings:
+        own = options == media_settings[0]
+        embedder = index.embedder.with_options(options)
+        at_setting = documents.copy()
+        seconds, timed, embedded, cached = 0.0, 0, 0, 0
+        for path, item_ids in sorted(rows_of.items()):
+            results = [index.result(0, i, 0.0) for i in item_ids]
+            key = cache.key(m, options, results)
+            entry = cache.get(key) if key else None
+            if entry is None:
+                items = [{**document_item(r), "instruction": m["instruction"]} for r in results]
+                started = time.perf_counter()
+                vectors = np.full((len(items), embedder.dim), np.nan, dtype=np.float32)
+                for result in embedder.embed_iter(items):
+                    if result.error is None:
+                        vectors[result.index] = result.vector
+                    else:
+                        report.failed_items.append((path, f"at max_pixels {options.max_pixels}: {result.error}"))
+                entry = (vectors, time.perf_counter() - started)
+                embedded += len(items)
+                if key and not np.isnan(vectors).any():
+                    cache.put(key, *entry)
+            else:
+                cached += len(item_ids)
+            vectors, spent = entry
+            seconds, timed = seconds + spent, timed + len(item_ids)
+            if not own:  # the index's own setting searches its stored vectors, as `search` does
+                for item_id, vector in zip(item_ids, vectors, strict=True):
+                    if not np.isnan(vector).any():
+                        at_setting[position[item_id]] = vector[: at_setting.shape[1]]
+        rows, _ = search(Searcher(at_setting, ids, m["dim"], m["quantize"]))
+        ranked = {q_id: files_of(found, file_of) for q_id, found in rows.items()}
+        report.media_settings.append(MediaSetting(options, own, mean_metrics(ranked, relevant, k),
+                                                  seconds / timed if timed else None, embedded, cached))
+
+
+class EvalCache:
+    """Vectors of labelled files at a media setting, with the seconds they took, one .npz file each; keyed by
+    the model, the setting and the file (path, size, mtime). A cache that cannot be written is only slower."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def key(self, manifest: dict[str, Any], options: VisionOptions, results: list[Any]) -> str | None:
+        """The entry's name for these rows of one file; None when the file cannot be read (its rows then fail)."""
+        try:
+            stat = os.stat(results[0].fs_path or results[0].path)
+        except OSError:
+            return None
+        identity = [manifest["model"], manifest.get("model_revision"), manifest["instruction"],
+                    dataclasses.asdict(options), results[0].fs_path, stat.st_size, stat.st_mtime_ns,
+                    [(r.page, r.start_s, r.end_s) for r in results]]
+        return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> tuple[np.ndarray, float] | None:
+        try:
+            with np.load(self.folder / f"{key}.npz") as entry:
+                return entry["vectors"], float(entry["seconds"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, vectors: np.ndarray, seconds: float) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            temporary = self.folder / f".{key}.{os.getpid()}.npz"
+            np.savez(temporary, vectors=vectors, seconds=seconds)
+            os.replace(temporary, self.folder / f"{key}.npz")
+        except OSError as exc:
+            log.debug("eval cache not written: %s", exc)
 
 
 def rows_for_files(search: Callable[[int], list[int]], file_of: dict[int, str], files: int) -> list[int]:

@@ -38,6 +38,7 @@ from filelock import FileLock, Timeout
 from .companions import BESIDE_FIELDS, Arranged, arrange, is_beside_name, related_paths, same_capture
 from .decoders import MEDIA_KINDS, Decoders, crash_reason, decoding_kind
 from .errors import MediaError, SettingError, check_setting
+from .estimate import CostMeter, Estimate, unit_kind
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
 from .limits import VisionOptions
 from .metadata import FIELDS, read_metadata
@@ -106,9 +107,11 @@ class Summary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # e.g. PDF pages past --max-pages, skipped
+    cost: dict[str, Any] = field(default_factory=lambda: CostMeter().to_json())  # planned, embedded, rates
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data.update(data.pop("cost"))
         data["failures"] = [{"path": p, "error": e} for p, e in self.failures]
         data["warnings"] = [{"path": p, "warning": w} for p, w in self.warnings]
         data["seconds"] = round(self.seconds, 3)
@@ -199,6 +202,17 @@ def plan_units(path: str, kind: str, options: IndexOptions) -> tuple[list[Unit],
                        {"kind": "video", "start_s": start, "end_s": end, "duration_s": duration})
                   for start, end in windows(duration, options.moment_seconds)]
     return units, None
+
+
+def plan_file(path: str, options: IndexOptions) -> tuple[list[Unit], float]:
+    """What a file will cost before it is hashed or decoded: its units and, for a video, its length in seconds
+    (from the container). A file that cannot be looked at plans nothing: the run reports it."""
+    try:
+        kind = suffix_kind(path) or sniff_kind(path)
+        units, _ = plan_units(path, kind, options)
+        return units, video_duration(path) if kind == "video" else 0.0
+    except (KindError, MediaError, OSError, ValueError):
+        return [], 0.0
 
 
 def inspect(path: str, kind: str, options: IndexOptions
@@ -481,15 +495,22 @@ class Indexer:
     """One run of `qvlsearch index` over some roots into one index directory."""
 
     def __init__(self, index_dir: Path, options: IndexOptions, *, wait: bool = False, dry_run: bool = False,
-                 progress: Callable[[int, int, int], None] | None = None, embedder: Any = None):
-        """`embedder` may be a ready `Embedder` for `options.model` (loaded on first need otherwise)."""
+                 progress: Callable[[int, int, int], None] | None = None, embedder: Any = None,
+                 say: Callable[[str], None] | None = None, sample: int = 0):
+        """`embedder` may be a ready `Embedder` for `options.model` (loaded on first need otherwise). With `say`,
+        the run counts its work by kind before the model starts and tells it, then each kind's measured rate
+        and the expected total (see estimate.py). A dry run also counts, and embeds the first `sample` items
+        of each kind to measure their rates; it writes nothing."""
         validate(options)
+        check_setting("sample", sample, 0)
         self.index_dir = Path(index_dir)
         self.options = replace(options, model=model_setting(options.model))
         self.wait = wait
         self.dry_run = dry_run
         self.progress = progress or (lambda done, total, failed: None)
         self.embedder = embedder
+        self.say = say
+        self.sample = sample
         # Files of these kinds are opened and decoded in worker processes (started when the first comes), so
         # that a decoder's crash is that file's error row: videos, PDFs and RAW files; with --processes, every
         # media file.
@@ -499,6 +520,7 @@ class Indexer:
     def begin(self) -> None:
         """A new run's counts (a watcher makes one run of each batch, with the same model and store)."""
         self.summary = Summary()
+        self.estimate = Estimate(self.say, self.options.max_pixels)
         self.model_runs = 0  # items sent to the model in this run
         self.done = 0  # files dealt with so far, for the progress bar
         self.last_commit, self.since_commit = time.monotonic(), 0
@@ -513,7 +535,10 @@ class Indexer:
         self.begin()
         check_index_folder(self.index_dir)
         if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
-            self.update(self.open_store(), roots)
+            try:
+                self.update(self.open_store(), roots)
+            finally:
+                self.decoders.shutdown()
         else:
             undo = undo_first_run(self.index_dir)
             lock = lock_index(self.index_dir, self.wait)
@@ -528,6 +553,7 @@ class Indexer:
                 lock.release()
                 self.decoders.shutdown()
         self.summary.seconds = time.monotonic() - started
+        self.summary.cost = self.estimate.meter.to_json()
         return self.summary
 
     def stop_workers(self) -> None:
@@ -634,10 +660,13 @@ class Indexer:
         todo, gone, unchanged, seen = changes.todo, changes.gone, changes.unchanged, changes.seen
         gone_by_hash = {rows[0]["content_hash"]: rows for rows in gone.values() if reusable(rows)}
         gone_at_start = frozenset(gone)
+        sample = self.plan_work([found for found, _ in todo]) if todo and (self.say or self.dry_run) else []
         if self.dry_run:  # what would be embedded or dropped; moves show as added + removed
             self.summary.added = sum(not rows for _, rows in todo)
             self.summary.updated = len(todo) - self.summary.added + len(changes.refresh)
             self.summary.removed = len(gone)
+            if sample:
+                self.embed_sample(sample)
             return
         self.refresh_beside(store, changes.refresh)
 
@@ -674,9 +703,12 @@ class Indexer:
                 deferred.get()()
 
         if todo:
-            for result in self.get_embedder().embed_iter(needs_model(), batch_size=self.options.batch_size):
+            embedder = self.get_embedder()
+            self.estimate.meter.start()
+            for result in embedder.embed_iter(needs_model(), batch_size=self.options.batch_size):
                 run_deferred()
                 job, unit = jobs.pop(result.index)
+                self.estimate.recorded(unit_kind(unit.fields), self.device_type(), result)
                 if result.error is not None:
                     reason = getattr(result.error, "reason", str(result.error))
                     row = self.row(job.sniffed.found, **job.sniffed.metadata, **unit.fields, status="error",
@@ -733,6 +765,42 @@ class Indexer:
                     if words and (text := unit_words(words, row, row)):
                         texts[row["id"]] = text
             store.add_words(segment["name"], texts)
+
+    def plan_work(self, files: list[Found]) -> list[tuple[str, Unit]]:
+        """Count the work of these files by kind into the estimate and tell it; the first `sample` units of
+        each kind come back (a dry run's sample). Videos and PDFs are looked at in the decoders' processes."""
+        def look(i: int, found: Found) -> tuple[list[Unit], float]:
+            kind = suffix_kind(found.path)
+            try:
+                return self.decoders.run(kind or "unknown", plan_file, found.path, self.options)
+            except WorkerCrashed:
+                return [], 0.0
+
+        sample: list[tuple[str, Unit]] = []
+        taken: dict[str, int] = {}
+        for units, video_seconds in prefetch(look, files, workers=self.options.workers or min(8, os.cpu_count() or 1),
+                                             ahead=64):
+            kinds = [unit_kind(unit.fields) for unit in units]
+            self.estimate.meter.plan(kinds, video_seconds)
+            for kind, unit in zip(kinds, units, strict=True):
+                if taken.get(kind, 0) < self.sample:
+                    taken[kind] = taken.get(kind, 0) + 1
+                    sample.append((kind, unit))
+        self.estimate.planned()
+        return sample
+
+    def embed_sample(self, sample: list[tuple[str, Unit]]) -> None:
+        """Embed a dry run's sample to measure each kind's rate; the vectors are dropped."""
+        embedder = self.get_embedder()
+        self.estimate.meter.start()
+        for result in embedder.embed_iter([unit.item for _, unit in sample], batch_size=self.options.batch_size):
+            self.estimate.recorded(sample[result.index][0], self.device_type(), result)
+            if result.error is not None:
+                self.summary.warnings.append(("sample", f"not measured: {result.error}"))
+
+    def device_type(self) -> str | None:
+        """'cpu', 'cuda' or 'mps' where the model runs here; None on Ray or before it loads."""
+        return getattr(getattr(self.embedder, "device", None), "type", None)
 
     def add_metadata(self, store: Store, rows: list[dict]) -> None:
         """Give an index written before the metadata columns existed those columns: each unchanged file's

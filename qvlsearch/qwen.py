@@ -26,6 +26,7 @@ from .batching import (
     token_batches,
 )
 from .errors import InputError, MediaError, ModelLoadError
+from .estimate import bf16_warning
 from .jpeg import decode_pending
 from .media import LoadedMedia, VisionOptions
 from .parallel import WorkerProcesses, in_background, prefetch
@@ -199,6 +200,8 @@ class QwenModel:
         self.model_name_or_path = str(model_name_or_path)
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and (warning := bf16_warning()):
+            log.warning(warning)
         self.attn_implementation = pick_attention(self.device, attn_implementation)
         self.max_length = max_length
         self.options = options

@@ -131,6 +131,8 @@ def print_dupes(rows: Sequence[Sequence[str]]) -> None:
 
 
 def print_eval(names: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Eval figures, one setting a row; the setting (dim, quantize, mode, rerank_top) is repeated in each block."""
-    settings = ("dim", "quantize", "mode", "rerank_top")
-    print_table([Column(n, right=n not in ("quantize", "mode"), key=n in settings) for n in names], rows)
+    """Eval figures, one setting a row; the setting (dim, quantize, mode, rerank_top, or a media setting) is
+    repeated in each block."""
+    settings = ("dim", "quantize", "mode", "rerank_top", "max_pixels", "fps", "max_frames", "index_setting")
+    print_table([Column(n, right=n not in ("quantize", "mode", "index_setting"), key=n in settings) for n in names],
+                rows)

@@ -19,7 +19,16 @@ from PIL import Image
 from rich.cells import cell_len
 from terminal import on_terminal
 
-from qvlsearch.evaluate import EvalInputError, Query, evaluate, metrics, parse_settings, read_qrels, read_queries
+from qvlsearch.evaluate import (
+    EvalInputError,
+    Query,
+    evaluate,
+    metrics,
+    parse_media_settings,
+    parse_settings,
+    read_qrels,
+    read_queries,
+)
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.pages import PdfPage
 from qvlsearch.search import SearchIndex
@@ -208,3 +217,31 @@ def test_the_table_fits_the_terminal_with_whole_headers(index, labelled):
             assert [row.split()[:3] for row in block[1:]] == [[dim, quantize, mode] for dim in ("64", "32")
                                                               for quantize in ("none", "binary")
                                                               for mode in ("semantic", "words", "hybrid")]
+
+
+def test_media_settings_embed_the_labelled_files_again_and_only_them(index, labelled):
+    """--max-pixels: one row per setting, the index's own first; at each, the 9 labelled files (of the more the index
+    holds) are embedded again, once: a second run reads them from the cache."""
+    queries, qrels = read_queries(labelled / "queries.jsonl"), read_qrels(labelled / "qrels.tsv")
+    own = index.manifest["max_pixels"]
+    settings = parse_media_settings("200704,50176", None, None, index.manifest)
+    assert [s.max_pixels for s in settings] == [own, 200704, 50176]
+    first = evaluate(index, queries, qrels, settings=parse_settings(None, None, index.manifest),
+                     media_settings=settings)
+    rows = [row.to_json() for row in first.media_settings]
+    assert [(r["max_pixels"], r["index_setting"]) for r in rows] == [(own, True), (200704, False), (50176, False)]
+    assert len(index) > 9 and all(r["embedded"] == 9 and r["cached"] == 0 and r["seconds_per_item"] > 0
+                                    for r in rows)
+    assert len(list((Path(index.path) / "cache" / "eval").glob("*.npz"))) == 9 * 3  # one entry a file and setting
+    assert first.media_settings[0].metrics == first.settings[0].metrics  # the own setting: the stored vectors
+    again = evaluate(index, queries, qrels, settings=parse_settings(None, None, index.manifest),
+                     media_settings=settings)
+    assert [(r.embedded, r.cached) for r in again.media_settings] == [(0, 9)] * 3
+    assert [r.metrics for r in again.media_settings] == [r.metrics for r in first.media_settings]
+    tsv = cli("eval", str(labelled / "queries.jsonl"), "--qrels", str(labelled / "qrels.tsv"), "--index",
+              str(index.path), "--max-pixels", "200704,50176")
+    lines = [line.split("\t") for line in tsv.stdout.splitlines()]
+    assert tsv.returncode == 0 and lines[0][:4] == ["max_pixels", "fps", "max_frames", "index_setting"], tsv.stderr
+    assert lines[0][-1] == "seconds_per_item" and [row[0] for row in lines[1:]] == [str(own), "200704", "50176"]
+    with pytest.raises(EvalInputError, match="--max-pixels: 'big'"):
+        parse_media_settings("big", None, None, index.manifest)
