@@ -15,7 +15,7 @@ $(BIN)/qvlsearch:
 	$(MAKE) install
 
 test: lint wheels
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: | $(BIN)/qvlsearch
 	$(BIN)/ruff check qvlsearch tests benchmarks tools

@@ -45,7 +45,7 @@ from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
 from .pages import MAX_PAGES, PdfPage, page_count
 from .parallel import WorkerCrashed, prefetch
-from .sidecars import SIDECAR_FIELDS, fill, read_sidecars
+from .sidecars import SIDECAR_FIELDS, fill, is_sidecar_name, read_sidecars
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 from .words import read_words
 
@@ -533,6 +533,10 @@ class Indexer:
             if not os.path.lexists(root):
                 raise StoreError(f"no such file or folder: {root}")
         self.begin()
+        self.summary.warnings += [(display_path(root), "a sidecar with no photo beside it (same name): nothing to "
+                                   "index; name the photo or its folder") for root in roots
+                                  if os.path.isfile(root) and is_sidecar_name(os.path.basename(root))
+                                  and related_paths([root]) == [root]]
         check_index_folder(self.index_dir)
         if self.dry_run:  # no folder, no lock, no clean-up: nothing is written
             try:

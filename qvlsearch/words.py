@@ -19,13 +19,15 @@ File names are split at `_`, `-`, `.` and case changes, and also kept whole (`IM
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,31 +187,44 @@ def create_words(path: Path) -> sqlite3.Connection:
 
 def write_words(path: Path, rows: Iterable[tuple[int, str, str]]) -> None:
     """Write (id, name words, text) rows as a words database at `path`, optimized (one b-tree a term)."""
-    db = create_words(path)
+    with file_errors(path):
+        db = create_words(path)
+        try:
+            db.executemany("INSERT INTO words(rowid, name, text) VALUES (?, ?, ?)", rows)
+            finish_words(db)
+        finally:
+            db.close()
+
+
+@contextlib.contextmanager
+def file_errors(path: Path) -> Iterator[None]:
+    """SQLite's errors while a words database is written, as the OSError any other file's write gives (a full
+    disk is ENOSPC), so that the store's commit fails whole and says so in one line."""
     try:
-        db.executemany("INSERT INTO words(rowid, name, text) VALUES (?, ?, ?)", rows)
-        finish_words(db)
-    finally:
-        db.close()
+        yield
+    except sqlite3.Error as exc:
+        code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else str(exc), str(path)) from exc
 
 
 def copy_words(path: Path, sources: Sequence[tuple[Path, Sequence[int]]]) -> None:
     """A words database at `path` of the rows of `sources` (database, ids to leave out): a merge's."""
-    db = create_words(path)
-    try:
-        db.execute("CREATE TEMP TABLE dropped(id INTEGER PRIMARY KEY)")
-        for number, (source, drop) in enumerate(sources):
-            db.execute("DELETE FROM dropped")
-            db.executemany("INSERT OR IGNORE INTO dropped VALUES (?)", ((int(i),) for i in drop))
-            db.execute(f"ATTACH DATABASE ? AS source{number}", (readonly_uri(source),))
-            db.execute(f"INSERT INTO words(rowid, name, text) SELECT rowid, name, text FROM source{number}.words "
-                       "WHERE rowid NOT IN (SELECT id FROM dropped)")
-            db.execute("COMMIT")
-            db.execute(f"DETACH DATABASE source{number}")
-            db.execute("BEGIN")
-        finish_words(db)
-    finally:
-        db.close()
+    with file_errors(path):
+        db = create_words(path)
+        try:
+            db.execute("CREATE TEMP TABLE dropped(id INTEGER PRIMARY KEY)")
+            for number, (source, drop) in enumerate(sources):
+                db.execute("DELETE FROM dropped")
+                db.executemany("INSERT OR IGNORE INTO dropped VALUES (?)", ((int(i),) for i in drop))
+                db.execute(f"ATTACH DATABASE ? AS source{number}", (readonly_uri(source),))
+                db.execute(f"INSERT INTO words(rowid, name, text) SELECT rowid, name, text FROM source{number}.words "
+                           "WHERE rowid NOT IN (SELECT id FROM dropped)")
+                db.execute("COMMIT")
+                db.execute(f"DETACH DATABASE source{number}")
+                db.execute("BEGIN")
+            finish_words(db)
+        finally:
+            db.close()
 
 
 def finish_words(db: sqlite3.Connection) -> None:

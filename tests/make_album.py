@@ -1,7 +1,8 @@
 """Write the files that the README's examples use beyond sample_data/ (run from a checkout).
 
     python tests/make_album.py album DIR     # a photo album: sample photos and videos, two photos with EXIF,
-                                             # copies to find as duplicates, and labelled queries for `eval`
+                                             # copies to find as duplicates, a phone's Live Photo and burst,
+                                             # and labelled queries for `eval`
     python tests/make_album.py queries DIR   # query files: 'blue clip.mp4' and 'page2.png'
 """
 
@@ -14,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from make_media import make_color_video, make_photo, set_creation_time
+from make_media import make_burst, make_color_video, make_live_video, make_photo, make_still, set_creation_time
 from PIL import Image
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
@@ -45,6 +46,10 @@ def make_album(root: Path) -> None:
     Image.open(root / "photos" / "cake.jpg").save(root / "backup" / "cake (edited).jpg", quality=95)
     set_creation_time(root / "videos" / "cat pan.mp4", root / "backup" / "cat pan.mp4",
                       "2022-03-04T05:06:07.000000Z", location="+48.8577+002.2950/")
+    (root / "phone").mkdir()  # a Live Photo (a still and its video, one content identifier) and a burst
+    make_still(root / "phone" / "IMG_0001.JPG", SAMPLE_DATA / "photos" / "cat.jpg", makernote_id="5C4B")
+    make_live_video(root / "phone" / "IMG_0001.MOV", "5C4B")
+    make_burst(root / "phone", SAMPLE_DATA / "photos" / "cake.jpg")
     (root / "queries.jsonl").write_text("".join(json.dumps(query) + "\n" for query in QUERIES))
     (root / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{c}\t{s}\n" for q, c, s in QRELS))
     for path in [root, *root.rglob("*")]:

@@ -474,7 +474,7 @@ def test_a_new_index_goes_only_into_a_new_or_empty_folder(tmp_path, checkpoints)
                                                          "segments"]
     segment = Snapshot(started).manifest["segments"][0]["name"]
     assert sorted(p.name for p in (started / "segments").iterdir()) == [f"{segment}.{ext}"
-                                                                       for ext in ("faiss", "npy", "parquet")]
+                                                                       for ext in ("faiss", "npy", "parquet", "words")]
 
 
 def test_items_view_is_copied_where_hard_links_fail(tmp_path, corpus, options, embedder, monkeypatch):

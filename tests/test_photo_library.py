@@ -160,6 +160,21 @@ def test_an_xml_bomb_sidecar_is_refused_in_one_line(indexed, library):
     assert rows_by_name(indexed[0])["bomb.jpg"][0]["status"] == "ok"  # the photo is indexed all the same
 
 
+def test_a_sidecar_named_alone_indexes_its_photo_or_says_why_not(tmp_path, library, checkpoints, embedder):
+    """`qvlsearch index IMG_1234.jp.json` indexes the photo it belongs to; a sidecar with no photo beside it is
+    a line naming it, not silence."""
+    options = IndexOptions(model=str(checkpoints["embedder"]))
+    named = Indexer(tmp_path / "i", options, embedder=embedder).run([library / "IMG_1234.jp.json"])
+    assert (named.added, named.warnings) == (1, [])
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(library / "IMG_1234.jp.json", lone / "IMG_9999.jpg.json")
+    alone = Indexer(tmp_path / "j", options, embedder=embedder).run([lone / "IMG_9999.jpg.json"])
+    assert alone.total == 0 and alone.warnings == [
+        (str(lone / "IMG_9999.jpg.json"), "a sidecar with no photo beside it (same name): nothing to index; name the "
+                                          "photo or its folder")]
+
+
 def test_a_burst_is_similar_and_a_reencoded_copy_is_near(indexed, library):
     # the tiny model's random weights place a resized copy further off than a real model does: a lower threshold
     groups = find_duplicates(indexed[2], TINY_THRESHOLD, under=library / "burst")
