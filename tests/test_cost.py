@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from make_media import make_image, make_pdf, make_video
 from PIL import Image
+from terminal import raw_terminal
 
 from qvlsearch.estimate import CostMeter, bf16_warning, duration_text, levers_line, native_bf16
 from qvlsearch.indexer import Indexer, IndexOptions
@@ -37,32 +38,9 @@ def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted(folder.rglob("*"))}
 
 
-def stderr_on_terminal(args: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, what stderr showed on a pseudo-terminal)."""
-    import pty
-
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "qvlsearch", *args], stdout=subprocess.PIPE, stderr=secondary,
-                            env={**ENV, "COLUMNS": "100"})
-    os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(primary, 4096)
-        except OSError:  # the terminal closed
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    stdout = proc.stdout.read().decode()
-    proc.wait(timeout=300)
-    os.close(primary)
-    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
-
-
 def test_the_estimate_on_a_terminal(tmp_path, library, checkpoints):
-    code, _, shown = stderr_on_terminal(["index", str(library), "--index", str(tmp_path / "i"), "--model",
-                                         str(checkpoints["embedder"])])
+    code, shown = raw_terminal("index", str(library), "--index", str(tmp_path / "i"), "--model",
+                               str(checkpoints["embedder"]), columns=100, env=ENV, stream="stderr")
     assert code == 0, shown
     assert "qvlsearch: to embed: 3 photos, 1 video (0.1 minutes), 2 PDF pages, 1 text" in shown
     measured = [line for line in shown.replace("\r", "\n").splitlines() if "qvlsearch: measured" in line]
