@@ -11,6 +11,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -107,6 +108,19 @@ def death(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def exit_code(process: multiprocessing.process.BaseProcess, timeout: float = 30) -> int | None:
+    """The exit code of a process that has died, waited for.
+
+    A core dump can hold the exit status back a while, and the pool's own thread reaps the
+    process too: when it wins, our wait finds no child and the code appears only once that
+    thread has stored it. So wait until the code is there, not just until the process is gone.
+    """
+    deadline = time.monotonic() + timeout
+    while process.exitcode is None and time.monotonic() < deadline:
+        process.join(timeout=0.05)
+    return process.exitcode
+
+
 class WorkerProcesses:
     """A pool of spawned processes that each hold `fn` (pickled once, when they start).
 
@@ -164,9 +178,7 @@ class WorkerProcesses:
             except BrokenProcessPool:
                 self.lone = None  # started afresh for the next one
                 processes = processes or list((getattr(pool, "_processes", None) or {}).values())
-                for process in processes:  # dead already; a core dump can hold its exit status back a while
-                    process.join(timeout=30)
-                codes = [p.exitcode for p in processes]
+                codes = [exit_code(process) for process in processes]
         if 0 in codes:  # it ended as if in good order: its start failed (the log says why), not the item
             raise QvlsearchError("a worker process could not start (see the messages above)")
         how = next((death(code) for code in codes if death(code)), "")
