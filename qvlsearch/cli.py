@@ -688,7 +688,7 @@ class Searcher:
             raise
 
     def open(self):
-        from .indexer import model_setting
+        from .hub import model_setting
         from .search import open_index
         from .store import StoreError
 
@@ -731,8 +731,7 @@ def preloads(target: Path, model: str | None, rerank: bool, reranker: str | None
 
     A model that cannot be loaded fails here, at once, before torch is imported.
     """
-    from .hub import require_model
-    from .indexer import model_setting
+    from .hub import model_setting, require_model
     from .store import read_manifest
 
     try:

@@ -9,10 +9,17 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from .errors import ModelLoadError
 
 PROBE_TIMEOUT_S = 3.0
+
+
+def model_setting(model: str | os.PathLike) -> str:
+    """How an index names its model: a local folder by its resolved path (loadable from any folder), else the Hub id."""
+    model = os.fspath(model)
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
 
 
 def require_model(name: str) -> None:

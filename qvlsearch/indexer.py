@@ -40,6 +40,7 @@ from .decoders import MEDIA_KINDS, Decoders, crash_reason, decoding_kind
 from .errors import MediaError, SettingError, check_setting
 from .estimate import CostMeter, Estimate, unit_kind
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
+from .hub import model_setting
 from .limits import VisionOptions
 from .metadata import FIELDS, read_metadata
 from .moments import MOMENT_FRAMES, MOMENT_SECONDS, place, video_duration, windows
@@ -329,12 +330,6 @@ class StoredFiles:
         hashes = self.table["content_hash"].filter(ok).to_pylist()
         paths = self.paths.filter(ok).to_pylist()
         return {h: path for h, path in zip(hashes, paths, strict=True) if h and path not in leave_out}
-
-
-def model_setting(model: str | os.PathLike) -> str:
-    """How an index names its model: a local folder by its resolved path (loadable from any folder), else the Hub id."""
-    model = os.fspath(model)
-    return str(Path(model).resolve()) if os.path.isdir(model) else model
 
 
 def path_filter(files: Iterable[str], folders: Iterable[str]) -> Callable[[bytes], bool]:

@@ -141,6 +141,16 @@ def test_cli_json_and_tsv_say_what_matched(index_dir):
     assert table.stdout.rstrip("\n").endswith("invoices.pdf\tmatched: 4711, p. 2"), table.stdout
 
 
+def test_a_words_search_imports_no_torch(index_dir):
+    """Words need no model: a `--mode words` search stays a one-second command, without torch's import."""
+    run = ("import sys\nfrom qvlsearch.cli import main\n"
+           "sys.argv = ['qvlsearch', 'search', '4711', '--index', sys.argv[1], '--mode', 'words', '--no-server']\n"
+           "try:\n    main()\nexcept SystemExit as end:\n    print(end.code, 'torch' in sys.modules, file=sys.stderr)\n")
+    found = subprocess.run([sys.executable, "-c", run, str(index_dir)], capture_output=True, text=True, env=ENV,
+                           timeout=120)
+    assert "invoices.pdf" in found.stdout and found.stderr.split()[-2:] == ["0", "False"], found.stderr
+
+
 def test_bad_modes_and_words_queries_are_one_line_errors(index, library):
     with pytest.raises(InputError, match="mode must be one of hybrid, semantic, words, got 'fuzzy'"):
         index.search("x", mode="fuzzy")
