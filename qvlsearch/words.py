@@ -268,9 +268,9 @@ class SegmentWords:
     def search(self, expression: str, limit: int) -> list[tuple[int, float]]:
         """The best `limit` (id, BM25 score, higher is better) of this segment for an FTS5 `expression`."""
         with self.lock:
-            found = self.db.execute(
-                f"SELECT rowid, bm25(words, {NAME_WEIGHT}, {TEXT_WEIGHT}) FROM words WHERE words MATCH ? "
-                "ORDER BY rank LIMIT ?", (expression, limit)).fetchall()
+            found = self.db.execute(  # `rank` is bm25() with equal weights unless the query sets it, as here
+                "SELECT rowid, rank FROM words WHERE words MATCH ? AND rank MATCH ? ORDER BY rank LIMIT ?",
+                (expression, f"bm25({NAME_WEIGHT}, {TEXT_WEIGHT})", limit)).fetchall()
         return [(int(i), -float(score)) for i, score in found]
 
     def matched(self, expression: str, ids: Sequence[int]) -> dict[int, list[str]]:

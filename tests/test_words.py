@@ -21,7 +21,7 @@ from qvlsearch.errors import InputError
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 from qvlsearch.store import Snapshot, Store, now, read_manifest
-from qvlsearch.words import name_words, query_expression, reciprocal_rank_fusion
+from qvlsearch.words import SegmentWords, name_words, query_expression, reciprocal_rank_fusion, write_words
 
 SETTINGS = {"model": "synthetic", "model_revision": None, "dim": 8, "quantize": "none", "index_type": "flat",
             "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
@@ -126,6 +126,18 @@ def test_rrf_sums_reciprocal_ranks():
     assert fused[0][1] == pytest.approx(1 / 63 + 1 / 61)
 
 
+def test_a_segment_ranks_by_the_weighted_score_it_reports(tmp_path):
+    """The name counts double: the best by that weighted score comes first, not the best by FTS5's equal weights."""
+    path = tmp_path / "seg.words"
+    write_words(path, [(1, "cake party", "photos of the day"), (2, "holiday", "cake and more cake on the table"),
+                       *((i, f"other {i}", "nothing to see here") for i in range(3, 40))])
+    words = SegmentWords(path)
+    ranked = words.search('"cake"', limit=10)
+    assert [i for i, _ in ranked] == [1, 2] and ranked[0][1] > ranked[1][1]
+    assert words.search('"cake"', limit=1) == ranked[:1]
+    words.close()
+
+
 def test_queries_are_never_fts5_syntax():
     assert query_expression('NEAR(a b) OR "x" AND -') == '"NEAR(a" AND "b)" AND "OR" AND "x" AND "AND"'
     assert query_expression("!!! ...") is None
@@ -145,7 +157,8 @@ def test_a_words_search_imports_no_torch(index_dir):
     """Words need no model: a `--mode words` search stays a one-second command, without torch's import."""
     run = ("import sys\nfrom qvlsearch.cli import main\n"
            "sys.argv = ['qvlsearch', 'search', '4711', '--index', sys.argv[1], '--mode', 'words', '--no-server']\n"
-           "try:\n    main()\nexcept SystemExit as end:\n    print(end.code, 'torch' in sys.modules, file=sys.stderr)\n")
+           "try:\n    main()\nexcept SystemExit as end:\n"
+           "    print(end.code, 'torch' in sys.modules, file=sys.stderr)\n")
     found = subprocess.run([sys.executable, "-c", run, str(index_dir)], capture_output=True, text=True, env=ENV,
                            timeout=120)
     assert "invoices.pdf" in found.stdout and found.stderr.split()[-2:] == ["0", "False"], found.stderr
