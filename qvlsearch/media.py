@@ -309,8 +309,8 @@ def _load_image(part: dict) -> tuple[Image.Image, tuple[int, int]]:
     source = part["image"]
     image = source.render(part["max_pixels"]) if isinstance(source, PdfPage) else open_image(source, part["max_pixels"])
     try:
-        resized = vision_process.fetch_image({**part, "image": image}, image_patch_size=IMAGE_PATCH_SIZE)
-        return resized, image.info.get(PHOTO_SIZE, image.size)  # a RAW file's full size, not its preview's
+        size = image.info.get(PHOTO_SIZE, image.size)  # a RAW file's full size, not its preview's
+        return fitted_rgb(image, part, IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE), size
     except Exception as exc:
         raise failure("image", part["image"], media_reason(exc)) from None
 
@@ -398,10 +398,10 @@ def _load_frame_list(part: dict) -> tuple[Any, dict]:
     return torch.stack(frames).float(), metadata
 
 
-def _list_frame(image: Image.Image, info: dict) -> np.ndarray:
-    """A frame of a frame list as `fetch_video` first resizes it (`fetch_image`, to which qwen-vl-utils passes
-    the merged patch size as the patch size), without fetch_image's full-size copies of an RGB frame."""
-    factor = IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE**2
+def fitted_rgb(image: Image.Image, info: dict, factor: int) -> Image.Image:
+    """`image` in RGB at the size qwen-vl-utils' `fetch_image` gives it (sides multiples of `factor`, within the
+    part's pixel bounds), with the same pixels, but without fetch_image's full-size RGB copy of an RGB image
+    (192 MB for an 8000x8000 photo): an RGB image is resized first, anything else turned to RGB first."""
     image = image if image.mode == "RGB" else vision_process.to_rgb(image)
     if "resized_height" in info and "resized_width" in info:
         height, width = vision_process.smart_resize(info["resized_height"], info["resized_width"], factor=factor)
@@ -410,8 +410,14 @@ def _list_frame(image: Image.Image, info: dict) -> np.ndarray:
             image.height, image.width, factor=factor,
             min_pixels=info.get("min_pixels", vision_process.IMAGE_MIN_TOKEN_NUM * factor**2),
             max_pixels=info.get("max_pixels", vision_process.IMAGE_MAX_TOKEN_NUM * factor**2))
-    if image.size != (width, height):
-        image = image.resize((width, height))
+    return image if image.size == (width, height) else image.resize((width, height))  # Pillow would copy it
+
+
+def _list_frame(image: Image.Image, info: dict) -> np.ndarray:
+    """A frame of a frame list as `fetch_video` first resizes it (`fetch_image`, to which qwen-vl-utils passes
+    the merged patch size as the patch size)."""
+    image = fitted_rgb(image, info, IMAGE_PATCH_SIZE * vision_process.SPATIAL_MERGE_SIZE**2)
+    width, height = image.size
     pixels = np.empty((height, width, 3), np.uint8)
     for top in range(0, height, STRIP_ROWS):  # np.asarray of the whole image would hold two more copies at once
         pixels[top:top + STRIP_ROWS] = np.asarray(image.crop((0, top, width, min(top + STRIP_ROWS, height))))
