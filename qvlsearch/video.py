@@ -218,7 +218,9 @@ def _decode(file: BinaryIO, demuxer: str, stream_index: int, targets: list[int],
     positions in presentation order instead when the stream's packets have no timestamps."""
     with _open(file, demuxer) as container:
         stream = container.streams[stream_index]
-        stream.codec_context.thread_type = "AUTO"
+        # One thread: files are decoded side by side (a decoder worker each), and the frames are resized
+        # as they come; FFmpeg's own frame threads only contend with both (measured: up to 1.3x slower)
+        stream.codec_context.thread_count = 1
         # MPEG-TS is left whole: an interlaced camcorder stream (AVCHD) may carry a frame's two fields in two packets
         wanted = None if by_position or demuxer == MPEGTS else set(targets)
         frames = _frames(container, stream, wanted)
