@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from test_index import ENV, assert_consistent, cli, vectors_by_path
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 from qvlsearch.store import Snapshot, Store, StoredVectors, StoreError, now, read_manifest, segments, writer
+from qvlsearch.store.files import sync_view
 
 SETTINGS = {"model": "synthetic", "model_revision": None, "dim": 32, "quantize": "none", "index_type": "flat",
             "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
@@ -580,6 +582,33 @@ def test_a_view_that_does_not_fit_is_a_warning_and_the_next_tidy_catches_up(smal
     store.tidy()
     assert view_in_step(path)
     assert assert_consistent(path).manifest["counts"]["ok"] == 300
+
+
+@pytest.mark.parametrize("operation", ["commit", "optimize"])
+def test_ctrl_c_while_the_manifest_and_view_switch_waits_for_both(tmp_path, monkeypatch, operation):
+    """Ctrl-C that lands after the new manifest is written takes effect once this writer's state and the view
+    outside tools read are in step with it: never a view one commit behind, never a writer that would write
+    the same generation again."""
+    path = tmp_path / "i"
+    store = Store.create(path, SETTINGS, 32)
+    add(store, 20, np.random.default_rng(13))
+    store.commit()
+    add(store, 5, np.random.default_rng(14))
+    linked = []
+
+    def sync_view_with_ctrl_c(*args):
+        if not linked:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C: a signal, handled between bytecodes
+        linked.append(args)
+        sync_view(*args)
+
+    monkeypatch.setattr(writer, "sync_view", sync_view_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(store, operation)()
+    assert len(linked) == 2  # the items view and the deleted view, both, before the KeyboardInterrupt
+    assert view_in_step(path)
+    assert store.manifest == read_manifest(path) and not store.dirty
+    assert assert_consistent(path).manifest["counts"]["ok"] == 25
 
 
 def test_optimize_and_rebuild_keep_out_the_rows_this_writer_deleted(tmp_path):

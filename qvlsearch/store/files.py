@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,27 @@ def check_index_folder(path: Path) -> None:
     if foreign:
         raise StoreError(f"--index {path} is not an index and not empty (it holds {foreign[0]!r}"
                          f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); pass a new or empty folder")
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) that comes during the block takes effect when the block ends, so that a commit's
+    manifest, the writer's state and the view outside tools read switch together. Only the main thread can
+    hold a signal, and only a handler Python set can be put back: elsewhere this holds nothing."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    came: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if came and callable(previous):  # Python's own raises KeyboardInterrupt; a watcher's starts stopping
+            previous(signal.SIGINT, came[0])
+        elif came and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def sync_view(path: Path, live: set[str], folder: str) -> None:

@@ -34,6 +34,7 @@ from .files import (
     SETTINGS_KEYS,
     StoreError,
     check_index_folder,
+    interrupts_held,
     now,
     read_manifest,
     remove_store_files,
@@ -323,14 +324,23 @@ class Store:
                 self.compact_deletes(manifest, deleted)
             manifest.update(counts=self.counts(), updated=now().isoformat(),
                             superseded=self.superseded(manifest))
+        except OSError as exc:
+            raise self.write_error(exc) from None
+        with interrupts_held():  # the manifest, this writer's state and the view switch together
+            self.switch(manifest)
+            self.manifest, self.deleted = manifest, deleted
+            self._committed = None if committed_after is None else (committed_after["id"].to_numpy(),
+                                                                     committed_after)
+            self.pending_rows, self.pending_vectors, self.pending_deletes, self.pending_words = {}, {}, set(), {}
+            self.dirty = False
+            self.tidy()
+
+    def switch(self, manifest: dict[str, Any]) -> None:
+        """Write `manifest`: readers see the new generation from now on."""
+        try:
             write_manifest(self.path, manifest)
         except OSError as exc:
             raise self.write_error(exc) from None
-        self.manifest, self.deleted = manifest, deleted
-        self._committed = None if committed_after is None else (committed_after["id"].to_numpy(), committed_after)
-        self.pending_rows, self.pending_vectors, self.pending_deletes, self.pending_words = {}, {}, set(), {}
-        self.dirty = False
-        self.tidy()
 
     def write_pending(self, manifest: dict[str, Any], new_rows: pa.Table) -> np.ndarray:
         """The new rows' segment (`new_rows`: `pending_table()`) and the new tombstones; returns every tombstone
@@ -506,13 +516,15 @@ class Store:
                 self.merge(manifest, manifest["segments"], self.deleted, self.deleted)
             manifest.update(updated=now().isoformat(), superseded=self.superseded(manifest),
                             counts=self.counted(manifest))
-            write_manifest(self.path, manifest)
         except OSError as exc:
             raise self.write_error(exc) from None
-        self.manifest, self.deleted, self.segment_ids, self._rows = manifest, np.zeros(0, dtype=np.int64), {}, None
-        self.deleted_before, self.deleted_now = self.deleted, set()
-        self.segment_vectors, self._committed = {}, None
-        self.tidy()
+        with interrupts_held():
+            self.switch(manifest)
+            self.manifest, self.deleted = manifest, np.zeros(0, dtype=np.int64)
+            self.segment_ids, self._rows = {}, None
+            self.deleted_before, self.deleted_now = self.deleted, set()
+            self.segment_vectors, self._committed = {}, None
+            self.tidy()
         return damaged
 
     def readable_segments(self) -> tuple[list[dict[str, Any]], list[str]]:
