@@ -361,7 +361,8 @@ class Watcher:
             self.last_batch = time.monotonic()
         indexer.summary.seconds = time.monotonic() - started
         s = indexer.summary
-        if what != "watch" or s.added or s.updated or s.moved or s.removed or s.failed or indexer.options.verbose:
+        # the first pass always says what it did; a batch or a rescan only when it changed something
+        if what == "indexed" or s.added or s.updated or s.moved or s.removed or s.failed or indexer.options.verbose:
             self.report(what, s)
 
     def write_watch_file(self) -> None:
