@@ -11,18 +11,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import PHOTOS, SAMPLE_DATA
 from make_media import make_image, make_video
+from test_server import Served
 
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.store import Snapshot
@@ -42,42 +39,16 @@ def crash_files(folder: Path) -> dict[str, Path]:
             "pdf": Path(shutil.copy(next((SAMPLE_DATA / "documents").glob("*.pdf")), folder / "crash-decoder.pdf"))}
 
 
-class Server:
-    """`qvlsearch serve` in a subprocess, with the crashing decoders."""
-
-    def __init__(self, index_dir: Path, checkpoints: dict):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "qvlsearch", "serve", "--index", str(index_dir), "--port", "0",
-             "--reranker", str(checkpoints["reranker"])],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 240
-        while not (index_dir / "server.json").exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                pytest.fail(f"the server did not start: {self.process.communicate()[1]}")
-            time.sleep(0.2)
-        self.url = json.loads((index_dir / "server.json").read_text())["url"]
-
-    def request(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-
 def test_the_server_answers_422_for_media_that_crash_the_decoder_and_goes_on(tmp_path, checkpoints, embedder):
     root = tmp_path / "files"
     root.mkdir()
     cake = Path(shutil.copy(PHOTOS / "cake.jpg", root / "cake.jpg"))
     Indexer(tmp_path / "index", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
     crash = crash_files(root)  # under the roots: the server may read them
-    server = Server(tmp_path / "index", checkpoints)
+    server = Served(tmp_path / "index", checkpoints, env=ENV)
     try:
-        _, health = server.request("/health")
-        status, body = server.request("/v1/embeddings", {
+        _, health = server.get("/health")
+        status, body = server.post("/v1/embeddings", {
             "model": "embedder", "encoding_format": "float",
             "input": [{"image": str(crash["image"])}, {"image": str(cake)}, "a cat", {"video": str(crash["video"])}]})
         assert status == 422, body
@@ -88,22 +59,21 @@ def test_the_server_answers_422_for_media_that_crash_the_decoder_and_goes_on(tmp
         expected = embedder.embed([{"image": str(cake)}, {"text": "a cat"}])
         assert np.abs(np.array([d["embedding"] for d in body["data"]]) - expected).max() < 1e-5
 
-        status, body = server.request("/v1/rerank", {"query": "a cake", "documents": [
+        status, body = server.post("/v1/rerank", {"query": "a cake", "documents": [
             {"image": str(crash["image"])}, "a cake with candles", {"image": str(cake)}]})
         assert status == 422, body
         assert body["error"]["failed"] == [{"index": 0, "message": f"item 0: image {str(crash['image'])!r}: {CRASHED}"}]
         assert sorted(r["index"] for r in body["results"]) == [1, 2]
-        status, body = server.request("/v1/rerank", {"query": {"image": str(crash["image"])}, "documents": ["a", "b"]})
+        status, body = server.post("/v1/rerank", {"query": {"image": str(crash["image"])}, "documents": ["a", "b"]})
         assert status == 422 and body["error"]["message"] == f"query: image {str(crash['image'])!r}: {CRASHED}"
-        status, body = server.request("/v1/search", {"query": {"image": str(crash["image"])}})
+        status, body = server.post("/v1/search", {"query": {"image": str(crash["image"])}})
         assert status == 422 and re.fullmatch(rf"item 0: image .*: {re.escape(CRASHED)}", body["error"]["message"])
 
-        status, body = server.request("/v1/embeddings", {"model": "embedder", "input": ["a dog"]})
+        status, body = server.post("/v1/embeddings", {"model": "embedder", "input": ["a dog"]})
         assert status == 200 and len(body["data"]) == 1
-        assert server.request("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
+        assert server.get("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
     finally:
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=60) == 0
+        assert server.stop() == 0
 
 
 def index(root: Path, index_dir: Path, checkpoints: dict, *more: str) -> subprocess.CompletedProcess:

@@ -46,12 +46,13 @@ class Served:
     """A `qvlsearch serve` subprocess and its URL (from its discovery file, or with `announced=False`
     from the line it prints on stderr)."""
 
-    def __init__(self, index_dir: Path, checkpoints: dict, *extra: str, announced: bool = True):
+    def __init__(self, index_dir: Path, checkpoints: dict, *extra: str, announced: bool = True,
+                 env: dict | None = None):
         self.index_dir = index_dir
         self.process = subprocess.Popen(
             [sys.executable, "-m", "qvlsearch", "serve", "--index", str(index_dir), "--port", "0",
              "--reranker", str(checkpoints["reranker"]), *extra],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not announced:
             self.said = []  # the lines before "serving … on URL"
             for line in iter(self.process.stderr.readline, ""):
@@ -74,6 +75,13 @@ class Served:
                                          headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=120) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
