@@ -139,6 +139,12 @@ def segment_threads() -> ThreadPoolExecutor:
                               initializer=faiss.omp_set_num_threads, initargs=(1,))
 
 
+@cache
+def words_threads() -> ThreadPoolExecutor:
+    """Threads that run a query's words lookup beside its embedding and vector search (one a query in flight)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="qvlsearch-words")
+
+
 # int8 searches take this many times the results asked for from FAISS and keep the best by cosine with
 # the stored float16 vectors (as FAISS's IndexRefineFlat does): SQ8 codes alone found 98.9% of the true
 # top 10 at 1M × 2048 (benchmarks/bench_store.py).
@@ -381,9 +387,12 @@ class SearchIndex:
         if len(self) == 0:
             return []
         wanted = max(k, rerank_top if rerank else k)
+        # the words are looked up while the query is embedded and the vectors searched (SQLite, the model and
+        # FAISS let go of Python's lock): hybrid costs the slower of the two, not their sum
+        words = words_threads().submit(self.word_results, expression, wanted, keep) if expression else None
         vector = self.query_vector(query, instruction) if mode != "words" else None
         semantic = self.semantic_results(vector, wanted, keep, min_score) if vector is not None else []
-        found = self.word_results(expression, wanted, keep) if expression is not None else []
+        found = words.result() if words is not None else []
         results = semantic if expression is None else found if vector is None else self.fused(
             semantic, found, vector, wanted, min_score)
         results = results[:wanted]
