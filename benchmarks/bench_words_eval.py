@@ -40,7 +40,8 @@ CUSTOMERS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli"]  # a PDF's standa
 def write_library(root: Path, per_kind: int) -> list[tuple[str, str, Path]]:
     """The files, and for each the query that should find it: (query id, query text, file)."""
     labelled = []
-    han_words = (a + b for a in HAN for b in HAN if a != b)  # each Chinese note gets a pair of its own
+    han = "".join(dict.fromkeys(HAN))  # each character once (行 is in 旅行 and 银行)
+    han_words = (a + b for a in han for b in han if a != b)  # each Chinese note gets a pair of its own
     for i in range(per_kind):
         number = 4700 + i  # neighbours: invoice 4711 must not find 4710 or 4712 first
         path = make_text_pdf(root / "invoices" / f"scan-{i:03d}.pdf",
