@@ -48,7 +48,7 @@ from .limits import VisionOptions
 from .quantize import binary_encode
 from .search import INT8_REFINE, QUERY_INSTRUCTION, SearchIndex, binary_candidates, document_item
 from .store import QUANTIZATIONS, build_faiss, faiss_factory, normalized
-from .words import hybrid_ranking, query_expression
+from .words import query_expression, reciprocal_rank_fusion
 
 log = logging.getLogger("qvlsearch")
 QUERY_EXAMPLE = '{"id": "q1", "text": "a cat asleep on a chair"}'
@@ -285,12 +285,12 @@ def evaluate(index: SearchIndex, queries: list[Query], qrels: dict[str, dict[str
     rerank_seconds, reranked_docs = 0.0, 0
     word_rows, words_latency = word_rankings(index, scored, file_of, depth) if set(modes) - {"semantic"} else ({}, 0)
     for dim, quantize in settings:
-        searcher = Searcher(documents, ids, dim, quantize)
-        semantic_rows, semantic_latency = search_all(searcher, scored, vectors_of, file_of, depth)
+        semantic_rows, semantic_latency = search_all(Searcher(documents, ids, dim, quantize), scored, vectors_of,
+                                                     file_of, depth)
         for mode in modes:
             rows = (semantic_rows if mode == "semantic" else word_rows if mode == "words" else
-                    {q.id: hybrid_ranking(semantic_rows[q.id], word_rows[q.id],
-                                          partial(searcher.scores, vectors_of[q.id])) for q in scored})
+                    {q.id: [i for i, _ in reciprocal_rank_fusion([semantic_rows[q.id], word_rows[q.id]])]
+                     for q in scored})
             latency = {"semantic": semantic_latency, "words": words_latency}.get(mode, semantic_latency + words_latency)
             ranked = {q_id: files_of(found, file_of) for q_id, found in rows.items()}
             report.settings.append(Setting(dim, quantize, None, mean_metrics(ranked, relevant, k), latency, mode))
@@ -456,25 +456,14 @@ class Searcher:
     int8 and binary codes give candidates (binary by Hamming distance), the best re-scored by cosine."""
 
     def __init__(self, documents: np.ndarray, ids: np.ndarray, dim: int, quantize: str):
-        self.ids, self.dim, self.quantize, self.documents = ids, dim, quantize, documents
+        self.ids, self.dim, self.quantize = ids, dim, quantize
         self.index = build_faiss(documents, dim, quantize, faiss_factory("flat", quantize, len(documents)))
         if quantize != "none":
             self.rescore = normalized(documents, dim)
 
-    def query(self, vector: np.ndarray) -> np.ndarray:
+    def search(self, vector: np.ndarray, depth: int) -> list[int]:
         query = np.array(vector[: self.dim], dtype=np.float32)[None]  # a copy: the caller's vector stays
         query /= max(float(np.linalg.norm(query)), 1e-12)
-        return query
-
-    def scores(self, vector: np.ndarray, item_ids: list[int]) -> np.ndarray:
-        """The cosine at this dim of the query and each of `item_ids` (the score `search` gives them)."""
-        rows = np.flatnonzero(np.isin(self.ids, item_ids))
-        by_id = dict(zip(self.ids[rows].tolist(), normalized(self.documents[rows], self.dim) @ self.query(vector)[0],
-                         strict=True))
-        return np.array([by_id[i] for i in item_ids], dtype=np.float32)
-
-    def search(self, vector: np.ndarray, depth: int) -> list[int]:
-        query = self.query(vector)
         depth = min(depth, len(self.ids))
         if self.quantize == "binary":
             _, rows = self.index.search(binary_encode(query), min(len(self.ids), binary_candidates(depth)))

@@ -27,7 +27,7 @@ from .fs import KindError, file_item
 from .moments import MOMENT_FRAMES
 from .pages import PdfPage
 from .store import Snapshot, StoreError, commit_key, normalized, read_manifest
-from .words import check_mode, hybrid_ranking, query_expression
+from .words import check_mode, query_expression, reciprocal_rank_fusion
 
 QUERY_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 KINDS = ("image", "video", "text", "pdf")
@@ -443,8 +443,8 @@ class SearchIndex:
 
     def fused(self, semantic: list[SearchResult], found: list[SearchResult], vector: np.ndarray, wanted: int,
               min_score: float | None) -> list[SearchResult]:
-        """Semantic and word hits fused by reciprocal rank (see `hybrid_ranking`); a hit found only by its words
-        gets its embedding score too (from its stored vector), and `min_score` applies to it as to the others."""
+        """Semantic and word hits fused by reciprocal rank; a hit found only by its words gets its embedding
+        score too (from its stored vector), and `min_score` applies to it as to the others."""
         by_id = {r.id: r for r in semantic}
         for r in found:
             if r.id in by_id:
@@ -457,9 +457,8 @@ class SearchIndex:
                 r.score = float(score)
                 if min_score is None or r.score >= min_score:
                     by_id[r.id] = r
-        order = hybrid_ranking([r.id for r in semantic], [r.id for r in found if r.id in by_id],
-                               lambda ids: [by_id[i].score for i in ids])
-        results = [by_id[item_id] for item_id in order[:wanted]]
+        order = reciprocal_rank_fusion([[r.id for r in semantic], [r.id for r in found if r.id in by_id]])
+        results = [by_id[item_id] for item_id, _ in order[:wanted]]
         for rank, r in enumerate(results, 1):
             r.rank = rank
         return results

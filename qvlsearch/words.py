@@ -27,7 +27,7 @@ import re
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,22 +334,6 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Any]], k: int = RRF_K) ->
         for rank, key in enumerate(ranking, 1):
             fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
     return sorted(fused.items(), key=lambda kv: -kv[1])
-
-
-def hybrid_ranking(semantic: Sequence[Any], words: Sequence[Any],
-                   embedding_scores: Callable[[list[Any]], Sequence[float]]) -> list[Any]:
-    """The semantic and the word hits (each best first) fused by reciprocal rank over the hits of both.
-
-    A hit found only by its words is ranked in the semantic list too, by its embedding score
-    (`embedding_scores` of such hits), after the semantic hits, which are the nearest: otherwise it would
-    tie with a semantic hit of the same rank that no word of the query is in, and `4711` could
-    lose its invoice to a note that merely looks like the query. Found by both beats found by one."""
-    found = set(semantic)
-    only_words = [key for key in words if key not in found]
-    scores = embedding_scores(only_words) if only_words else []
-    by_score = [key for _, _, key in sorted(zip((-s for s in scores), range(len(only_words)), only_words,
-                                                strict=True))]
-    return [key for key, _ in reciprocal_rank_fusion([[*semantic, *by_score], words])]
 
 
 def check_mode(mode: str) -> None:

@@ -21,14 +21,7 @@ from qvlsearch.errors import InputError
 from qvlsearch.indexer import Indexer, IndexOptions
 from qvlsearch.search import SearchIndex
 from qvlsearch.store import Snapshot, Store, now, read_manifest
-from qvlsearch.words import (
-    SegmentWords,
-    hybrid_ranking,
-    name_words,
-    query_expression,
-    reciprocal_rank_fusion,
-    write_words,
-)
+from qvlsearch.words import SegmentWords, name_words, query_expression, reciprocal_rank_fusion, write_words
 
 SETTINGS = {"model": "synthetic", "model_revision": None, "dim": 8, "quantize": "none", "index_type": "flat",
             "instruction": "", "min_pixels": 0, "max_pixels": 0, "total_pixels": 0, "fps": 1.0, "max_frames": 1}
@@ -143,15 +136,6 @@ def test_a_segment_ranks_by_the_weighted_score_it_reports(tmp_path):
     assert [i for i, _ in ranked] == [1, 2] and ranked[0][1] > ranked[1][1]
     assert words.search('"cake"', limit=1) == ranked[:1]
     words.close()
-
-
-def test_hybrid_puts_a_word_hit_above_a_semantic_hit_that_no_word_is_in():
-    """Found only by its words, a hit is ranked in the semantic list too, by its embedding score, after the
-    semantic hits: so it beats the semantic hit of the same rank instead of tying with it."""
-    scores = {"invoice": 0.1, "receipt": 0.3}
-    ranking = hybrid_ranking(["note", "cake"], ["invoice", "receipt"], lambda ids: [scores[i] for i in ids])
-    # invoice: words 1, semantic 4 (after receipt, whose embedding score is higher); note: semantic 1 alone
-    assert ranking == ["invoice", "receipt", "note", "cake"]
 
 
 def test_queries_are_never_fts5_syntax():
