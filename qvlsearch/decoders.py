@@ -25,6 +25,9 @@ from .raw import is_raw_name
 T = TypeVar("T")
 
 MEDIA_KINDS = frozenset({"image", "raw", "video", "pdf"})  # "raw": camera RAW images, which LibRaw decodes
+# what `index` decodes in worker processes by default: the kinds whose decoders (FFmpeg, pdfium, LibRaw) take
+# files apart in native code; photos stay in threads (a process costs a photo half as much again)
+DECODED_APART = frozenset({"video", "pdf", "raw"})
 
 
 def crash_reason(how: str) -> str:

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
 from .companions import BESIDE_FIELDS, Arranged, arrange, is_beside_name, related_paths, same_capture
-from .decoders import MEDIA_KINDS, Decoders, crash_reason, decoding_kind
+from .decoders import DECODED_APART, MEDIA_KINDS, Decoders, crash_reason, decoding_kind
 from .errors import MediaError, SettingError, check_setting
 from .estimate import CostMeter, Estimate, unit_kind
 from .fs import Found, KindError, display_path, file_item, sniff_kind, suffix_kind, walk
@@ -50,13 +50,12 @@ from .sidecars import SIDECAR_FIELDS, fill, is_sidecar_name, read_sidecars
 from .store import QUANTIZATIONS, Store, StoreError, check_factory, check_index_folder, now
 from .words import read_words
 
-METADATA_VERSION = 1  # in the manifest once every ok row's metadata columns have been read
+METADATA_VERSION = 2  # in the manifest once every ok row's metadata columns have been read (2: to the microsecond)
 REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
 # The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg, pdfium and LibRaw
 # parse containers, documents and RAW files full of offsets, and a crash on one file must not end every run. Other
 # images stay in threads: worker processes take seconds to start, which a run that adds a few photos would pay
 # each time.
-DECODED_APART = frozenset({"video", "pdf", "raw"})
 
 log = logging.getLogger("qvlsearch")
 

@@ -69,8 +69,10 @@ def field_of(path: str, name: str, read: Callable[..., Any], *args: Any) -> Any:
 
 def exif_taken(exif: Image.Exif) -> dt.datetime | None:
     details = exif.get_ifd(ExifTags.IFD.Exif)
-    return (exif_date(details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.OffsetTimeOriginal))
-            or exif_date(exif.get(ExifTags.Base.DateTime), details.get(ExifTags.Base.OffsetTime)))
+    return (exif_date(details.get(ExifTags.Base.DateTimeOriginal), details.get(ExifTags.Base.OffsetTimeOriginal),
+                      details.get(ExifTags.Base.SubsecTimeOriginal))
+            or exif_date(exif.get(ExifTags.Base.DateTime), details.get(ExifTags.Base.OffsetTime),
+                         details.get(ExifTags.Base.SubsecTime)))
 
 
 def exif_position(exif: Image.Exif) -> dict[str, float | None]:
@@ -111,15 +113,20 @@ def plausible(when: dt.datetime) -> dt.datetime | None:
     return when if EARLIEST <= when <= latest else None
 
 
-def exif_date(value: Any, offset: Any) -> dt.datetime | None:
-    """An EXIF date ('2024:05:01 14:30:00', offset '+02:00') as UTC; None when it is no such text.
-    An offset that is not one (+24:00, +10:60, 'later') is ignored: the clock is taken as UTC."""
+def exif_date(value: Any, offset: Any, subsec: Any = None) -> dt.datetime | None:
+    """An EXIF date ('2024:05:01 14:30:00', offset '+02:00', fraction of its second '35' for .35) as UTC; None
+    when it is no such text. An offset that is not one (+24:00, +10:60, 'later') is ignored: the clock is taken
+    as UTC; so is a fraction that is not digits. The fraction tells a burst's frames apart: a phone takes ten
+    in a second, all with the same date to the second."""
     if not isinstance(value, str):
         return None
     try:
         when = dt.datetime.strptime(value.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
     except ValueError:
         return None
+    digits = subsec.strip("\x00 ")[:6] if isinstance(subsec, str) else ""
+    if digits.isdigit() and digits.isascii():
+        when = when.replace(microsecond=int(digits.ljust(6, "0")))
     zone = utc_offset(offset)
     return plausible(when.replace(tzinfo=zone) if zone else when)
 

@@ -613,7 +613,7 @@ def create_app(models: ModelThread, served: ServedIndex | None, *, model_name: s
         return [search_record(r) for r in searched(request)]
 
     if served is not None:
-        web.add_routes(app, served, searched, api_key=api_key)
+        web.add_routes(app, served, searched, api_key=api_key, decoders=models.decoders)
 
     return app
 

@@ -267,15 +267,19 @@ def make_live_video(path: Path, identifier: str | None, seconds: int = 3) -> Pat
     return path
 
 
-def make_burst(folder: Path, source: str | PathLike[str]) -> None:
-    """Three frames of a burst, one second apart (the camera moved a little), and a re-encoded, resized copy
+def make_burst(folder: Path, source: str | PathLike[str], within_a_second: bool = False) -> None:
+    """Three frames of a burst, one second apart (the camera moved a little), or within one second as a phone
+    takes them (the same date to the second, told apart by SubSecTimeOriginal), and a re-encoded, resized copy
     of the first with the same date taken."""
     from PIL import ExifTags
 
     image = Image.open(source).convert("RGB").resize((320, 240))
     for i in range(3):
         exif = Image.Exif()
-        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = f"2023:08:01 12:00:0{i}"
+        details = exif.get_ifd(ExifTags.IFD.Exif)
+        details[ExifTags.Base.DateTimeOriginal] = f"2023:08:01 12:00:0{0 if within_a_second else i}"
+        if within_a_second:
+            details[ExifTags.Base.SubsecTimeOriginal] = f"{100 + 333 * i}"
         image.crop((2 * i, i, 300 + 2 * i, 225 + i)).save(folder / f"burst_{i + 1}.jpg", exif=exif, quality=92)
     first = Image.open(folder / "burst_1.jpg")
     first.resize((240, 180)).save(folder / "burst_1 copy.jpg", exif=first.getexif(), quality=70)

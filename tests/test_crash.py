@@ -7,6 +7,7 @@ process (the CLI, the server and their workers) raise SIGSEGV on files whose nam
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from conftest import PHOTOS, SAMPLE_DATA
 from make_media import make_image, make_video
+from PIL import Image
 from test_server import Served
 
 from qvlsearch.indexer import Indexer, IndexOptions
@@ -74,6 +77,34 @@ def test_the_server_answers_422_for_media_that_crash_the_decoder_and_goes_on(tmp
         assert server.get("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
     finally:
         assert server.stop() == 0
+
+
+def test_the_web_page_shows_a_card_for_an_indexed_file_that_now_crashes_its_decoder(tmp_path, checkpoints, embedder):
+    """A video, a PDF and a RAW-free photo indexed as good files (here, without the crashing decoders) that crash
+    the server's decoders when their pictures are made (a file changed since it was indexed): each thumbnail and
+    viewer picture is a card that says so, and the server goes on."""
+    root = tmp_path / "files"
+    root.mkdir()
+    shutil.copy(PHOTOS / "cake.jpg", root / "cake.jpg")
+    crash = crash_files(root)
+    Indexer(tmp_path / "index", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
+    items = Snapshot(tmp_path / "index").items
+    ids = {Path(p).name: i for p, i, page in zip(items["path"].to_pylist(), items["id"].to_pylist(),
+                                                 items["page"].to_pylist(), strict=True) if page in (None, 1)}
+    server = Served(tmp_path / "index", checkpoints, env=ENV)
+    try:
+        _, health = server.get("/health")
+        pictures = [("thumb", crash["video"].name), ("thumb", crash["pdf"].name), ("view", crash["pdf"].name),
+                    ("thumb", "cake.jpg"), ("view", "cake.jpg")]  # a video's view is the video file itself
+        for route, name in pictures:
+            with urllib.request.urlopen(f"{server.url}/web/{route}/{ids[name]}", timeout=120) as answer:
+                assert answer.status == 200 and answer.headers["Content-Type"] == "image/jpeg", name
+                assert Image.open(io.BytesIO(answer.read())).size[0] > 0
+        assert server.get("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
+    finally:
+        assert server.stop() == 0
+    said = server.process.stderr.read()
+    assert said.count(f": {CRASHED}") == 3, said
 
 
 def index(root: Path, index_dir: Path, checkpoints: dict, *more: str) -> subprocess.CompletedProcess:

@@ -21,8 +21,8 @@ from PIL import ExifTags, Image
 from test_index import vectors_by_path
 
 from qvlsearch.errors import InputError
-from qvlsearch.indexer import Indexer, IndexOptions
-from qvlsearch.metadata import read_metadata
+from qvlsearch.indexer import METADATA_VERSION, Indexer, IndexOptions
+from qvlsearch.metadata import exif_date, read_metadata
 from qvlsearch.store import ITEM_SCHEMA, Store
 from qvlsearch.store.segments import read_items
 
@@ -122,7 +122,7 @@ def test_an_older_index_gains_the_columns_on_its_next_run_without_the_model(tmp_
     assert vectors_by_path(tmp_path / "i").keys() == vectors.keys()
     for path, vector in vectors_by_path(tmp_path / "i").items():
         np.testing.assert_array_equal(vector, vectors[path])
-    assert store.manifest["metadata_version"] == 1
+    assert store.manifest["metadata_version"] == METADATA_VERSION
     generation = store.manifest["generation"]
     assert generation >= before + 3  # committed as it went (the album's 6 files)
     Indexer(tmp_path / "i", options).run([album])  # marked: not read again
@@ -224,6 +224,14 @@ def test_a_bad_offset_or_date_costs_only_that_field(tmp_path):
     ancient = make_photo(tmp_path / "ancient.jpg", **{**full, "taken": "0001:01:01 00:30:00"}, offset="+01:00")
     found = read_metadata(str(ancient), "image")
     assert found["taken_at"] is None and found["camera"] == "Canon EOS R5" and found["lon"] is not None
+
+
+def test_the_fraction_of_a_second_is_read_beside_the_date():
+    """SubSecTimeOriginal, as phones write it for burst frames: digits of a fraction; anything else is ignored."""
+    for fraction, microsecond in (("35", 350000), ("007", 7000), ("1234567", 123456), ("", 0), ("x1", 0),
+                                  ("٣", 0), (None, 0), (b"35", 0)):
+        when = exif_date("2023:08:01 12:00:00", "+02:00", fraction)
+        assert when == dt.datetime(2023, 8, 1, 10, 0, 0, microsecond, tzinfo=UTC), fraction
 
 
 def test_dates_at_the_ends_of_the_calendar_and_text_that_is_not_utf8(album_index):

@@ -84,7 +84,7 @@ def library(tmp_path_factory) -> Path:
     shutil.copy(PHOTOS / "books.jpg", root / "bomb.jpg")
     (root / "bomb.jpg.xmp").write_text(BOMB)
     (root / "burst").mkdir()
-    make_burst(root / "burst", PHOTOS / "cake.jpg")
+    make_burst(root / "burst", PHOTOS / "cake.jpg", within_a_second=True)
     return root
 
 

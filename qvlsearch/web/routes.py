@@ -24,8 +24,9 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from ..decoders import Decoders
 from ..search import SearchIndex, SearchResult
-from .thumbnails import Thumbnails, text_lines, viewer_picture
+from .thumbnails import Thumbnails, text_lines
 
 STATIC = Path(__file__).parent / "static"
 VIEW_PIXELS = 2048  # the longest side of a photo or page in the viewer
@@ -49,14 +50,14 @@ def not_found(what: str) -> JSONResponse:
 
 
 def add_routes(app: FastAPI, served: Any, searched: Callable[[Any], list[SearchResult]], *,
-               api_key: str | None) -> None:
+               api_key: str | None, decoders: Decoders | None = None) -> None:
     """Add the page and its routes to the API's `app`, over the ServedIndex `served`; `searched` runs a
     SearchRequest as /v1/search does (the same checks and caps)."""
     from ..dupes import DEFAULT_THRESHOLD, find_duplicates
     from ..server import SearchRequest  # (here: server.py imports this package) and not postponed: FastAPI reads it
     from . import SESSION_COOKIE, session_token
 
-    thumbnails = Thumbnails(Path(served.index.path) / "cache" / "thumbnails")
+    thumbnails = Thumbnails(Path(served.index.path) / "cache" / "thumbnails", decoders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     for route, page in (("/", "index.html"), ("/dupes", "dupes.html"), ("/signin", "signin.html")):
@@ -103,7 +104,7 @@ def add_routes(app: FastAPI, served: Any, searched: Callable[[Any], list[SearchR
             return FileResponse(result.fs_path or result.path, media_type=media_type)  # answers Range requests
         if result.kind == "text" and status == "ok":
             return PlainTextResponse(text_lines(result))
-        return Response(viewer_picture(result, status, VIEW_PIXELS), media_type="image/jpeg")
+        return Response(thumbnails.viewer(result, status, VIEW_PIXELS), media_type="image/jpeg")
 
     @app.get("/web/dupes")
     def dupes(threshold: float = DEFAULT_THRESHOLD, kind: str | None = None) -> list[dict[str, Any]]:

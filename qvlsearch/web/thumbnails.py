@@ -3,7 +3,9 @@
 A thumbnail is kept under a name made from what it shows (the file's path, its modification time,
 the page or moment), so a changed file gets a new one; an index folder that cannot be written
 (read-only, full) only means thumbnails are made each time. Only files that were indexed without
-error are decoded (by the same code that indexed them, in this process); others get a card
+error are decoded, by the same code that indexed them: videos, PDF pages and RAW files in the
+server's decoder processes, as `index` decodes them, so that a file changed since into one that
+crashes its decoder costs that picture (a card that says so), not the server. Others get a card
 that says their status.
 """
 
@@ -19,7 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..contact_sheet import text_card, thumbnail
+from ..decoders import DECODED_APART, Decoders, crash_reason, decoding_kind
 from ..fs import file_item
+from ..parallel import WorkerCrashed
 from ..search import SearchResult
 
 log = logging.getLogger("qvlsearch")
@@ -31,8 +35,8 @@ TEXT_LINES = 40  # lines of a text the viewer shows
 class Thumbnails:
     """Thumbnails of items, cached as JPEG files in `folder`."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, decoders: Decoders | None = None):
+        self.folder, self.decoders = folder, decoders
         self.writable = True
 
     def jpeg(self, result: SearchResult, status: str) -> bytes:
@@ -42,7 +46,7 @@ class Thumbnails:
             return cached.read_bytes()
         except OSError:
             pass
-        data = encoded(picture(result, status, THUMB_PIXELS), quality=82)
+        data = self.made(result, status, THUMB_PIXELS, quality=82)
         if self.writable:
             try:
                 self.keep(cached, data)
@@ -51,6 +55,22 @@ class Thumbnails:
                 log.warning("cannot keep thumbnails in %s (%s): making them each time", self.folder,
                             exc.strerror or exc)
         return data
+
+    def viewer(self, result: SearchResult, status: str, size: int) -> bytes:
+        """A photo, a PDF page or a video's frame for the viewer, as JPEG."""
+        return self.made(result, status, size, quality=88)
+
+    def made(self, result: SearchResult, status: str, size: int, quality: int) -> bytes:
+        """The item's picture as JPEG, decoded where `index` decodes its kind."""
+        kind = decoding_kind(result.fs_path or result.path, result.kind)
+        if self.decoders is None or status != "ok" or kind not in DECODED_APART:
+            return picture_jpeg(result, status, size, quality)
+        try:
+            return self.decoders.run(kind, picture_jpeg, result, status, size, quality)
+        except WorkerCrashed as exc:
+            log.warning("showing %s: %s", result.path, crash_reason(exc.how))
+            return encoded(card(f"{os.path.basename(result.path)}\n\ncannot show it: {crash_reason(exc.how)}", size),
+                           quality)
 
     def keep(self, path: Path, data: bytes) -> None:
         """Write `path` whole or not at all (another request may be writing the same one)."""
@@ -67,18 +87,17 @@ def cache_key(result: SearchResult, status: str) -> str:
     return hashlib.sha256(repr(shown).encode()).hexdigest()[:32]
 
 
-def picture(result: SearchResult, status: str, size: int) -> Image.Image:
-    """The item's picture at most `size` pixels a side; a card naming the status for a file not indexed."""
+def picture_jpeg(result: SearchResult, status: str, size: int, quality: int) -> bytes:
+    """The item's picture at most `size` pixels a side, as JPEG; a card naming the status for a file not indexed."""
     if status != "ok":
-        card = text_card(f"{os.path.basename(result.path)}\n\nnot indexed: {status}")
-        card.thumbnail((size, size))
-        return card
-    return thumbnail(result, size)
+        return encoded(card(f"{os.path.basename(result.path)}\n\nnot indexed: {status}", size), quality)
+    return encoded(thumbnail(result, size), quality)
 
 
-def viewer_picture(result: SearchResult, status: str, size: int) -> bytes:
-    """A photo, a PDF page or a video's frame for the viewer, as JPEG."""
-    return encoded(picture(result, status, size), quality=88)
+def card(text: str, size: int) -> Image.Image:
+    picture = text_card(text)
+    picture.thumbnail((size, size))
+    return picture
 
 
 def text_lines(result: SearchResult) -> str:
