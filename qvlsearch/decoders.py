@@ -25,8 +25,10 @@ from .raw import is_raw_name
 T = TypeVar("T")
 
 MEDIA_KINDS = frozenset({"image", "raw", "video", "pdf"})  # "raw": camera RAW images, which LibRaw decodes
-# what `index` decodes in worker processes by default: the kinds whose decoders (FFmpeg, pdfium, LibRaw) take
-# files apart in native code; photos stay in threads (a process costs a photo half as much again)
+# The kinds of files `index` (and the web page's pictures) decode in worker processes by default: FFmpeg, pdfium
+# and LibRaw parse containers, documents and RAW files full of offsets, and a crash on one file must not end every
+# run. Other images stay in threads: worker processes take seconds to start, which a run that adds a few photos
+# would pay each time.
 DECODED_APART = frozenset({"video", "pdf", "raw"})
 
 

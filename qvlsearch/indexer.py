@@ -52,10 +52,6 @@ from .words import read_words
 
 METADATA_VERSION = 2  # in the manifest once every ok row's metadata columns have been read (2: to the microsecond)
 REINDEXABLE = ("dim", "quantize", "index_type")  # the settings `qvlsearch reindex` changes
-# The kinds of files opened and decoded in worker processes by default (see Indexer): FFmpeg, pdfium and LibRaw
-# parse containers, documents and RAW files full of offsets, and a crash on one file must not end every run. Other
-# images stay in threads: worker processes take seconds to start, which a run that adds a few photos would pay
-# each time.
 
 log = logging.getLogger("qvlsearch")
 

@@ -48,8 +48,7 @@ def test_the_server_answers_422_for_media_that_crash_the_decoder_and_goes_on(tmp
     cake = Path(shutil.copy(PHOTOS / "cake.jpg", root / "cake.jpg"))
     Indexer(tmp_path / "index", IndexOptions(model=str(checkpoints["embedder"])), embedder=embedder).run([root])
     crash = crash_files(root)  # under the roots: the server may read them
-    server = Served(tmp_path / "index", checkpoints, env=ENV)
-    try:
+    with Served(tmp_path / "index", checkpoints, env=ENV) as server:
         _, health = server.get("/health")
         status, body = server.post("/v1/embeddings", {
             "model": "embedder", "encoding_format": "float",
@@ -75,8 +74,6 @@ def test_the_server_answers_422_for_media_that_crash_the_decoder_and_goes_on(tmp
         status, body = server.post("/v1/embeddings", {"model": "embedder", "input": ["a dog"]})
         assert status == 200 and len(body["data"]) == 1
         assert server.get("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
-    finally:
-        assert server.stop() == 0
 
 
 def test_the_web_page_shows_a_card_for_an_indexed_file_that_now_crashes_its_decoder(tmp_path, checkpoints, embedder):
@@ -91,8 +88,7 @@ def test_the_web_page_shows_a_card_for_an_indexed_file_that_now_crashes_its_deco
     items = Snapshot(tmp_path / "index").items
     ids = {Path(p).name: i for p, i, page in zip(items["path"].to_pylist(), items["id"].to_pylist(),
                                                  items["page"].to_pylist(), strict=True) if page in (None, 1)}
-    server = Served(tmp_path / "index", checkpoints, env=ENV)
-    try:
+    with Served(tmp_path / "index", checkpoints, env=ENV) as server:
         _, health = server.get("/health")
         pictures = [("thumb", crash["video"].name), ("thumb", crash["pdf"].name), ("view", crash["pdf"].name),
                     ("thumb", "cake.jpg"), ("view", "cake.jpg")]  # a video's view is the video file itself
@@ -101,8 +97,6 @@ def test_the_web_page_shows_a_card_for_an_indexed_file_that_now_crashes_its_deco
                 assert answer.status == 200 and answer.headers["Content-Type"] == "image/jpeg", name
                 assert Image.open(io.BytesIO(answer.read())).size[0] > 0
         assert server.get("/health")[1]["pid"] == health["pid"] == server.process.pid  # the same server
-    finally:
-        assert server.stop() == 0
     said = server.process.stderr.read()
     assert said.count(f": {CRASHED}") == 3, said
 

@@ -86,6 +86,12 @@ class Served:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        assert self.stop() == 0
+
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
@@ -105,9 +111,8 @@ def index_dir(tmp_path_factory, checkpoints, embedder) -> Path:
 
 @pytest.fixture(scope="module")
 def server(index_dir, checkpoints):
-    served = Served(index_dir, checkpoints)
-    yield served
-    assert served.stop() == 0
+    with Served(index_dir, checkpoints) as served:
+        yield served
     assert not (index_dir / "server.json").exists()
 
 
@@ -328,8 +333,7 @@ def test_api_key_sigterm_and_refused_bind(tmp_path, index_dir, checkpoints):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "API key" in refused.stderr
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy, ignore=shutil.ignore_patterns("server.json", "lock*"))
-    keyed = Served(copy, checkpoints, "--api-key", "s3cret")
-    try:
+    with Served(copy, checkpoints, "--api-key", "s3cret") as keyed:
         assert keyed.post("/v1/search", {"query": "a cat"})[0] == 401
         assert keyed.post("/v1/search", {"query": "a cat"}, headers={"Authorization": "Bearer wrong"})[0] == 401
         status, records = keyed.post("/v1/search", {"query": "a cat"}, headers={"Authorization": "Bearer s3cret"})
@@ -339,8 +343,6 @@ def test_api_key_sigterm_and_refused_bind(tmp_path, index_dir, checkpoints):
         assert with_key.returncode == 0 and [json.loads(x) for x in with_key.stdout.splitlines()] == as_printed(records)
         without = cli(*search, env={**ENV, "QVLSEARCH_SERVER": keyed.url})
         assert without.returncode == 2 and "API key" in without.stderr
-    finally:
-        assert keyed.stop() == 0
     assert not (copy / "server.json").exists()
 
 
@@ -585,8 +587,7 @@ def test_a_planted_server_json_gets_neither_the_key_nor_the_query(tmp_path, inde
 def test_a_needed_key_that_is_missing_is_said(tmp_path, index_dir, checkpoints):
     copy = tmp_path / "index"
     shutil.copytree(index_dir, copy, ignore=shutil.ignore_patterns("server.json", "lock*"))
-    keyed = Served(copy, checkpoints, "--api-key", "s3cret")
-    try:
+    with Served(copy, checkpoints, "--api-key", "s3cret") as keyed:
         search = ("search", "a cat", "--index", str(copy), "--jsonl")
         without = cli(*search)
         assert without.returncode == 0 and without.stdout
@@ -594,8 +595,6 @@ def test_a_needed_key_that_is_missing_is_said(tmp_path, index_dir, checkpoints):
                                  "to use it; working here\n"
         wrong = cli(*search, env={**ENV, "QVLSEARCH_API_KEY": "wrong"})
         assert wrong.returncode == 0 and "refuses QVLSEARCH_API_KEY" in wrong.stderr
-    finally:
-        assert keyed.stop() == 0
 
 
 @pytest.fixture
@@ -615,13 +614,10 @@ def read_only_copy(tmp_path, index_dir):
 
 
 def test_serve_on_a_read_only_index_folder(read_only_copy, checkpoints):
-    served = Served(read_only_copy, checkpoints, announced=False)
-    try:
+    with Served(read_only_copy, checkpoints, announced=False) as served:
         said = "".join(served.said)
         assert said.count("\n") == 1 and "cannot write" in said and "Read-only file system" in said
         assert f"QVLSEARCH_SERVER={served.url}" in said
         status, records = served.post("/v1/search", {"query": "a cat", "k": 2})
         assert status == 200 and len(records) == 2
-    finally:
-        assert served.stop() == 0
     assert "Traceback" not in served.process.stderr.read()

@@ -53,9 +53,8 @@ def index_dir(tmp_path_factory, checkpoints, embedder) -> Path:
 
 @pytest.fixture(scope="module")
 def server(index_dir, checkpoints):
-    served = Served(index_dir, checkpoints)
-    yield served
-    assert served.stop() == 0
+    with Served(index_dir, checkpoints) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +242,7 @@ def test_thumbnails_are_upright_and_only_by_item_id(server, index_dir):
 
 
 def test_with_a_key_the_page_needs_a_sign_in(browser, index_dir, checkpoints, requests_made):
-    keyed = Served(index_dir, checkpoints, "--api-key", KEY, announced=False)
-    try:
+    with Served(index_dir, checkpoints, "--api-key", KEY, announced=False) as keyed:
         context = browser.new_context()
         context.set_default_timeout(180_000)
         page = context.new_page()
@@ -264,5 +262,3 @@ def test_with_a_key_the_page_needs_a_sign_in(browser, index_dir, checkpoints, re
         page.wait_for_selector("#results[data-count]", state="attached")
         wait_until(page, ALL_THUMBNAILS_LOADED)
         context.close()
-    finally:
-        assert keyed.stop() == 0

@@ -69,8 +69,7 @@ class Thumbnails:
             return self.decoders.run(kind, picture_jpeg, result, status, size, quality)
         except WorkerCrashed as exc:
             log.warning("showing %s: %s", result.path, crash_reason(exc.how))
-            return encoded(card(f"{os.path.basename(result.path)}\n\ncannot show it: {crash_reason(exc.how)}", size),
-                           quality)
+            return encoded(card(result, f"cannot show it: {crash_reason(exc.how)}", size), quality)
 
     def keep(self, path: Path, data: bytes) -> None:
         """Write `path` whole or not at all (another request may be writing the same one)."""
@@ -90,12 +89,13 @@ def cache_key(result: SearchResult, status: str) -> str:
 def picture_jpeg(result: SearchResult, status: str, size: int, quality: int) -> bytes:
     """The item's picture at most `size` pixels a side, as JPEG; a card naming the status for a file not indexed."""
     if status != "ok":
-        return encoded(card(f"{os.path.basename(result.path)}\n\nnot indexed: {status}", size), quality)
+        return encoded(card(result, f"not indexed: {status}", size), quality)
     return encoded(thumbnail(result, size), quality)
 
 
-def card(text: str, size: int) -> Image.Image:
-    picture = text_card(text)
+def card(result: SearchResult, why: str, size: int) -> Image.Image:
+    """A card with the file's name and why its picture is not shown, at most `size` pixels a side."""
+    picture = text_card(f"{os.path.basename(result.path)}\n\n{why}")
     picture.thumbnail((size, size))
     return picture
 
